@@ -1,0 +1,1548 @@
+// pgiplock.hpp — reliable PostgreSQL LISTEN/NOTIFY for Linux, with an
+// inter-process lock so that exactly one process of a fleet listens to a
+// channel and another takes over when it releases or dies.
+//
+// One header. Link with -lpq -luring. C++20, Linux only.
+// Wire-compatible with the lock schema of the Node.js package
+// @imqueue/pg-pubsub (PgIpLock), so C++ and Node processes can share a lock.
+//
+// Sections, in the order a reader needs them:
+//   1. configuration and version
+//   2. errors and logging
+//   3. task<T>
+//   4. event_loop
+//   5. connection
+//   6. ip_lock
+//   7. pubsub
+//   8. graceful shutdown
+#ifndef PGIPLOCK_HPP
+#define PGIPLOCK_HPP
+
+// ==== 1. configuration and version ==========================================
+
+#define PGIPLOCK_VERSION_MAJOR 0
+#define PGIPLOCK_VERSION_MINOR 1
+#define PGIPLOCK_VERSION_PATCH 0
+#define PGIPLOCK_VERSION "0.1.0"
+
+#ifndef PGIPLOCK_DEFAULT_CONNECT_TIMEOUT_MS
+#define PGIPLOCK_DEFAULT_CONNECT_TIMEOUT_MS 10000
+#endif
+
+// Debian puts libpq's header under postgresql/; pkg-config adds that to the
+// include path, a plain `g++ -lpq` does not.
+#if __has_include(<libpq-fe.h>)
+#include <libpq-fe.h>
+#else
+#include <postgresql/libpq-fe.h>
+#endif
+#include <liburing.h>
+#include <poll.h>
+#include <sys/epoll.h>
+#include <sys/random.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <coroutine>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <limits>
+#include <map>
+#include <memory>
+#include <optional>
+#include <queue>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <type_traits>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace pgiplock {
+
+// ==== 2. errors and logging =================================================
+
+// Base of the library's own errors. Bad input found before anything is sent
+// is reported with std::invalid_argument / std::length_error instead.
+class error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// Cannot connect, or the link to the server was lost.
+class connection_error : public error {
+ public:
+  using error::error;
+};
+
+// The server rejected a statement; sqlstate() is the five-character code.
+class sql_error : public error {
+ public:
+  sql_error(const std::string& message, std::string sqlstate)
+      : error(message), sqlstate_(std::move(sqlstate)) {}
+  const std::string& sqlstate() const noexcept { return sqlstate_; }
+
+ private:
+  std::string sqlstate_;
+};
+
+enum class log_level { debug, info, warn, error };
+using log_handler = std::function<void(log_level, std::string_view)>;
+
+inline constexpr std::size_t unlimited = std::numeric_limits<std::size_t>::max();
+
+namespace detail {
+
+inline const char* level_name(log_level level) {
+  switch (level) {
+    case log_level::debug: return "debug";
+    case log_level::info: return "info";
+    case log_level::warn: return "warn";
+    case log_level::error: return "error";
+  }
+  return "?";
+}
+
+// Without a user logger, warnings and errors still reach stderr: a library
+// that silently swallows a lost link is worse than a noisy one.
+inline void log(const log_handler& logger, log_level level, std::string_view message) {
+  if (logger) {
+    logger(level, message);
+  } else if (level >= log_level::warn) {
+    std::fprintf(stderr, "pgiplock %s: %.*s\n", level_name(level),
+                 static_cast<int>(message.size()), message.data());
+  }
+}
+
+inline std::string random_uuid() {
+  unsigned char b[16];
+  std::size_t got = 0;
+  while (got < sizeof b) {
+    ssize_t n = ::getrandom(b + got, sizeof b - got, 0);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw std::system_error(errno, std::system_category(), "getrandom");
+    }
+    got += static_cast<std::size_t>(n);
+  }
+  b[6] = static_cast<unsigned char>((b[6] & 0x0f) | 0x40);  // version 4
+  b[8] = static_cast<unsigned char>((b[8] & 0x3f) | 0x80);  // RFC 4122 variant
+  static const char hex[] = "0123456789abcdef";
+  std::string out;
+  out.reserve(36);
+  for (int i = 0; i < 16; ++i) {
+    if (i == 4 || i == 6 || i == 8 || i == 10) out.push_back('-');
+    out.push_back(hex[b[i] >> 4]);
+    out.push_back(hex[b[i] & 15]);
+  }
+  return out;
+}
+
+}  // namespace detail
+
+// ==== 3. task<T> ============================================================
+
+template <class T = void>
+class task;
+
+namespace detail {
+
+// Finishing a task that completed asynchronously jumps straight to its
+// awaiter (symmetric transfer). A task that completes synchronously returns
+// to the await_suspend that started it instead, which then declines to
+// suspend: that keeps a loop of a million synchronous awaits at constant
+// stack depth even where the compiler emits no tail call (GCC at -O0).
+struct final_awaiter {
+  bool await_ready() const noexcept { return false; }
+  template <class Promise>
+  std::coroutine_handle<> await_suspend(std::coroutine_handle<Promise> h) const noexcept {
+    auto& p = h.promise();
+    if (p.started_inline || !p.continuation) return std::noop_coroutine();
+    return p.continuation;
+  }
+  void await_resume() const noexcept {}
+};
+
+struct promise_base {
+  std::coroutine_handle<> continuation;
+  std::exception_ptr failure;
+  bool started_inline = false;  // the awaiter is still inside await_suspend
+  std::suspend_always initial_suspend() const noexcept { return {}; }
+  final_awaiter final_suspend() const noexcept { return {}; }
+  void unhandled_exception() noexcept { failure = std::current_exception(); }
+  void rethrow_if_failed() const {
+    if (failure) std::rethrow_exception(failure);
+  }
+};
+
+template <class T>
+struct task_promise : promise_base {
+  std::optional<T> value;
+  task<T> get_return_object() noexcept;
+  template <class U>
+  void return_value(U&& v) {
+    value.emplace(std::forward<U>(v));
+  }
+  T take() {
+    rethrow_if_failed();
+    return std::move(*value);
+  }
+};
+
+template <>
+struct task_promise<void> : promise_base {
+  task<void> get_return_object() noexcept;
+  void return_void() const noexcept {}
+  void take() const { rethrow_if_failed(); }
+};
+
+}  // namespace detail
+
+// A lazy coroutine: nothing runs until it is awaited (or given to an
+// event_loop). Move-only; destroying it destroys the coroutine frame.
+template <class T>
+class [[nodiscard]] task {
+ public:
+  using promise_type = detail::task_promise<T>;
+  using handle_type = std::coroutine_handle<promise_type>;
+
+  task() noexcept = default;
+  explicit task(handle_type h) noexcept : h_(h) {}
+  task(task&& o) noexcept : h_(std::exchange(o.h_, {})) {}
+  task& operator=(task&& o) noexcept {
+    if (this != &o) {
+      reset();
+      h_ = std::exchange(o.h_, {});
+    }
+    return *this;
+  }
+  task(const task&) = delete;
+  task& operator=(const task&) = delete;
+  ~task() { reset(); }
+
+  bool valid() const noexcept { return static_cast<bool>(h_); }
+  bool done() const noexcept { return h_ && h_.done(); }
+
+  auto operator co_await() && noexcept {
+    struct awaiter {
+      handle_type h;
+      bool await_ready() const noexcept { return !h || h.done(); }
+      bool await_suspend(std::coroutine_handle<> caller) noexcept {
+        auto& p = h.promise();
+        p.continuation = caller;
+        p.started_inline = true;
+        h.resume();
+        p.started_inline = false;
+        return !h.done();  // finished already: the caller goes on without suspending
+      }
+      T await_resume() {
+        if (!h) throw std::logic_error("pgiplock: awaiting an empty task");
+        return h.promise().take();
+      }
+    };
+    return awaiter{h_};
+  }
+
+ private:
+  friend class event_loop;
+  friend class connection;
+  void reset() noexcept {
+    if (h_) h_.destroy();
+    h_ = {};
+  }
+  handle_type h_;
+};
+
+namespace detail {
+template <class T>
+task<T> task_promise<T>::get_return_object() noexcept {
+  return task<T>{std::coroutine_handle<task_promise<T>>::from_promise(*this)};
+}
+inline task<void> task_promise<void>::get_return_object() noexcept {
+  return task<void>{std::coroutine_handle<task_promise<void>>::from_promise(*this)};
+}
+}  // namespace detail
+
+// ==== 4. event_loop =========================================================
+//
+// One loop per thread. Every suspension point is an "operation" in the
+// loop's slot table, named by an id that carries a generation: a completion
+// for an operation whose awaiter has gone away (its frame destroyed) finds a
+// newer generation and is dropped. That is what makes it safe to destroy a
+// suspended coroutine at any time, and why completions are never resumed
+// while the kernel's completion ring is being walked.
+
+enum class backend_kind { automatic, io_uring, epoll };
+
+struct event_loop_options {
+  backend_kind backend = backend_kind::automatic;  // env PGIPLOCK_BACKEND overrides automatic
+  log_handler logger;
+  unsigned queue_depth = 256;
+};
+
+class event_loop;
+
+// Cancels the operations awaited with it. Sticky: once cancelled, new
+// operations started with it complete at once as cancelled, until reset().
+class cancel_source {
+ public:
+  cancel_source() = default;
+  cancel_source(const cancel_source&) = delete;
+  cancel_source& operator=(const cancel_source&) = delete;
+  ~cancel_source();
+  void cancel();
+  bool cancelled() const noexcept { return cancelled_; }
+  void reset() noexcept { cancelled_ = false; }
+
+ private:
+  friend class event_loop;
+  event_loop* loop_ = nullptr;
+  std::vector<std::uint64_t> ops_;
+  bool cancelled_ = false;
+};
+
+struct poll_result {
+  short revents = 0;       // what poll(2) would report; 0 on timeout or cancel
+  bool timed_out = false;
+  bool cancelled = false;
+  explicit operator bool() const noexcept { return revents != 0; }
+};
+
+namespace detail {
+
+using clock = std::chrono::steady_clock;
+
+struct completion {
+  std::uint64_t id;
+  int result;
+};
+
+// What the two kernels interfaces must provide: one-shot readiness polls that
+// can be cancelled, and a wait with a timeout.
+class backend {
+ public:
+  virtual ~backend() = default;
+  virtual const char* name() const noexcept = 0;
+  virtual void arm_poll(int fd, unsigned events, std::uint64_t id) = 0;
+  // Every armed poll reports exactly one completion: its revents, or
+  // -ECANCELED after cancel_poll().
+  virtual void cancel_poll(int fd, std::uint64_t id) = 0;
+  // timeout < 0: block until something completes.
+  virtual void wait(std::chrono::nanoseconds timeout, std::vector<completion>& out) = 0;
+};
+
+class uring_backend final : public backend {
+ public:
+  explicit uring_backend(unsigned depth) {
+    int rc = ::io_uring_queue_init(depth, &ring_, 0);
+    if (rc < 0) {
+      throw std::system_error(-rc, std::system_category(),
+                              "pgiplock: io_uring_queue_init refused (a seccomp profile such as "
+                              "Docker's default, or sysctl kernel.io_uring_disabled, blocks "
+                              "io_uring; PGIPLOCK_BACKEND=epoll avoids it)");
+    }
+  }
+  ~uring_backend() override { ::io_uring_queue_exit(&ring_); }
+  const char* name() const noexcept override { return "io_uring"; }
+
+  void arm_poll(int fd, unsigned events, std::uint64_t id) override {
+    io_uring_sqe* sqe = next_sqe();
+    ::io_uring_prep_poll_add(sqe, fd, events);
+    ::io_uring_sqe_set_data64(sqe, id);
+  }
+  void cancel_poll(int, std::uint64_t id) override {
+    io_uring_sqe* sqe = next_sqe();
+    ::io_uring_prep_cancel64(sqe, id, 0);
+    ::io_uring_sqe_set_data64(sqe, cancel_tag);  // the cancel's own result is not interesting
+  }
+  void wait(std::chrono::nanoseconds timeout, std::vector<completion>& out) override {
+    io_uring_cqe* cqe = nullptr;
+    int rc;
+    if (timeout.count() < 0) {
+      rc = ::io_uring_submit_and_wait_timeout(&ring_, &cqe, 1, nullptr, nullptr);
+    } else {
+      __kernel_timespec ts{};
+      ts.tv_sec = static_cast<long long>(timeout.count() / 1000000000);
+      ts.tv_nsec = static_cast<long long>(timeout.count() % 1000000000);
+      rc = ::io_uring_submit_and_wait_timeout(&ring_, &cqe, 1, &ts, nullptr);
+    }
+    if (rc < 0 && rc != -ETIME && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY) {
+      throw std::system_error(-rc, std::system_category(), "pgiplock: io_uring wait");
+    }
+    unsigned head;
+    unsigned seen = 0;
+    io_uring_for_each_cqe(&ring_, head, cqe) {
+      ++seen;
+      if (cqe->user_data != cancel_tag) out.push_back({cqe->user_data, cqe->res});
+    }
+    ::io_uring_cq_advance(&ring_, seen);
+  }
+
+ private:
+  static constexpr std::uint64_t cancel_tag = 0;
+  io_uring_sqe* next_sqe() {
+    io_uring_sqe* sqe = ::io_uring_get_sqe(&ring_);
+    if (!sqe) {  // submission queue full: hand what we have to the kernel first
+      ::io_uring_submit(&ring_);
+      sqe = ::io_uring_get_sqe(&ring_);
+      if (!sqe) throw std::runtime_error("pgiplock: io_uring submission queue exhausted");
+    }
+    return sqe;
+  }
+  io_uring ring_{};
+};
+
+class epoll_backend final : public backend {
+ public:
+  epoll_backend() : epfd_(::epoll_create1(EPOLL_CLOEXEC)) {
+    if (epfd_ < 0) throw std::system_error(errno, std::system_category(), "pgiplock: epoll_create1");
+  }
+  ~epoll_backend() override { ::close(epfd_); }
+  const char* name() const noexcept override { return "epoll"; }
+
+  void arm_poll(int fd, unsigned events, std::uint64_t id) override {
+    auto& st = fds_[fd];
+    st.waiters.push_back({id, events});
+    update(fd, st);
+  }
+  void cancel_poll(int fd, std::uint64_t id) override {
+    auto it = fds_.find(fd);
+    if (it == fds_.end()) return;
+    auto& w = it->second.waiters;
+    auto pos = std::find_if(w.begin(), w.end(), [id](const waiter& x) { return x.id == id; });
+    if (pos == w.end()) return;
+    w.erase(pos);
+    cancelled_.push_back({id, -ECANCELED});
+    update(fd, it->second);
+    if (it->second.waiters.empty()) fds_.erase(it);
+  }
+  void wait(std::chrono::nanoseconds timeout, std::vector<completion>& out) override {
+    int ms = -1;
+    if (!cancelled_.empty()) {
+      ms = 0;
+    } else if (timeout.count() >= 0) {  // round up: waking early would spin
+      ms = static_cast<int>(std::min<long long>((timeout.count() + 999999) / 1000000, 1 << 30));
+    }
+    epoll_event evs[64];
+    int n = ::epoll_wait(epfd_, evs, 64, ms);
+    if (n < 0 && errno != EINTR) throw std::system_error(errno, std::system_category(), "pgiplock: epoll_wait");
+    out.insert(out.end(), cancelled_.begin(), cancelled_.end());
+    cancelled_.clear();
+    for (int i = 0; i < n; ++i) {
+      int fd = evs[i].data.fd;
+      auto it = fds_.find(fd);
+      if (it == fds_.end()) continue;
+      unsigned got = evs[i].events;
+      auto& w = it->second.waiters;
+      for (auto x = w.begin(); x != w.end();) {
+        unsigned mine = got & (x->events | EPOLLERR | EPOLLHUP);
+        if (mine) {
+          out.push_back({x->id, static_cast<int>(mine)});
+          x = w.erase(x);
+        } else {
+          ++x;
+        }
+      }
+      update(fd, it->second);
+      if (w.empty()) fds_.erase(it);
+    }
+  }
+
+ private:
+  struct waiter {
+    std::uint64_t id;
+    unsigned events;
+  };
+  struct fd_state {
+    std::vector<waiter> waiters;
+    unsigned registered = 0;  // 0: not in the epoll set
+  };
+  // Level-triggered interest in the union of what the waiters want; one-shot
+  // behaviour comes from removing satisfied waiters.
+  void update(int fd, fd_state& st) {
+    unsigned want = 0;
+    for (auto& w : st.waiters) want |= w.events;
+    if (want == st.registered) return;
+    epoll_event ev{};
+    ev.events = want;
+    ev.data.fd = fd;
+    int rc;
+    if (want == 0) {
+      rc = ::epoll_ctl(epfd_, EPOLL_CTL_DEL, fd, nullptr);
+      if (rc < 0 && (errno == EBADF || errno == ENOENT)) rc = 0;  // fd already closed
+    } else if (st.registered == 0) {
+      rc = ::epoll_ctl(epfd_, EPOLL_CTL_ADD, fd, &ev);
+    } else {
+      rc = ::epoll_ctl(epfd_, EPOLL_CTL_MOD, fd, &ev);
+    }
+    if (rc < 0) {
+      int e = errno;
+      for (auto& w : st.waiters) cancelled_.push_back({w.id, -e});  // report, as io_uring would
+      st.waiters.clear();
+      st.registered = 0;
+      return;
+    }
+    st.registered = want;
+  }
+  int epfd_;
+  std::unordered_map<int, fd_state> fds_;
+  std::vector<completion> cancelled_;
+};
+
+inline std::unique_ptr<backend> make_backend(const event_loop_options& opt) {
+  backend_kind kind = opt.backend;
+  if (kind == backend_kind::automatic) {
+    if (const char* env = std::getenv("PGIPLOCK_BACKEND"); env && *env) {
+      std::string_view v = env;
+      if (v == "io_uring") kind = backend_kind::io_uring;
+      else if (v == "epoll") kind = backend_kind::epoll;
+      else throw std::invalid_argument("pgiplock: PGIPLOCK_BACKEND must be io_uring or epoll, not '" +
+                                       std::string(v) + "'");
+    }
+  }
+  if (kind == backend_kind::epoll) return std::make_unique<epoll_backend>();
+  if (kind == backend_kind::io_uring) return std::make_unique<uring_backend>(opt.queue_depth);
+  try {
+    return std::make_unique<uring_backend>(opt.queue_depth);
+  } catch (const std::system_error& e) {
+    log(opt.logger, log_level::warn,
+        std::string("io_uring is not available here (") + e.code().message() +
+            "); using the epoll backend");
+    return std::make_unique<epoll_backend>();
+  }
+}
+
+// A detached coroutine owned by the loop: runs a spawned task to the end and
+// reports what escapes it, so one failing task never ends the process.
+struct spawned {
+  struct promise_type {
+    event_loop* loop = nullptr;
+    std::uint64_t key = 0;
+    ~promise_type();  // leaves the loop's registry, however the frame ends
+    spawned get_return_object() noexcept {
+      return spawned{std::coroutine_handle<promise_type>::from_promise(*this)};
+    }
+    std::suspend_always initial_suspend() const noexcept { return {}; }
+    std::suspend_never final_suspend() const noexcept { return {}; }
+    void return_void() const noexcept {}
+    void unhandled_exception() const noexcept {}
+  };
+  std::coroutine_handle<promise_type> h;
+};
+
+}  // namespace detail
+
+class event_loop {
+ public:
+  using clock = detail::clock;
+
+  event_loop() : event_loop(event_loop_options{}) {}
+  explicit event_loop(event_loop_options opt)
+      : logger_(opt.logger), backend_(detail::make_backend(opt)) {}
+  event_loop(const event_loop&) = delete;
+  event_loop& operator=(const event_loop&) = delete;
+
+  ~event_loop() {
+    // Spawned frames may still be suspended; destroying them abandons their
+    // operations, which only touches this loop's tables.
+    while (!spawned_.empty()) spawned_.begin()->second.destroy();  // erases itself
+  }
+
+  const char* backend_name() const noexcept { return backend_->name(); }
+  const log_handler& logger() const noexcept { return logger_; }
+
+  // Runs the loop until `t` finishes; returns its value or rethrows its
+  // exception. If stop() ends the loop first, throws pgiplock::error.
+  template <class T>
+  T run(task<T> t) {
+    if (!t.valid()) throw std::invalid_argument("pgiplock: event_loop::run of an empty task");
+    stopped_ = false;
+    post(t.h_);
+    while (!t.done() && !stopped_) tick();
+    if (!t.done()) throw error("pgiplock: event_loop::stop() was called before the task finished");
+    return t.h_.promise().take();
+  }
+
+  // Runs the loop until stop() is called.
+  void run() {
+    stopped_ = false;
+    while (!stopped_) tick();
+  }
+
+  // Starts `t` on this loop; the loop owns it. What it throws is logged.
+  void spawn(task<void> t) {
+    if (!t.valid()) return;
+    auto s = drive(std::move(t), this);
+    std::uint64_t key = ++spawn_seq_;
+    s.h.promise().loop = this;
+    s.h.promise().key = key;
+    spawned_.emplace(key, s.h);
+    post(s.h);
+  }
+
+  void stop() noexcept { stopped_ = true; }
+  bool stopped() const noexcept { return stopped_; }
+
+  // ---- awaitables --------------------------------------------------------
+
+  // Waits until `fd` reports any of `events` (POLLIN, POLLOUT...), the
+  // deadline passes, or `cancel` fires. One-shot, like poll(2).
+  auto poll(int fd, unsigned events, std::optional<clock::time_point> deadline = std::nullopt,
+            cancel_source* cancel = nullptr) {
+    struct awaiter : op_awaiter {
+      int fd;
+      unsigned events;
+      std::optional<clock::time_point> deadline;
+      bool await_suspend(std::coroutine_handle<> h) {
+        return this->loop->start_poll(*this, h, fd, events, deadline);
+      }
+      poll_result await_resume() {
+        int r = this->finish();
+        if (r == result_timeout) return poll_result{0, true, false};
+        if (r == -ECANCELED) return poll_result{0, false, true};
+        if (r < 0) throw std::system_error(-r, std::system_category(), "pgiplock: poll");
+        return poll_result{static_cast<short>(r), false, false};
+      }
+    };
+    awaiter a{};
+    a.loop = this;
+    a.cancel = cancel;
+    a.fd = fd;
+    a.events = events;
+    a.deadline = deadline;
+    return a;
+  }
+
+  // Suspends for `d` (any std::chrono duration). Yields true when the time
+  // elapsed, false when `cancel` fired first.
+  auto sleep_until(clock::time_point when, cancel_source* cancel = nullptr) {
+    struct awaiter : op_awaiter {
+      clock::time_point when;
+      bool await_suspend(std::coroutine_handle<> h) { return this->loop->start_timer(*this, h, when); }
+      bool await_resume() { return this->finish() == result_timeout; }
+    };
+    awaiter a{};
+    a.loop = this;
+    a.cancel = cancel;
+    a.when = when;
+    return a;
+  }
+
+  template <class Rep, class Period>
+  auto sleep(std::chrono::duration<Rep, Period> d, cancel_source* cancel = nullptr) {
+    return sleep_until(clock::now() + std::chrono::duration_cast<clock::duration>(d), cancel);
+  }
+
+  // Lets every other ready coroutine run first.
+  auto yield() {
+    struct awaiter : op_awaiter {
+      bool await_suspend(std::coroutine_handle<> h) {
+        this->id = this->loop->open_op(h, this->cancel);
+        this->loop->complete(this->id, 0);
+        return true;
+      }
+      void await_resume() { this->finish(); }
+    };
+    awaiter a{};
+    a.loop = this;
+    return a;
+  }
+
+  // ---- the operation table, used by awaitables in this header -------------
+
+  static constexpr int result_timeout = std::numeric_limits<int>::min();
+
+  // Base of every awaiter that suspends through the loop. Its destructor
+  // abandons an operation that has not completed, so a destroyed frame is
+  // never resumed.
+  struct op_awaiter {
+    event_loop* loop = nullptr;
+    cancel_source* cancel = nullptr;
+    std::uint64_t id = 0;
+    op_awaiter() = default;
+    op_awaiter(op_awaiter&& o) noexcept : loop(o.loop), cancel(o.cancel), id(std::exchange(o.id, 0)) {}
+    op_awaiter& operator=(op_awaiter&&) = delete;
+    ~op_awaiter() {
+      if (id) loop->abandon(id);
+    }
+    bool await_ready() const noexcept { return false; }
+    int finish() {
+      int r = loop->close_op(id);
+      id = 0;
+      return r;
+    }
+  };
+
+  // A waiter that something else completes with complete(id, result).
+  struct manual_awaiter : op_awaiter {
+    std::uint64_t* slot = nullptr;  // where the completer finds the id
+    bool await_suspend(std::coroutine_handle<> h) {
+      this->id = this->loop->open_op(h, this->cancel);
+      *slot = this->id;
+      if (this->cancel && this->cancel->cancelled()) this->loop->interrupt(this->id, -ECANCELED);
+      return true;
+    }
+    int await_resume() { return this->finish(); }
+  };
+  // Suspends until complete(*slot, result) (or `cancel`); *slot receives the
+  // operation's id at suspension.
+  manual_awaiter wait_for_completion(std::uint64_t* slot, cancel_source* cancel = nullptr) {
+    manual_awaiter a{};
+    a.loop = this;
+    a.cancel = cancel;
+    a.slot = slot;
+    return a;
+  }
+
+  // Completes a waiting operation; stale or finished ids are ignored.
+  void complete(std::uint64_t id, int result) {
+    op* o = find(id);
+    if (!o || o->state != op_state::waiting) return;
+    o->result = result;
+    make_ready(*o, id);
+  }
+  bool alive(std::uint64_t id) const {
+    const op* o = const_cast<event_loop*>(this)->find(id);
+    return o && o->state != op_state::abandoned;
+  }
+
+ private:
+  friend class cancel_source;
+  friend class connection;
+  friend struct detail::spawned::promise_type;
+
+  enum class op_state : std::uint8_t { free, waiting, ready, abandoned };
+  struct op {
+    std::coroutine_handle<> waiter;
+    cancel_source* cancel = nullptr;
+    std::uint32_t gen = 1;
+    op_state state = op_state::free;
+    bool poll_armed = false;
+    bool timer_armed = false;
+    bool unowned = false;  // a posted handle: no awaiter will close the slot
+    int fd = -1;
+    int result = 0;
+    int pending_result = 0;  // what to report once a cancelled poll has come back
+  };
+  struct timer_entry {
+    clock::time_point when;
+    std::uint64_t seq;
+    std::uint64_t id;
+    bool operator>(const timer_entry& o) const {
+      return when != o.when ? when > o.when : seq > o.seq;
+    }
+  };
+
+  static detail::spawned drive(task<void> t, event_loop* loop) {
+    try {
+      co_await std::move(t);
+    } catch (const std::exception& e) {
+      detail::log(loop->logger_, log_level::error, std::string("spawned task failed: ") + e.what());
+    } catch (...) {
+      detail::log(loop->logger_, log_level::error, "spawned task failed with a non-standard exception");
+    }
+  }
+
+  static std::uint64_t make_id(std::uint32_t index, std::uint32_t gen) {
+    return (static_cast<std::uint64_t>(gen) << 32) | index;
+  }
+  op* find(std::uint64_t id) {
+    auto index = static_cast<std::uint32_t>(id & 0xffffffffu);
+    auto gen = static_cast<std::uint32_t>(id >> 32);
+    if (index >= ops_.size()) return nullptr;
+    op& o = ops_[index];
+    if (o.gen != gen || o.state == op_state::free) return nullptr;
+    return &o;
+  }
+
+  std::uint64_t open_op(std::coroutine_handle<> h, cancel_source* cancel) {
+    std::uint32_t index;
+    if (!free_.empty()) {
+      index = free_.back();
+      free_.pop_back();
+    } else {
+      index = static_cast<std::uint32_t>(ops_.size());
+      ops_.emplace_back();
+    }
+    op& o = ops_[index];
+    o.waiter = h;
+    o.state = op_state::waiting;
+    o.cancel = cancel;
+    o.result = 0;
+    o.pending_result = 0;
+    o.poll_armed = o.timer_armed = o.unowned = false;
+    std::uint64_t id = make_id(index, o.gen);
+    if (cancel) {
+      cancel->loop_ = this;
+      cancel->ops_.push_back(id);
+    }
+    return id;
+  }
+
+  void release_slot(op& o) {
+    if (o.cancel) {
+      auto& v = o.cancel->ops_;
+      std::uint64_t id = make_id(static_cast<std::uint32_t>(&o - ops_.data()), o.gen);
+      auto it = std::find(v.begin(), v.end(), id);
+      if (it != v.end()) {
+        *it = v.back();
+        v.pop_back();
+      }
+    }
+    o.state = op_state::free;
+    o.cancel = nullptr;
+    o.waiter = {};
+    ++o.gen;
+    if (o.gen == 0) o.gen = 1;
+    free_.push_back(static_cast<std::uint32_t>(&o - ops_.data()));
+  }
+
+  int close_op(std::uint64_t id) {
+    op* o = find(id);
+    if (!o) return -ECANCELED;
+    int r = o->result;
+    release_slot(*o);
+    return r;
+  }
+
+  // The frame is gone: forget the waiter, but keep the slot until the
+  // kernel has reported the poll, so its completion cannot hit a reused id.
+  void abandon(std::uint64_t id) {
+    op* o = find(id);
+    if (!o) return;
+    o->timer_armed = false;
+    o->waiter = {};
+    if (o->poll_armed) {
+      o->state = op_state::abandoned;
+      backend_->cancel_poll(o->fd, id);
+    } else {
+      release_slot(*o);
+    }
+  }
+
+  void make_ready(op& o, std::uint64_t id) {
+    o.state = op_state::ready;
+    o.timer_armed = false;
+    ready_.push_back(id);
+  }
+
+  void post(std::coroutine_handle<> h) {
+    std::uint64_t id = open_op(h, nullptr);
+    op* o = find(id);
+    o->unowned = true;
+    make_ready(*o, id);
+  }
+
+  bool start_poll(op_awaiter& a, std::coroutine_handle<> h, int fd, unsigned events,
+                  std::optional<clock::time_point> deadline) {
+    a.id = open_op(h, a.cancel);
+    op* o = find(a.id);
+    if (a.cancel && a.cancel->cancelled_) {
+      o->result = -ECANCELED;
+      make_ready(*o, a.id);
+      return true;
+    }
+    o->fd = fd;
+    o->poll_armed = true;
+    backend_->arm_poll(fd, events, a.id);
+    if (deadline) arm_timer(*o, a.id, *deadline);
+    return true;
+  }
+
+  bool start_timer(op_awaiter& a, std::coroutine_handle<> h, clock::time_point when) {
+    a.id = open_op(h, a.cancel);
+    op* o = find(a.id);
+    if (a.cancel && a.cancel->cancelled_) {
+      o->result = -ECANCELED;
+      make_ready(*o, a.id);
+      return true;
+    }
+    arm_timer(*o, a.id, when);
+    return true;
+  }
+
+  void arm_timer(op& o, std::uint64_t id, clock::time_point when) {
+    o.timer_armed = true;
+    timers_.push(timer_entry{when, ++timer_seq_, id});
+  }
+
+  // Ends a waiting operation early with `result` (timeout or cancel). A poll
+  // still in the kernel is cancelled first and the waiter resumes only once
+  // the kernel has answered, so no completion outlives its awaiter.
+  void interrupt(std::uint64_t id, int result) {
+    op* o = find(id);
+    if (!o || o->state != op_state::waiting) return;
+    o->timer_armed = false;
+    if (o->poll_armed) {
+      if (o->pending_result == 0) {
+        o->pending_result = result;
+        backend_->cancel_poll(o->fd, id);
+      }
+    } else {
+      o->result = result;
+      make_ready(*o, id);
+    }
+  }
+
+  void on_completion(const detail::completion& c) {
+    op* o = find(c.id);
+    if (!o || !o->poll_armed) return;
+    o->poll_armed = false;
+    if (o->state == op_state::abandoned) {
+      release_slot(*o);
+      return;
+    }
+    if (o->state != op_state::waiting) return;
+    // A poll that fired in the same instant as its cancel reports readiness:
+    // the caller would otherwise lose an event.
+    o->result = (c.result < 0 && o->pending_result != 0) ? o->pending_result : c.result;
+    make_ready(*o, c.id);
+  }
+
+  void fire_timers(clock::time_point now) {
+    while (!timers_.empty() && timers_.top().when <= now) {
+      std::uint64_t id = timers_.top().id;
+      timers_.pop();
+      op* o = find(id);
+      if (o && o->timer_armed) interrupt(id, result_timeout);
+    }
+  }
+
+  std::chrono::nanoseconds next_timeout() {
+    if (!ready_.empty()) return std::chrono::nanoseconds(0);
+    while (!timers_.empty()) {  // drop timers of operations that ended otherwise
+      op* o = find(timers_.top().id);
+      if (o && o->timer_armed) break;
+      timers_.pop();
+    }
+    if (timers_.empty()) return std::chrono::nanoseconds(-1);
+    auto d = timers_.top().when - clock::now();
+    return d.count() < 0 ? std::chrono::nanoseconds(0) : std::chrono::duration_cast<std::chrono::nanoseconds>(d);
+  }
+
+  void run_ready() {
+    batch_.swap(ready_);
+    for (std::size_t i = 0; i < batch_.size() && !stopped_; ++i) {
+      op* o = find(batch_[i]);
+      if (!o || o->state != op_state::ready) continue;
+      auto h = o->waiter;
+      if (o->unowned) {
+        release_slot(*o);
+        h.resume();
+      } else {
+        h.resume();  // the awaiter's finish() closes the slot
+      }
+    }
+    if (stopped_) {  // keep what was not run for the next run()
+      for (std::size_t i = 0; i < batch_.size(); ++i) ready_.push_back(batch_[i]);
+    }
+    batch_.clear();
+  }
+
+  // Gathers what the kernel has finished, then resumes what is ready; the
+  // caller checks its exit condition between ticks, so the last resumed
+  // coroutine is never followed by a blocking wait.
+  void tick() {
+    completions_.clear();
+    backend_->wait(next_timeout(), completions_);
+    for (auto& c : completions_) on_completion(c);
+    fire_timers(clock::now());
+    run_ready();
+  }
+
+  log_handler logger_;
+  std::unique_ptr<detail::backend> backend_;
+  std::vector<op> ops_;
+  std::vector<std::uint32_t> free_;
+  std::vector<std::uint64_t> ready_, batch_;
+  std::priority_queue<timer_entry, std::vector<timer_entry>, std::greater<>> timers_;
+  std::uint64_t timer_seq_ = 0;
+  std::vector<detail::completion> completions_;
+  std::map<std::uint64_t, std::coroutine_handle<detail::spawned::promise_type>> spawned_;
+  std::uint64_t spawn_seq_ = 0;
+  bool stopped_ = false;
+};
+
+inline detail::spawned::promise_type::~promise_type() {
+  if (loop) loop->spawned_.erase(key);
+}
+
+inline cancel_source::~cancel_source() {
+  // Operations still waiting with this source keep a pointer to it.
+  if (loop_) {
+    for (auto id : ops_) {
+      if (auto* o = loop_->find(id)) o->cancel = nullptr;
+    }
+  }
+}
+
+inline void cancel_source::cancel() {
+  cancelled_ = true;
+  if (!loop_) return;
+  auto ids = ops_;  // interrupting may release slots, which edits ops_
+  for (auto id : ids) loop_->interrupt(id, -ECANCELED);
+}
+
+// A flag that coroutines can wait on; set() wakes every waiter.
+class async_event {
+ public:
+  explicit async_event(event_loop& loop) : loop_(&loop) {}
+  bool is_set() const noexcept { return set_; }
+  void set() {
+    set_ = true;
+    auto ids = std::move(waiters_);
+    waiters_.clear();
+    for (auto id : ids) loop_->complete(id, 0);
+  }
+  void reset() noexcept { set_ = false; }
+  // Resumes once set() has been called (at once if it already was); false
+  // when `cancel` fired first.
+  task<bool> wait(cancel_source* cancel = nullptr) {
+    if (set_) co_return true;
+    waiters_.push_back(0);  // deque: the slot stays put while others are added
+    int r = co_await loop_->wait_for_completion(&waiters_.back(), cancel);
+    co_return r == 0;
+  }
+
+ private:
+  event_loop* loop_;
+  std::deque<std::uint64_t> waiters_;  // stale ids of abandoned waiters are harmless
+  bool set_ = false;
+};
+
+// ==== 5. connection =========================================================
+//
+// One non-blocking libpq connection driven by the loop, in pipeline mode with
+// a sync after every query: many coroutines can have queries in flight and
+// one failing query never aborts its neighbours. One pump coroutine owns the
+// socket: readable -> PQconsumeInput -> complete finished queries in order ->
+// dispatch notifications.
+
+// A notification as delivered; the views are valid during the handler call.
+struct notification {
+  std::string_view channel;
+  std::string_view payload;
+  int sender_pid = 0;  // backend pid of the session that sent it
+};
+
+// Owns one PGresult.
+class result {
+ public:
+  result() noexcept = default;
+  explicit result(PGresult* r) noexcept : r_(r) {}
+  result(result&& o) noexcept : r_(std::exchange(o.r_, nullptr)) {}
+  result& operator=(result&& o) noexcept {
+    if (this != &o) {
+      clear();
+      r_ = std::exchange(o.r_, nullptr);
+    }
+    return *this;
+  }
+  ~result() { clear(); }
+
+  int rows() const noexcept { return r_ ? PQntuples(r_) : 0; }
+  int columns() const noexcept { return r_ ? PQnfields(r_) : 0; }
+  bool is_null(int row, int col) const { return PQgetisnull(checked(row, col), row, col) != 0; }
+  // The text of a field; empty for NULL.
+  std::string_view get(int row, int col) const {
+    PGresult* r = checked(row, col);
+    return {PQgetvalue(r, row, col), static_cast<std::size_t>(PQgetlength(r, row, col))};
+  }
+  // Rows changed by INSERT/UPDATE/DELETE.
+  long affected_rows() const noexcept {
+    if (!r_) return 0;
+    const char* n = PQcmdTuples(r_);
+    return (n && *n) ? std::strtol(n, nullptr, 10) : 0;
+  }
+  PGresult* native_handle() const noexcept { return r_; }
+
+ private:
+  PGresult* checked(int row, int col) const {
+    if (!r_ || row < 0 || col < 0 || row >= rows() || col >= columns()) {
+      throw std::out_of_range("pgiplock: result field (" + std::to_string(row) + ", " +
+                              std::to_string(col) + ") is out of range");
+    }
+    return r_;
+  }
+  void clear() noexcept {
+    if (r_) PQclear(r_);
+    r_ = nullptr;
+  }
+  PGresult* r_ = nullptr;
+};
+
+struct connect_options {
+  // Applies when the conninfo sets no connect_timeout.
+  std::chrono::milliseconds timeout{PGIPLOCK_DEFAULT_CONNECT_TIMEOUT_MS};
+  // The session's application_name; empty: a fresh UUID, unique per
+  // connection, which is what the lock protocol identifies holders by.
+  std::string application_name;
+  log_handler logger;
+};
+
+namespace detail {
+
+using param = std::optional<std::string>;
+
+inline param to_param(std::nullopt_t) { return std::nullopt; }
+inline param to_param(std::string s) { return s; }
+inline param to_param(std::string_view s) { return std::string(s); }
+inline param to_param(const char* s) { return s ? param(s) : std::nullopt; }
+inline param to_param(bool b) { return std::string(b ? "t" : "f"); }
+template <class T>
+  requires std::is_arithmetic_v<T>
+inline param to_param(T v) {
+  return std::to_string(v);
+}
+template <class T>
+inline param to_param(const std::optional<T>& v) {
+  return v ? to_param(*v) : std::nullopt;
+}
+
+struct conninfo_params {
+  std::vector<std::string> keys, values;
+  std::optional<std::chrono::milliseconds> connect_timeout;
+  std::string target;  // host/port/dbname/user for messages, never the password
+
+  void set(const std::string& key, std::string value) {
+    auto it = std::find(keys.begin(), keys.end(), key);
+    if (it != keys.end()) {
+      values[static_cast<std::size_t>(it - keys.begin())] = std::move(value);
+    } else {
+      keys.push_back(key);
+      values.push_back(std::move(value));
+    }
+  }
+};
+
+inline std::string trim_message(std::string m) {
+  while (!m.empty() && (m.back() == '\n' || m.back() == ' ')) m.pop_back();
+  return m;
+}
+
+// Parses with libpq itself, so every syntax libpq accepts (key=value and
+// postgresql:// URIs) works and nothing else does.
+inline conninfo_params parse_conninfo(const std::string& conninfo) {
+  if (conninfo.find_first_not_of(" \t\r\n") == std::string::npos) {
+    throw std::invalid_argument(
+        "pgiplock: the conninfo is empty; give e.g. \"host=localhost dbname=app\" or "
+        "\"postgresql://user@host/db\"");
+  }
+  char* err = nullptr;
+  PQconninfoOption* opts = PQconninfoParse(conninfo.c_str(), &err);
+  if (!opts) {
+    std::string why = err ? trim_message(err) : "out of memory";
+    if (err) PQfreemem(err);
+    throw std::invalid_argument("pgiplock: cannot parse conninfo: " + why);
+  }
+  conninfo_params out;
+  std::string host, port, db, user;
+  for (PQconninfoOption* o = opts; o->keyword; ++o) {
+    if (!o->val) continue;
+    std::string key = o->keyword;
+    if (key == "connect_timeout") {
+      long secs = std::strtol(o->val, nullptr, 10);
+      if (secs > 0) out.connect_timeout = std::chrono::seconds(std::max(secs, 2L));  // libpq's own floor
+    }
+    if (key == "host" || key == "hostaddr") host = o->val;
+    if (key == "port") port = o->val;
+    if (key == "dbname") db = o->val;
+    if (key == "user") user = o->val;
+    out.keys.push_back(key);
+    out.values.emplace_back(o->val);
+  }
+  PQconninfoFree(opts);
+  out.target = "host=" + (host.empty() ? std::string("(default)") : host);
+  if (!port.empty()) out.target += " port=" + port;
+  if (!db.empty()) out.target += " dbname=" + db;
+  if (!user.empty()) out.target += " user=" + user;
+  return out;
+}
+
+}  // namespace detail
+
+class connection : public std::enable_shared_from_this<connection> {
+  struct private_tag {};
+
+ public:
+  using notification_handler = std::function<void(const notification&)>;
+  using lost_handler = std::function<void(const connection_error&)>;
+
+  // Connects without blocking the loop. Fails with std::invalid_argument for
+  // a conninfo libpq cannot parse, connection_error for everything else,
+  // within connect_timeout (from the conninfo) or options.timeout.
+  static task<std::shared_ptr<connection>> connect(event_loop& loop, std::string conninfo,
+                                                   connect_options options) {
+    return connect_impl(loop, std::move(conninfo), std::move(options));
+  }
+  // An overload, not a defaulted `= {}`: GCC 12 frees a braced default
+  // argument inside a co_await expression twice.
+  static task<std::shared_ptr<connection>> connect(event_loop& loop, std::string conninfo) {
+    return connect_impl(loop, std::move(conninfo), connect_options());
+  }
+
+  connection(private_tag, event_loop& loop, std::string conninfo, std::string app, log_handler logger)
+      : loop_(&loop), conninfo_(std::move(conninfo)), app_(std::move(app)), logger_(std::move(logger)),
+        pump_done_(loop) {}
+  connection(const connection&) = delete;
+  connection& operator=(const connection&) = delete;
+
+ private:
+  static task<std::shared_ptr<connection>> connect_impl(event_loop& loop, std::string conninfo,
+                                                        connect_options options) {
+    auto params = detail::parse_conninfo(conninfo);
+    std::string app = options.application_name.empty() ? detail::random_uuid() : options.application_name;
+    params.set("application_name", app);
+    auto deadline = event_loop::clock::now() + params.connect_timeout.value_or(options.timeout);
+
+    std::vector<const char*> keys, values;
+    for (std::size_t i = 0; i < params.keys.size(); ++i) {
+      keys.push_back(params.keys[i].c_str());
+      values.push_back(params.values[i].c_str());
+    }
+    keys.push_back(nullptr);
+    values.push_back(nullptr);
+
+    auto conn = std::make_shared<connection>(private_tag{}, loop, std::move(conninfo), std::move(app),
+                                             std::move(options.logger));
+    conn->conn_ = PQconnectStartParams(keys.data(), values.data(), 0);
+    if (!conn->conn_) throw std::bad_alloc();
+    auto failed = [&](std::string why) {
+      return connection_error("pgiplock: cannot connect to " + params.target + ": " + why);
+    };
+    if (PQstatus(conn->conn_) == CONNECTION_BAD) throw failed(detail::trim_message(PQerrorMessage(conn->conn_)));
+
+    PostgresPollingStatusType st = PGRES_POLLING_WRITING;
+    while (st != PGRES_POLLING_OK) {
+      if (st == PGRES_POLLING_FAILED) throw failed(detail::trim_message(PQerrorMessage(conn->conn_)));
+      // libpq may open a new socket per host or address it tries: read it anew.
+      int fd = PQsocket(conn->conn_);
+      if (fd < 0) throw failed("libpq has no socket");
+      unsigned ev = st == PGRES_POLLING_READING ? POLLIN : POLLOUT;
+      auto r = co_await loop.poll(fd, ev, deadline);
+      if (r.timed_out) {
+        auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+            params.connect_timeout.value_or(conn->connect_timeout_default()));
+        throw failed("no answer within " + std::to_string(ms.count()) +
+                     " ms (server down, address unreachable, or not a PostgreSQL server)");
+      }
+      st = PQconnectPoll(conn->conn_);
+    }
+    conn->finish_setup();
+    co_return conn;
+  }
+
+ public:
+  // Without close(): the pump is destroyed (its poll abandoned first) and
+  // the socket closed. A connection must not outlive its event_loop.
+  ~connection() {
+    pump_ = task<void>{};
+    if (conn_) PQfinish(conn_);
+  }
+
+  // Ends the session. Queries still pending fail with connection_error.
+  task<void> close() {
+    auto self = shared_from_this();
+    if (closing_) {
+      co_await pump_done_.wait();
+      co_return;
+    }
+    closing_ = true;
+    pump_cancel_.cancel();
+    co_await pump_done_.wait();
+    lose("the connection was closed by the application");
+    PQfinish(conn_);
+    conn_ = nullptr;
+  }
+
+  bool is_open() const noexcept { return conn_ && !lost_ && !closing_; }
+  int backend_pid() const noexcept { return backend_pid_; }
+  std::string_view app_name() const noexcept { return app_; }
+  const std::string& conninfo() const noexcept { return conninfo_; }
+  event_loop& loop() const noexcept { return *loop_; }
+  const log_handler& logger() const noexcept { return logger_; }
+  // Why the link is gone; empty while it is up.
+  const std::string& lost_reason() const noexcept { return lost_reason_; }
+  PGconn* native_handle() const noexcept { return conn_; }
+
+  // Runs one statement with bound parameters ($1, $2...): strings,
+  // string_views, numbers, bools, std::nullopt for NULL. The arguments are
+  // copied before the first suspension, so temporaries are safe.
+  template <class... Args>
+  task<result> query(std::string sql, Args&&... args) {
+    std::vector<detail::param> params;
+    params.reserve(sizeof...(Args));
+    (params.push_back(detail::to_param(std::forward<Args>(args))), ...);
+    return execute(std::move(sql), std::move(params));
+  }
+
+  task<result> execute(std::string sql, std::vector<detail::param> params) {
+    auto self = shared_from_this();
+    if (!is_open()) throw connection_error(closed_message());
+    std::vector<const char*> values(params.size());
+    std::vector<int> lengths(params.size()), formats(params.size(), 0);
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      values[i] = params[i] ? params[i]->data() : nullptr;
+      lengths[i] = params[i] ? static_cast<int>(params[i]->size()) : 0;
+    }
+    if (!PQsendQueryParams(conn_, sql.c_str(), static_cast<int>(params.size()), nullptr, values.data(),
+                           lengths.data(), formats.data(), 0) ||
+        !PQpipelineSync(conn_)) {
+      std::string why = detail::trim_message(PQerrorMessage(conn_));
+      if (PQstatus(conn_) == CONNECTION_BAD) {
+        lose(why);
+        throw connection_error(closed_message());
+      }
+      throw error("pgiplock: cannot send query: " + why);
+    }
+    outcome out;
+    pending_.push_back(pending_query{0, &out});
+    std::uint64_t* slot = &pending_.back().op;
+    flush_output();
+    co_await loop_->wait_for_completion(slot);
+    if (out.failure) std::rethrow_exception(out.failure);
+    co_return std::move(out.value);
+  }
+
+  // Quotes an identifier (a channel name for LISTEN) as libpq does.
+  std::string quote_identifier(std::string_view name) const {
+    if (!conn_) throw connection_error(closed_message());
+    char* q = PQescapeIdentifier(conn_, name.data(), name.size());
+    if (!q) throw std::invalid_argument("pgiplock: cannot quote identifier: " +
+                                        detail::trim_message(PQerrorMessage(conn_)));
+    std::string out = q;
+    PQfreemem(q);
+    return out;
+  }
+
+  // Calls `fn` for each notification on `channel` ("" = every channel).
+  // Returns an id for unsubscribe(). Safe to call from inside a handler.
+  std::uint64_t subscribe(std::string channel, notification_handler fn) {
+    std::uint64_t id = ++next_sub_;
+    subs_.push_back(subscriber{id, std::move(channel), std::move(fn)});
+    return id;
+  }
+  void unsubscribe(std::uint64_t id) noexcept {
+    for (auto& s : subs_) {
+      if (s.id == id) s.fn = nullptr;
+    }
+    prune_subscribers();
+  }
+
+  // Calls `fn` once when the link is lost or the connection closed.
+  std::uint64_t on_lost(lost_handler fn) {
+    std::uint64_t id = ++next_sub_;
+    lost_handlers_.emplace_back(id, std::move(fn));
+    return id;
+  }
+  void remove_on_lost(std::uint64_t id) noexcept {
+    for (auto& h : lost_handlers_) {
+      if (h.first == id) h.second = nullptr;
+    }
+  }
+
+ private:
+  struct outcome {
+    result value;
+    std::exception_ptr failure;
+  };
+  struct pending_query {
+    std::uint64_t op;  // the waiter's operation; stale once its frame is gone
+    outcome* out;
+  };
+  struct subscriber {
+    std::uint64_t id;
+    std::string channel;
+    notification_handler fn;
+  };
+
+  std::chrono::milliseconds connect_timeout_default() const {
+    return std::chrono::milliseconds(PGIPLOCK_DEFAULT_CONNECT_TIMEOUT_MS);
+  }
+
+  std::string closed_message() const {
+    return lost_reason_.empty() ? std::string("pgiplock: the connection is closed") : lost_reason_;
+  }
+
+  void finish_setup() {
+    // Installed before any statement, so no server notice goes to stderr.
+    PQsetNoticeReceiver(conn_, &connection::on_notice, this);
+    if (PQsetnonblocking(conn_, 1) != 0 || PQenterPipelineMode(conn_) != 1) {
+      throw connection_error("pgiplock: cannot switch the connection to non-blocking pipeline mode: " +
+                             detail::trim_message(PQerrorMessage(conn_)));
+    }
+    backend_pid_ = PQbackendPID(conn_);
+    fd_ = PQsocket(conn_);
+    pump_ = pump();
+    loop_->post(pump_.h_);
+  }
+
+  static void on_notice(void* arg, const PGresult* r) {
+    auto* self = static_cast<connection*>(arg);
+    detail::log(self->logger_, log_level::info,
+                "server notice: " + detail::trim_message(PQresultErrorMessage(r)));
+  }
+
+  // Sends what libpq has buffered; if the socket is full, the pump waits for
+  // POLLOUT as well (its current poll is cancelled so it re-arms with it).
+  void flush_output() {
+    if (!conn_ || lost_) return;
+    int rc = PQflush(conn_);
+    if (rc < 0) {
+      lose(detail::trim_message(PQerrorMessage(conn_)));
+    } else if (rc == 1 && !want_write_) {
+      want_write_ = true;
+      pump_cancel_.cancel();
+    } else if (rc == 0) {
+      want_write_ = false;
+    }
+  }
+
+  task<void> pump() {
+    while (!closing_ && !lost_) {
+      unsigned ev = POLLIN | (want_write_ ? POLLOUT : 0u);
+      auto r = co_await loop_->poll(fd_, ev, std::nullopt, &pump_cancel_);
+      if (closing_) break;
+      if (r.cancelled) {
+        pump_cancel_.reset();
+        continue;
+      }
+      if (r.revents & POLLOUT) flush_output();
+      if (r.revents & (POLLIN | POLLERR | POLLHUP)) consume_input();
+    }
+    pump_done_.set();
+  }
+
+  void consume_input() {
+    if (!PQconsumeInput(conn_)) {
+      lose(detail::trim_message(PQerrorMessage(conn_)));
+      return;
+    }
+    collect_results();
+    dispatch_notifications();
+    if (PQstatus(conn_) == CONNECTION_BAD) lose(detail::trim_message(PQerrorMessage(conn_)));
+  }
+
+  // In pipeline mode each query yields its results, a NULL, then the
+  // PGRES_PIPELINE_SYNC of its own sync: that marks it complete.
+  void collect_results() {
+    while (!pending_.empty() && !PQisBusy(conn_)) {
+      PGresult* r = PQgetResult(conn_);
+      if (!r) continue;
+      auto& q = pending_.front();
+      bool alive = loop_->alive(q.op);
+      switch (PQresultStatus(r)) {
+        case PGRES_PIPELINE_SYNC:
+          PQclear(r);
+          if (alive) loop_->complete(q.op, 0);
+          pending_.pop_front();
+          break;
+        case PGRES_FATAL_ERROR:
+        case PGRES_NONFATAL_ERROR:
+        case PGRES_BAD_RESPONSE:
+        case PGRES_PIPELINE_ABORTED:
+          if (alive && !q.out->failure) q.out->failure = to_error(r);
+          PQclear(r);
+          break;
+        default:
+          if (alive && !q.out->value.native_handle()) {
+            q.out->value = result(r);
+          } else {
+            PQclear(r);
+          }
+      }
+    }
+  }
+
+  std::exception_ptr to_error(const PGresult* r) const {
+    const char* state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+    std::string code = state ? state : "";
+    std::string msg = detail::trim_message(PQresultErrorMessage(r));
+    if (msg.empty()) msg = detail::trim_message(PQerrorMessage(conn_));
+    // Class 08 (connection exception) and 57P0x (admin shutdown, crash,
+    // cannot connect now): the session is over, whatever the statement was.
+    if (code.rfind("08", 0) == 0 || code.rfind("57P0", 0) == 0) {
+      return std::make_exception_ptr(connection_error("pgiplock: connection lost: " + msg));
+    }
+    return std::make_exception_ptr(
+        sql_error("pgiplock: " + msg + (code.empty() ? "" : " (SQLSTATE " + code + ")"), code));
+  }
+
+  void dispatch_notifications() {
+    while (PGnotify* n = PQnotifies(conn_)) {
+      notification note{n->relname, n->extra ? std::string_view(n->extra) : std::string_view(), n->be_pid};
+      ++dispatching_;
+      std::size_t count = subs_.size();  // handlers added meanwhile see the next one
+      for (std::size_t i = 0; i < count; ++i) {
+        auto& s = subs_[i];
+        if (s.fn && (s.channel.empty() || s.channel == note.channel)) {
+          auto fn = s.fn;  // the handler may unsubscribe itself
+          fn(note);
+        }
+      }
+      --dispatching_;
+      PQfreemem(n);
+      prune_subscribers();
+    }
+  }
+
+  void prune_subscribers() {
+    if (dispatching_) return;
+    subs_.erase(std::remove_if(subs_.begin(), subs_.end(), [](const subscriber& s) { return !s.fn; }),
+                subs_.end());
+  }
+
+  // The link is gone: every waiter learns it now, with the reason.
+  void lose(const std::string& why) {
+    if (lost_) return;
+    lost_ = true;
+    lost_reason_ = closing_ ? "pgiplock: the connection was closed" : "pgiplock: connection lost: " + why;
+    connection_error err(lost_reason_);
+    for (auto& q : pending_) {
+      if (loop_->alive(q.op)) {
+        q.out->failure = std::make_exception_ptr(err);
+        loop_->complete(q.op, 0);
+      }
+    }
+    pending_.clear();
+    pump_cancel_.cancel();
+    auto handlers = std::move(lost_handlers_);
+    lost_handlers_.clear();
+    for (auto& h : handlers) {
+      if (h.second) h.second(err);
+    }
+  }
+
+  event_loop* loop_;
+  std::string conninfo_;
+  std::string app_;
+  log_handler logger_;
+  PGconn* conn_ = nullptr;
+  int fd_ = -1;
+  int backend_pid_ = 0;
+  bool want_write_ = false;
+  bool closing_ = false;
+  bool lost_ = false;
+  std::string lost_reason_;
+  std::deque<pending_query> pending_;  // deque: slots stay put while others are added
+  std::vector<subscriber> subs_;
+  std::vector<std::pair<std::uint64_t, lost_handler>> lost_handlers_;
+  std::uint64_t next_sub_ = 0;
+  int dispatching_ = 0;
+  cancel_source pump_cancel_;
+  async_event pump_done_;
+  task<void> pump_;  // last: destroyed first, before the socket closes
+};
+
+}  // namespace pgiplock
+
+#endif  // PGIPLOCK_HPP
