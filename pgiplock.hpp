@@ -153,8 +153,12 @@ inline std::string random_uuid() {
 
 template <class T = void>
 class task;
+class event_loop;
 
 namespace detail {
+
+// Defined with event_loop: forgets a start that was posted but never ran.
+void abandon_start(event_loop* loop, std::uint64_t op) noexcept;
 
 // Finishing a task that completed asynchronously jumps straight to its
 // awaiter (symmetric transfer). A task that completes synchronously returns
@@ -176,6 +180,8 @@ struct promise_base {
   std::coroutine_handle<> continuation;
   std::exception_ptr failure;
   bool started_inline = false;  // the awaiter is still inside await_suspend
+  event_loop* start_loop = nullptr;  // set when a loop was asked to start this task
+  std::uint64_t start_op = 0;
   std::suspend_always initial_suspend() const noexcept { return {}; }
   final_awaiter final_suspend() const noexcept { return {}; }
   void unhandled_exception() noexcept { failure = std::current_exception(); }
@@ -256,7 +262,11 @@ class [[nodiscard]] task {
   friend class event_loop;
   friend class connection;
   void reset() noexcept {
-    if (h_) h_.destroy();
+    if (h_) {
+      auto& p = h_.promise();
+      if (p.start_loop) detail::abandon_start(p.start_loop, p.start_op);
+      h_.destroy();
+    }
     h_ = {};
   }
   handle_type h_;
@@ -555,6 +565,7 @@ class event_loop {
     // Spawned frames may still be suspended; destroying them abandons their
     // operations, which only touches this loop's tables.
     while (!spawned_.empty()) spawned_.begin()->second.destroy();  // erases itself
+    if (current_ref() == this) current_ref() = nullptr;
   }
 
   const char* backend_name() const noexcept { return backend_->name(); }
@@ -566,7 +577,7 @@ class event_loop {
   T run(task<T> t) {
     if (!t.valid()) throw std::invalid_argument("pgiplock: event_loop::run of an empty task");
     stopped_ = false;
-    post(t.h_);
+    post_task(t.h_);
     while (!t.done() && !stopped_) tick();
     if (!t.done()) throw error("pgiplock: event_loop::stop() was called before the task finished");
     return t.h_.promise().take();
@@ -588,6 +599,15 @@ class event_loop {
     spawned_.emplace(key, s.h);
     post(s.h);
   }
+
+  // Starts `t` on this loop; the caller keeps ownership. Destroying `t`
+  // before it finishes cancels it (its pending operation is abandoned).
+  void start(task<void>& t) {
+    if (t.valid() && !t.done()) post_task(t.h_);
+  }
+
+  // The loop running on this thread, if any.
+  static event_loop* current() noexcept { return current_ref(); }
 
   void stop() noexcept { stopped_ = true; }
   bool stopped() const noexcept { return stopped_; }
@@ -719,6 +739,7 @@ class event_loop {
   friend class cancel_source;
   friend class connection;
   friend struct detail::spawned::promise_type;
+  friend void detail::abandon_start(event_loop*, std::uint64_t) noexcept;
 
   enum class op_state : std::uint8_t { free, waiting, ready, abandoned };
   struct op {
@@ -741,6 +762,11 @@ class event_loop {
       return when != o.when ? when > o.when : seq > o.seq;
     }
   };
+
+  static event_loop*& current_ref() noexcept {
+    thread_local event_loop* loop = nullptr;
+    return loop;
+  }
 
   static detail::spawned drive(task<void> t, event_loop* loop) {
     try {
@@ -835,11 +861,20 @@ class event_loop {
     ready_.push_back(id);
   }
 
-  void post(std::coroutine_handle<> h) {
+  std::uint64_t post(std::coroutine_handle<> h) {
     std::uint64_t id = open_op(h, nullptr);
     op* o = find(id);
     o->unowned = true;
     make_ready(*o, id);
+    return id;
+  }
+  // A task's owner may destroy it before it starts: the promise remembers
+  // the start so task::reset() can take it back.
+  template <class P>
+  void post_task(std::coroutine_handle<P> h) {
+    auto& p = h.promise();
+    p.start_loop = this;
+    p.start_op = post(h);
   }
 
   bool start_poll(op_awaiter& a, std::coroutine_handle<> h, int fd, unsigned events,
@@ -952,6 +987,7 @@ class event_loop {
   // caller checks its exit condition between ticks, so the last resumed
   // coroutine is never followed by a blocking wait.
   void tick() {
+    current_ref() = this;
     completions_.clear();
     backend_->wait(next_timeout(), completions_);
     for (auto& c : completions_) on_completion(c);
@@ -971,6 +1007,8 @@ class event_loop {
   std::uint64_t spawn_seq_ = 0;
   bool stopped_ = false;
 };
+
+inline void detail::abandon_start(event_loop* loop, std::uint64_t op) noexcept { loop->abandon(op); }
 
 inline detail::spawned::promise_type::~promise_type() {
   if (loop) loop->spawned_.erase(key);
@@ -1313,6 +1351,18 @@ class connection : public std::enable_shared_from_this<connection> {
     co_return std::move(out.value);
   }
 
+  // Quotes a string literal for the few statements that cannot take
+  // parameters (DDL, DO blocks).
+  std::string quote_literal(std::string_view text) const {
+    if (!conn_) throw connection_error(closed_message());
+    char* q = PQescapeLiteral(conn_, text.data(), text.size());
+    if (!q) throw std::invalid_argument("pgiplock: cannot quote literal: " +
+                                        detail::trim_message(PQerrorMessage(conn_)));
+    std::string out = q;
+    PQfreemem(q);
+    return out;
+  }
+
   // Quotes an identifier (a channel name for LISTEN) as libpq does.
   std::string quote_identifier(std::string_view name) const {
     if (!conn_) throw connection_error(closed_message());
@@ -1383,7 +1433,7 @@ class connection : public std::enable_shared_from_this<connection> {
     backend_pid_ = PQbackendPID(conn_);
     fd_ = PQsocket(conn_);
     pump_ = pump();
-    loop_->post(pump_.h_);
+    loop_->start(pump_);
   }
 
   static void on_notice(void* arg, const PGresult* r) {
@@ -1541,6 +1591,362 @@ class connection : public std::enable_shared_from_this<connection> {
   cancel_source pump_cancel_;
   async_event pump_done_;
   task<void> pump_;  // last: destroyed first, before the socket closes
+};
+
+// ==== 6. ip_lock ============================================================
+//
+// The seed's PgIpLock: an inter-process lock over an existing connection for
+// one LISTEN channel, on the lock schema shared with @imqueue/pg-pubsub:
+//   <schema>.lock(channel varchar PRIMARY KEY, app varchar NOT NULL)
+// A row's channel is the lock channel "__PgIpLock__:<channel>", its app the
+// holder connection's application_name. A holder is alive while a session
+// with that application_name exists. Releasing deletes the row; a deferred
+// constraint trigger then NOTIFYs the lock channel at commit, and standbys
+// listening there acquire at once. Standbys also retry every
+// acquire_interval, which is what covers a holder that died.
+
+struct ip_lock_options {
+  std::shared_ptr<connection> client;  // the seed's pgClient; the lock opens no connection of its own
+  log_handler logger;                  // optional; falls back to the client's
+  std::chrono::milliseconds acquire_interval{30000};
+};
+
+namespace detail {
+
+inline constexpr std::string_view lock_prefix = "__PgIpLock__:";
+inline constexpr std::size_t max_identifier = 63;  // NAMEDATALEN - 1
+inline constexpr std::size_t max_channel = max_identifier - lock_prefix.size();
+
+// PostgreSQL silently truncates identifiers (and so NOTIFY channels) to 63
+// bytes, so two long names could share one lock: refuse them instead.
+inline void validate_channel(std::string_view channel) {
+  if (channel.empty()) throw std::invalid_argument("pgiplock: the channel name is empty");
+  if (channel.find('\0') != std::string_view::npos) {
+    throw std::invalid_argument("pgiplock: the channel name contains a NUL byte");
+  }
+  if (channel.size() > max_channel) {
+    throw std::invalid_argument("pgiplock: channel name '" + std::string(channel.substr(0, 20)) + "...' is " +
+                                std::to_string(channel.size()) + " bytes; at most " +
+                                std::to_string(max_channel) + " fit, since the lock channel '" +
+                                std::string(lock_prefix) + "<channel>' must stay within PostgreSQL's " +
+                                std::to_string(max_identifier) + "-byte identifier limit");
+  }
+  if (channel.substr(0, lock_prefix.size()) == lock_prefix) {
+    throw std::invalid_argument("pgiplock: channel names starting with '" + std::string(lock_prefix) +
+                                "' are reserved for the locks themselves");
+  }
+}
+
+// The SQLSTATEs a concurrent bootstrap by another process can raise.
+inline bool is_bootstrap_race(const std::string& sqlstate) {
+  return sqlstate == "23505" || sqlstate == "42P07" || sqlstate == "42710" || sqlstate == "XX000" ||
+         sqlstate == "40P01" || sqlstate == "42P06" || sqlstate == "42723";
+}
+
+}  // namespace detail
+
+class ip_lock {
+ public:
+  using channel_handler = std::function<void(std::string_view channel)>;
+
+  // Throws std::invalid_argument for an empty, NUL-containing or too long
+  // channel name (at most 50 bytes), and for a missing client.
+  ip_lock(std::string channel, ip_lock_options options)
+      : channel_(std::move(channel)), options_(std::move(options)) {
+    detail::validate_channel(channel_);
+    if (!options_.client) throw std::invalid_argument("pgiplock: ip_lock needs options.client");
+    if (options_.acquire_interval.count() <= 0) {
+      throw std::invalid_argument("pgiplock: ip_lock acquire_interval must be positive");
+    }
+    lock_channel_ = std::string(detail::lock_prefix) + channel_;
+    registry_add(this);
+  }
+  ip_lock(const ip_lock&) = delete;
+  ip_lock& operator=(const ip_lock&) = delete;
+
+  // Without destroy(): the background coroutine is cancelled, the lock is
+  // unregistered and stops listening; a row it holds is deleted in the
+  // background while the connection is open (so standbys get the release
+  // event), otherwise it is freed when the session ends and a standby's
+  // retry takes it over.
+  ~ip_lock() {
+    registry_remove(this);
+    background_ = task<void>{};
+    detach_from_client();
+    if (acquired_ && options_.client->is_open()) {
+      options_.client->loop().spawn(release_row(options_.client, schema_, lock_channel_));
+    }
+  }
+
+  const std::string& channel() const noexcept { return channel_; }
+  const std::string& lock_channel() const noexcept { return lock_channel_; }
+  const ip_lock_options& options() const noexcept { return options_; }
+
+  // "pgip_lock", or $PG_PUBSUB_SCHEMA_NAME, as the Node package reads it.
+  static std::string schema_name() {
+    const char* env = std::getenv("PG_PUBSUB_SCHEMA_NAME");
+    return (env && *env) ? std::string(env) : std::string("pgip_lock");
+  }
+
+  // Creates the lock storage if missing (idempotent, safe when many fresh
+  // processes start at once), listens for release events and starts the
+  // acquire-retry loop. Calling it again does nothing.
+  task<void> init() {
+    if (initialized_) co_return;
+    auto client = options_.client;
+    schema_ = client->quote_identifier(schema_name());
+    co_await ensure_schema(client, schema_name());
+    notify_sub_ = client->subscribe(lock_channel_, [this](const notification& n) { on_lock_channel(n); });
+    lost_sub_ = client->on_lost([this](const connection_error&) { set_acquired(false); });
+    co_await client->query("LISTEN " + client->quote_identifier(lock_channel_));
+    initialized_ = true;
+    background_ = retry_loop();
+    client->loop().start(background_);
+  }
+
+  // True when this lock holds the channel now (also when it already did),
+  // false when a live holder has it. Never raises an error on the server,
+  // so a standby's attempt leaves nothing in the server log.
+  task<bool> acquire() {
+    auto client = options_.client;
+    if (schema_.empty()) schema_ = client->quote_identifier(schema_name());
+    bool won = false;
+    try {
+      auto r = co_await client->query(acquire_sql(), lock_channel_, client->app_name());
+      won = r.get(0, 0) == "1";
+    } catch (const connection_error&) {
+      set_acquired(false);
+      throw;
+    }
+    set_acquired(won);
+    co_return won;
+  }
+
+  // Deletes our own row, if we hold one; the holder of someone else's row
+  // is never touched. Other instances get the release event at commit.
+  task<void> release() {
+    auto client = options_.client;
+    if (schema_.empty()) schema_ = client->quote_identifier(schema_name());
+    bool was = acquired_;
+    set_acquired(false);
+    if (!client->is_open()) co_return;
+    try {
+      co_await client->query(release_sql(schema_), lock_channel_, client->app_name());
+    } catch (const connection_error&) {
+      // The session is gone, and its row with it as far as standbys can tell.
+    } catch (...) {
+      if (was) set_acquired(true);
+      throw;
+    }
+  }
+
+  // Releases, stops listening and the retry loop, unregisters. Safe to call
+  // twice and on a dead connection; never throws for a lost link.
+  task<void> destroy() {
+    if (destroyed_) co_return;
+    destroyed_ = true;
+    registry_remove(this);
+    background_ = task<void>{};
+    auto client = options_.client;
+    bool listening = initialized_;
+    detach_from_client();
+    if (!client->is_open()) {
+      set_acquired(false);
+      co_return;
+    }
+    try {
+      if (listening) co_await client->query("UNLISTEN " + client->quote_identifier(lock_channel_));
+      co_await release();
+    } catch (const std::exception& e) {
+      detail::log(logger(), log_level::warn, "ip_lock " + channel_ + ": destroy: " + e.what());
+    }
+  }
+
+  bool is_acquired() const noexcept { return acquired_ && options_.client->is_open(); }
+
+  // Called after a release event from another instance (having tried to
+  // acquire first). Only one handler, as in the seed: a second throws.
+  void on_release(channel_handler fn) {
+    if (on_release_) {
+      throw std::logic_error("pgiplock: ip_lock '" + channel_ + "' already has an on_release handler");
+    }
+    on_release_ = std::move(fn);
+  }
+  // Whenever this lock becomes the holder, by any path.
+  void on_acquire(channel_handler fn) { on_acquire_.push_back(std::move(fn)); }
+  // Whenever it stops being the holder (release, lost link).
+  void on_lose(channel_handler fn) { on_lose_.push_back(std::move(fn)); }
+
+  // Destroys every lock of this process that runs on the calling thread's
+  // event loop (all of them when called outside a loop).
+  static task<void> destroy_all() {
+    event_loop* here = event_loop::current();
+    for (;;) {
+      ip_lock* next = nullptr;
+      for (ip_lock* l : registry()) {
+        if (!here || &l->options_.client->loop() == here) {
+          next = l;
+          break;
+        }
+      }
+      if (!next) break;
+      co_await next->destroy();
+    }
+  }
+
+  // Whether any lock exists (from construction until destroy() or destruction).
+  static bool has_instances() { return !registry().empty(); }
+
+ private:
+  static std::vector<ip_lock*>& registry() {
+    static std::vector<ip_lock*> all;
+    return all;
+  }
+  static void registry_add(ip_lock* l) { registry().push_back(l); }
+  static void registry_remove(ip_lock* l) {
+    auto& r = registry();
+    r.erase(std::remove(r.begin(), r.end(), l), r.end());
+  }
+
+  const log_handler& logger() const {
+    return options_.logger ? options_.logger : options_.client->logger();
+  }
+
+  void detach_from_client() {
+    if (notify_sub_) options_.client->unsubscribe(notify_sub_);
+    if (lost_sub_) options_.client->remove_on_lost(lost_sub_);
+    notify_sub_ = lost_sub_ = 0;
+  }
+
+  // Insert our row, or take over one whose app has no session any more, or
+  // keep the one that is already ours; a live holder's row is left alone
+  // and the statement returns 0 instead of raising as the Node package does.
+  // Two takers of one dead row serialise on its row lock; the second
+  // re-checks the new app, finds it alive and gets 0.
+  std::string acquire_sql() const {
+    return "WITH taken AS (INSERT INTO " + schema_ + ".lock (channel, app) VALUES ($1, $2) "
+           "ON CONFLICT (channel) DO UPDATE SET app = EXCLUDED.app "
+           "WHERE " + schema_ + ".lock.app = EXCLUDED.app OR NOT EXISTS ("
+           "SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.application_name = " + schema_ + ".lock.app) "
+           "RETURNING 1) SELECT count(*) FROM taken";
+  }
+  static std::string release_sql(const std::string& schema) {
+    return "DELETE FROM " + schema + ".lock WHERE channel = $1 AND app = $2";
+  }
+
+  static task<void> release_row(std::shared_ptr<connection> client, std::string schema, std::string lock_channel) {
+    co_await client->query(release_sql(schema), lock_channel, client->app_name());
+  }
+
+  // The DDL the Node package runs, made idempotent and serialised between
+  // our own processes by a transaction-level advisory lock; a Node peer
+  // racing us can still collide, so a collision is retried.
+  static task<void> ensure_schema(std::shared_ptr<connection> client, std::string schema) {
+    std::string s = client->quote_identifier(schema);
+    std::string lit = client->quote_literal(schema);
+    auto present = co_await client->query(
+        "SELECT to_regclass($1) IS NOT NULL "
+        "AND EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass($1) AND tgname = 'notify_release_lock_trigger') "
+        "AND to_regprocedure($2) IS NOT NULL AND to_regprocedure($3) IS NOT NULL",
+        s + ".lock", s + ".notify_lock()", s + ".deadlock_check(text,text)");
+    if (present.get(0, 0) == "t") co_return;
+    std::string ddl =
+        "DO $pgiplock$ BEGIN\n"
+        "PERFORM pg_advisory_xact_lock(hashtext('pgiplock bootstrap ' || " + lit + "));\n"
+        "CREATE SCHEMA IF NOT EXISTS " + s + ";\n"
+        "CREATE TABLE IF NOT EXISTS " + s + ".\"lock\" (\n"
+        "  \"channel\" CHARACTER VARYING NOT NULL PRIMARY KEY,\n"
+        "  \"app\" CHARACTER VARYING NOT NULL);\n"
+        "IF to_regprocedure(" + client->quote_literal(s + ".notify_lock()") + ") IS NULL THEN\n"
+        "  CREATE FUNCTION " + s + ".notify_lock() RETURNS TRIGGER LANGUAGE PLPGSQL AS $f$\n"
+        "  BEGIN PERFORM PG_NOTIFY(OLD.channel, '1'); RETURN OLD; END; $f$;\n"
+        "END IF;\n"
+        "IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = " + client->quote_literal(s + ".lock") +
+        "::regclass AND tgname = 'notify_release_lock_trigger') THEN\n"
+        "  CREATE CONSTRAINT TRIGGER notify_release_lock_trigger AFTER DELETE ON " + s + ".lock\n"
+        "  DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE PROCEDURE " + s + ".notify_lock();\n"
+        "END IF;\n"
+        "IF to_regprocedure(" + client->quote_literal(s + ".deadlock_check(text,text)") + ") IS NULL THEN\n"
+        "  CREATE FUNCTION " + s + ".deadlock_check(old_app TEXT, new_app TEXT)\n"
+        "  RETURNS TEXT LANGUAGE PLPGSQL AS $f$\n"
+        "  DECLARE num_apps INTEGER;\n"
+        "  BEGIN\n"
+        "    SELECT count(query) INTO num_apps FROM pg_stat_activity WHERE application_name = old_app;\n"
+        "    IF num_apps > 0 THEN\n"
+        "      RAISE EXCEPTION 'Duplicate channel for app %', new_app USING DETAIL = 'LOCKED';\n"
+        "    END IF;\n"
+        "    RETURN new_app;\n"
+        "  END; $f$;\n"
+        "END IF;\n"
+        "END $pgiplock$";
+    for (int attempt = 1;; ++attempt) {
+      std::string failure;
+      try {
+        co_await client->query(ddl);
+        co_return;
+      } catch (const sql_error& e) {
+        if (e.sqlstate() == "42501") {
+          throw sql_error("pgiplock: cannot create the lock schema " + s +
+                              ": permission denied (SQLSTATE 42501). Grant the CREATE privilege on the "
+                              "database (GRANT CREATE ON DATABASE ... TO ...) or have an administrator "
+                              "run init() once. Server said: " + e.what(),
+                          e.sqlstate());
+        }
+        if (!detail::is_bootstrap_race(e.sqlstate()) || attempt == 5) throw;
+        failure = e.what();
+      }
+      detail::log(client->logger(), log_level::debug, "lock schema bootstrap collided, retrying: " + failure);
+      co_await client->loop().sleep(std::chrono::milliseconds(10 * attempt));
+    }
+  }
+
+  void on_lock_channel(const notification& n) {
+    if (n.payload != "1") return;  // not a release event
+    if (n.sender_pid == options_.client->backend_pid()) return;  // our own release
+    release_pending_ = true;
+    wake_.cancel();
+  }
+
+  // One coroutine serialises every background attempt: the periodic retry
+  // and the immediate attempt after a release event.
+  task<void> retry_loop() {
+    auto& loop = options_.client->loop();
+    for (;;) {
+      bool elapsed = co_await loop.sleep(options_.acquire_interval, &wake_);
+      if (!elapsed) wake_.reset();
+      bool released = std::exchange(release_pending_, false);
+      if (!acquired_ && options_.client->is_open()) {
+        try {
+          co_await acquire();
+        } catch (const std::exception& e) {
+          detail::log(logger(), log_level::warn, "ip_lock " + channel_ + ": acquire failed: " + e.what());
+        }
+      }
+      if (released && on_release_) on_release_(channel_);
+      if (!options_.client->is_open()) co_return;
+    }
+  }
+
+  void set_acquired(bool now) {
+    if (now == acquired_) return;
+    acquired_ = now;
+    auto& handlers = now ? on_acquire_ : on_lose_;
+    for (std::size_t i = 0; i < handlers.size(); ++i) handlers[i](channel_);
+  }
+
+  std::string channel_;
+  std::string lock_channel_;
+  ip_lock_options options_;
+  std::string schema_;  // quoted
+  bool initialized_ = false;
+  bool destroyed_ = false;
+  bool acquired_ = false;
+  bool release_pending_ = false;
+  std::uint64_t notify_sub_ = 0, lost_sub_ = 0;
+  channel_handler on_release_;
+  std::vector<channel_handler> on_acquire_, on_lose_;
+  cancel_source wake_;
+  task<void> background_;  // last: destroyed first
 };
 
 }  // namespace pgiplock
