@@ -38,6 +38,9 @@
 #endif
 #include <liburing.h>
 #include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/signalfd.h>
 #include <sys/epoll.h>
 #include <sys/random.h>
 #include <unistd.h>
@@ -1948,6 +1951,756 @@ class ip_lock {
   cancel_source wake_;
   task<void> background_;  // last: destroyed first
 };
+
+// ==== 7. pubsub =============================================================
+//
+// The seed system's PgPubSub: LISTEN/NOTIFY with reconnects, single-listener
+// mode (one ip_lock per channel: only the holder delivers), filtering of our
+// own notifications, and an execution lock that processes each message once.
+
+namespace detail {
+
+inline constexpr std::size_t max_payload = 7999;  // the server rejects 8000 bytes
+
+inline void validate_notify_channel(std::string_view channel) {
+  if (channel.empty()) throw std::invalid_argument("pgiplock: the channel name is empty");
+  if (channel.find('\0') != std::string_view::npos) {
+    throw std::invalid_argument("pgiplock: the channel name contains a NUL byte");
+  }
+  if (channel.size() > max_identifier) {
+    throw std::invalid_argument("pgiplock: channel name '" + std::string(channel.substr(0, 20)) + "...' is " +
+                                std::to_string(channel.size()) + " bytes; PostgreSQL allows at most " +
+                                std::to_string(max_identifier));
+  }
+}
+
+inline void validate_payload(std::string_view payload) {
+  if (payload.size() > max_payload) {
+    throw std::length_error("pgiplock: notification payload is " + std::to_string(payload.size()) +
+                            " bytes; PostgreSQL accepts at most " + std::to_string(max_payload));
+  }
+  if (payload.find('\0') != std::string_view::npos) {
+    throw std::invalid_argument("pgiplock: notification payload contains a NUL byte at offset " +
+                                std::to_string(payload.find('\0')) + "; payloads are text");
+  }
+}
+
+// Appends `s` as an element of a PostgreSQL text-array literal.
+inline void append_array_element(std::string& out, std::string_view s) {
+  out.push_back('"');
+  for (char c : s) {
+    if (c == '"' || c == '\\') out.push_back('\\');
+    out.push_back(c);
+  }
+  out.push_back('"');
+}
+
+// 128 bits from two differently seeded 64-bit FNV-1a passes with a final
+// mix: the default execution-lock key; not cryptographic, collisions are
+// ~2^-64 for the traffic of a TTL.
+inline std::string message_key(int sender_pid, std::string_view channel, std::string_view payload) {
+  auto pass = [&](std::uint64_t h) {
+    auto feed = [&h](std::string_view s) {
+      for (unsigned char c : s) {
+        h ^= c;
+        h *= 0x100000001b3ULL;
+      }
+      h ^= s.size();
+      h *= 0x100000001b3ULL;
+    };
+    std::string pid = std::to_string(sender_pid);
+    feed(pid);
+    feed(channel);
+    feed(payload);
+    h ^= h >> 33;
+    h *= 0xff51afd7ed558ccdULL;
+    h ^= h >> 33;
+    return h;
+  };
+  char buf[33];
+  std::snprintf(buf, sizeof buf, "%016llx%016llx", static_cast<unsigned long long>(pass(0xcbf29ce484222325ULL)),
+                static_cast<unsigned long long>(pass(0x84222325cbf29ce4ULL)));
+  return buf;
+}
+
+inline bool env_flag(const char* name) {
+  const char* v = std::getenv(name);
+  return v && *v && std::strtol(v, nullptr, 10) != 0;
+}
+
+}  // namespace detail
+
+struct pubsub_options {
+  std::string conninfo;
+  std::chrono::milliseconds retry_delay{100};
+  std::size_t retry_limit = unlimited;  // reconnect attempts before giving up
+  std::chrono::milliseconds acquire_interval{30000};
+  bool single_listener = true;
+  bool filtered = false;  // drop notifications this connection sent
+  bool execution_lock = detail::env_flag("PG_PUBSUB_EXECUTION_LOCK");
+  bool handle_signals = false;  // enable_graceful_shutdown(loop) at construction
+  log_handler logger;
+  // Execution lock: the identity of a message. Default: a hash of (sender
+  // pid, channel, payload), so two identical payloads from one sender within
+  // the TTL count as one message; return a message id to tell them apart.
+  std::function<std::string(std::string_view channel, std::string_view payload)> execution_key;
+  std::chrono::seconds execution_ttl{3600};  // how long a claimed key stays claimed
+};
+
+void enable_graceful_shutdown(event_loop& loop);
+
+// Handlers for one channel each: pubsub::channels().on(ch, fn).
+class channel_emitter {
+ public:
+  using handler = std::function<void(std::string_view payload)>;
+  void on(std::string channel, handler fn) { handlers_[std::move(channel)].push_back(std::move(fn)); }
+  void off(std::string_view channel) {
+    auto it = handlers_.find(channel);
+    if (it != handlers_.end()) handlers_.erase(it);
+  }
+  void emit(std::string_view channel, std::string_view payload) const {
+    auto it = handlers_.find(channel);
+    if (it == handlers_.end()) return;
+    for (std::size_t i = 0; i < it->second.size(); ++i) it->second[i](payload);
+  }
+
+ private:
+  std::map<std::string, std::vector<handler>, std::less<>> handlers_;
+};
+
+class pubsub {
+ public:
+  pubsub(event_loop& loop, pubsub_options options)
+      : loop_(&loop), options_(std::move(options)) {
+    if (options_.retry_delay.count() < 0) throw std::invalid_argument("pgiplock: retry_delay is negative");
+    if (options_.handle_signals) enable_graceful_shutdown(loop);
+  }
+  pubsub(const pubsub&) = delete;
+  pubsub& operator=(const pubsub&) = delete;
+  ~pubsub() {
+    reconnector_ = task<void>{};
+    claim_pruner_ = task<void>{};
+    channels_.clear();
+    detach();
+  }
+
+  // Connects once; throws connection_error (or std::invalid_argument for a
+  // bad conninfo). Reconnects after a lost link are automatic.
+  task<void> connect() {
+    closing_ = false;
+    auto c = co_await connection::connect(*loop_, options_.conninfo, connect_opts());
+    attach(std::move(c));
+    if (options_.execution_lock) co_await prepare_claims();
+    emit_connect();
+    co_await subscribe_all();  // channels given to listen() before connect()
+  }
+
+  // Releases every lock, closes the connection; no reconnect after this.
+  task<void> close() {
+    if (closing_ && !client_) co_return;
+    closing_ = true;
+    reconnector_ = task<void>{};
+    for (auto& [name, st] : channels_) {
+      if (st.lock) co_await st.lock->destroy();
+      st.listening = false;
+    }
+    auto c = client_;
+    detach();
+    if (c) co_await c->close();
+    for (auto& h : on_close_) h();
+  }
+
+  // In single-listener mode: returns once the lock attempt settled and, if
+  // this instance holds the channel, once LISTEN has committed. A standby
+  // starts delivering by itself when it wins later (on_listen says so).
+  task<void> listen(std::string_view channel_view) {
+    std::string ch(channel_view);
+    if (options_.single_listener && !options_.execution_lock) detail::validate_channel(ch);
+    else detail::validate_notify_channel(ch);
+    auto& st = channels_[ch];
+    if (!client_) co_return;  // remembered; subscribed on (re)connect
+    co_await subscribe_channel(ch, st);
+  }
+
+  task<void> unlisten(std::string_view channel_view) {
+    std::string ch(channel_view);
+    auto it = channels_.find(ch);
+    if (it == channels_.end()) co_return;
+    auto lock = std::move(it->second.lock);
+    bool was_listening = it->second.listening;
+    channels_.erase(it);
+    if (client_ && client_->is_open() && was_listening) {
+      co_await client_->query("UNLISTEN " + client_->quote_identifier(ch));
+    }
+    if (lock) co_await lock->destroy();
+    std::vector<std::string> chs{ch};
+    for (auto& h : on_unlisten_) h(chs);
+  }
+
+  task<void> unlisten_all() {
+    std::vector<std::string> chs = all_channels();
+    std::vector<std::unique_ptr<ip_lock>> locks;
+    for (auto& [name, st] : channels_) {
+      if (st.lock) locks.push_back(std::move(st.lock));
+    }
+    channels_.clear();
+    if (client_ && client_->is_open()) co_await client_->query("UNLISTEN *");
+    for (auto& l : locks) co_await l->destroy();
+    for (auto& h : on_unlisten_) h(chs);
+  }
+
+  // Sends `payload` on `channel`; completes when its transaction has
+  // committed. Calls in flight together share one statement and one
+  // transaction (at most one copy of each identical (channel, payload) per
+  // transaction, since PostgreSQL would fold them into one delivery).
+  task<void> notify(std::string_view channel_view, std::string_view payload_view) {
+    std::string ch(channel_view), payload(payload_view);
+    detail::validate_notify_channel(ch);
+    detail::validate_payload(payload);
+    if (!client_ || !client_->is_open()) throw connection_error("pgiplock: notify: not connected");
+    auto b = join_batch(ch, payload);
+    co_await b->done.wait();
+    if (b->failure) std::rethrow_exception(b->failure);
+    for (auto& h : on_notify_) h(ch, payload);
+  }
+
+  std::vector<std::string> all_channels() const {
+    std::vector<std::string> out;
+    for (auto& [name, st] : channels_) out.push_back(name);
+    return out;
+  }
+  std::vector<std::string> active_channels() const {
+    std::vector<std::string> out;
+    for (auto& [name, st] : channels_) {
+      if (active(st)) out.push_back(name);
+    }
+    return out;
+  }
+  std::vector<std::string> inactive_channels() const {
+    std::vector<std::string> out;
+    for (auto& [name, st] : channels_) {
+      if (!active(st)) out.push_back(name);
+    }
+    return out;
+  }
+  // This instance delivers `ch` now: connected, LISTEN committed and, in
+  // single-listener mode, holding the channel's lock.
+  bool is_active(std::string_view ch) const {
+    auto it = channels_.find(ch);
+    return it != channels_.end() && active(it->second);
+  }
+  bool is_active() const {
+    for (auto& [name, st] : channels_) {
+      if (active(st)) return true;
+    }
+    return false;
+  }
+
+  // Unlistens everything (releasing the locks, so standbys take over at
+  // once), then closes.
+  task<void> destroy() {
+    if (client_ && client_->is_open()) {
+      try {
+        co_await unlisten_all();
+      } catch (const std::exception& e) {
+        report(e);
+      }
+    }
+    co_await close();
+  }
+
+  std::shared_ptr<connection> client() const { return client_; }
+  const pubsub_options& options() const noexcept { return options_; }
+  channel_emitter& channels() noexcept { return emitter_; }
+
+  void on_connect(std::function<void()> fn) { on_connect_.push_back(std::move(fn)); }
+  void on_end(std::function<void()> fn) { on_end_.push_back(std::move(fn)); }
+  void on_close(std::function<void()> fn) { on_close_.push_back(std::move(fn)); }
+  void on_reconnect(std::function<void(std::size_t retries)> fn) { on_reconnect_.push_back(std::move(fn)); }
+  void on_error(std::function<void(const std::exception&)> fn) { on_error_.push_back(std::move(fn)); }
+  void on_listen(std::function<void(std::string_view ch)> fn) { on_listen_.push_back(std::move(fn)); }
+  void on_unlisten(std::function<void(const std::vector<std::string>& chs)> fn) { on_unlisten_.push_back(std::move(fn)); }
+  void on_notify(std::function<void(std::string_view ch, std::string_view payload)> fn) {
+    on_notify_.push_back(std::move(fn));
+  }
+  void on_message(std::function<void(std::string_view ch, std::string_view payload)> fn) {
+    on_message_.push_back(std::move(fn));
+  }
+
+ private:
+  struct channel_state {
+    std::unique_ptr<ip_lock> lock;  // single-listener mode only
+    bool listening = false;         // LISTEN committed on the current connection
+    bool listen_started = false;
+    std::shared_ptr<async_event> listened;  // set when the LISTEN in progress settles
+  };
+  struct batch {
+    explicit batch(event_loop& loop) : done(loop) {}
+    std::string channels = "{", payloads = "{";
+    std::size_t count = 0, bytes = 0;
+    std::unordered_map<std::string, int> index;  // (channel NUL payload) pairs already in it
+    async_event done;
+    std::exception_ptr failure;
+  };
+  struct claim {
+    std::string key, channel, payload;
+  };
+
+  connect_options connect_opts() const {
+    connect_options o;
+    o.logger = options_.logger;
+    return o;
+  }
+
+  bool active(const channel_state& st) const {
+    if (!client_ || !client_->is_open() || !st.listening) return false;
+    return !st.lock || st.lock->is_acquired();
+  }
+
+  void report(const std::exception& e) {
+    if (on_error_.empty()) {
+      detail::log(options_.logger, log_level::error, e.what());
+      return;
+    }
+    for (auto& h : on_error_) h(e);
+  }
+
+  void emit_connect() {
+    for (auto& h : on_connect_) h();
+  }
+
+  void attach(std::shared_ptr<connection> c) {
+    client_ = std::move(c);
+    notify_sub_ = client_->subscribe("", [this](const notification& n) { on_notification(n); });
+    lost_sub_ = client_->on_lost([this](const connection_error& e) { on_link_lost(e); });
+  }
+
+  void detach() {
+    if (!client_) return;
+    client_->unsubscribe(notify_sub_);
+    client_->remove_on_lost(lost_sub_);
+    client_.reset();
+  }
+
+  // Lock (single-listener mode) and LISTEN for one channel on the current
+  // connection.
+  task<void> subscribe_channel(std::string ch, channel_state& st) {
+    if (options_.single_listener && !options_.execution_lock) {
+      if (!st.lock) {
+        ip_lock_options lo;
+        lo.client = client_;
+        lo.logger = options_.logger;
+        lo.acquire_interval = options_.acquire_interval;
+        st.lock = std::make_unique<ip_lock>(ch, std::move(lo));
+        st.lock->on_acquire([this](std::string_view c) { loop_->spawn(start_listening(std::string(c))); });
+        st.lock->on_lose([this](std::string_view c) { on_lock_lost(std::string(c)); });
+        co_await st.lock->init();
+      }
+      bool won = co_await st.lock->acquire();
+      if (won) co_await start_listening(ch);
+    } else {
+      co_await start_listening(ch);
+    }
+  }
+
+  task<void> subscribe_all() {
+    for (auto& ch : all_channels()) {
+      auto it = channels_.find(ch);
+      if (it != channels_.end()) co_await subscribe_channel(ch, it->second);
+    }
+  }
+
+  // LISTEN once per connection; concurrent callers wait for the first.
+  task<void> start_listening(std::string ch) {
+    auto it = channels_.find(ch);
+    if (it == channels_.end() || !client_) co_return;
+    if (it->second.listen_started) {
+      auto settled = it->second.listened;
+      if (settled) co_await settled->wait();
+      co_return;
+    }
+    it->second.listen_started = true;
+    auto settled = std::make_shared<async_event>(*loop_);
+    it->second.listened = settled;
+    auto c = client_;
+    try {
+      co_await c->query("LISTEN " + c->quote_identifier(ch));
+    } catch (const std::exception& e) {
+      auto again = channels_.find(ch);
+      if (again != channels_.end()) again->second.listen_started = false;
+      settled->set();
+      report(e);
+      co_return;
+    }
+    settled->set();
+    it = channels_.find(ch);  // the map may have changed while we waited
+    if (it == channels_.end() || c != client_) co_return;
+    it->second.listening = true;
+    for (auto& h : on_listen_) h(ch);
+  }
+
+  void on_lock_lost(std::string ch) {
+    auto it = channels_.find(ch);
+    if (it == channels_.end()) return;
+    bool was = it->second.listening;
+    it->second.listening = false;
+    it->second.listen_started = false;
+    if (was && client_ && client_->is_open()) loop_->spawn(unlisten_quietly(client_, ch));
+  }
+
+  static task<void> unlisten_quietly(std::shared_ptr<connection> c, std::string ch) {
+    try {
+      co_await c->query("UNLISTEN " + c->quote_identifier(ch));
+    } catch (const connection_error&) {
+      // the session is gone, and its LISTEN with it
+    }
+  }
+
+  void on_notification(const notification& n) {
+    if (n.channel.substr(0, detail::lock_prefix.size()) == detail::lock_prefix) return;
+    if (options_.filtered && n.sender_pid == client_->backend_pid()) return;
+    if (options_.execution_lock) {
+      queue_claim(n);
+      return;
+    }
+    auto it = channels_.find(n.channel);
+    if (it == channels_.end() || !active(it->second)) return;
+    deliver(n.channel, n.payload);
+  }
+
+  void deliver(std::string_view ch, std::string_view payload) {
+    for (std::size_t i = 0; i < on_message_.size(); ++i) on_message_[i](ch, payload);
+    emitter_.emit(ch, payload);
+  }
+
+  // ---- notify batching --------------------------------------------------
+
+  std::shared_ptr<batch> join_batch(const std::string& ch, const std::string& payload) {
+    static constexpr std::size_t max_batch_count = 10000;
+    static constexpr std::size_t max_batch_bytes = 4u << 20;
+    std::string pair_key;
+    bool fresh = !open_batch_ || open_batch_->count >= max_batch_count || open_batch_->bytes >= max_batch_bytes;
+    if (!fresh) {
+      pair_key = ch;
+      pair_key.push_back('\0');
+      pair_key += payload;
+      fresh = open_batch_->index.count(pair_key) != 0;
+    }
+    if (fresh) {
+      open_batch_ = std::make_shared<batch>(*loop_);
+      loop_->spawn(send_batch(open_batch_, client_));
+      pair_key = ch;
+      pair_key.push_back('\0');
+      pair_key += payload;
+    }
+    auto& b = *open_batch_;
+    if (b.count) {
+      b.channels.push_back(',');
+      b.payloads.push_back(',');
+    }
+    detail::append_array_element(b.channels, ch);
+    detail::append_array_element(b.payloads, payload);
+    b.index.emplace(std::move(pair_key), 1);
+    ++b.count;
+    b.bytes += ch.size() + payload.size();
+    return open_batch_;
+  }
+
+  // Runs after the notifying coroutines of this turn of the loop have
+  // joined: one statement, one transaction, one commit for all of them.
+  task<void> send_batch(std::shared_ptr<batch> b, std::shared_ptr<connection> c) {
+    co_await loop_->yield();
+    if (open_batch_ == b) open_batch_.reset();
+    b->channels.push_back('}');
+    b->payloads.push_back('}');
+    b->index.clear();
+    try {
+      co_await c->query("SELECT count(pg_notify(c, p)) FROM unnest($1::text[], $2::text[]) AS t(c, p)",
+                        b->channels, b->payloads);
+    } catch (...) {
+      b->failure = std::current_exception();
+    }
+    b->done.set();
+  }
+
+  // ---- execution lock ---------------------------------------------------
+
+  std::string claim_schema() const { return ip_lock::schema_name() + "_unique"; }
+
+  task<void> prepare_claims() {
+    auto c = client_;
+    std::string s = c->quote_identifier(claim_schema());
+    std::string present_sql = "SELECT to_regclass($1) IS NOT NULL";
+    auto present = co_await c->query(present_sql, s + ".claim");
+    if (present.get(0, 0) != "t") {
+      for (int attempt = 1;; ++attempt) {
+        std::string failure;
+        try {
+          co_await c->query(
+              "DO $pgiplock$ BEGIN\n"
+              "PERFORM pg_advisory_xact_lock(hashtext('pgiplock claims ' || " + c->quote_literal(claim_schema()) + "));\n"
+              "CREATE SCHEMA IF NOT EXISTS " + s + ";\n"
+              "CREATE TABLE IF NOT EXISTS " + s + ".claim (\n"
+              "  key text PRIMARY KEY, channel text NOT NULL, app text NOT NULL,\n"
+              "  claimed_at timestamptz NOT NULL DEFAULT now());\n"
+              "CREATE INDEX IF NOT EXISTS claim_claimed_at ON " + s + ".claim (claimed_at);\n"
+              "END $pgiplock$");
+          break;
+        } catch (const sql_error& e) {
+          if (!detail::is_bootstrap_race(e.sqlstate()) || attempt == 5) throw;
+          failure = e.what();
+        }
+        detail::log(options_.logger, log_level::debug, "claim table bootstrap collided, retrying: " + failure);
+        co_await loop_->sleep(std::chrono::milliseconds(10 * attempt));
+      }
+    }
+    if (!claim_pruner_.valid()) {
+      claim_pruner_ = prune_claims();
+      loop_->start(claim_pruner_);
+    }
+  }
+
+  // Expired markers go in one statement per interval, not per message.
+  task<void> prune_claims() {
+    auto every = std::max<std::chrono::milliseconds>(std::chrono::seconds(1),
+                                                     std::min<std::chrono::milliseconds>(options_.execution_ttl / 4,
+                                                                                         std::chrono::minutes(5)));
+    for (;;) {
+      co_await loop_->sleep(every);
+      auto c = client_;
+      if (!c || !c->is_open()) continue;
+      try {
+        co_await c->query("DELETE FROM " + c->quote_identifier(claim_schema()) +
+                              ".claim WHERE claimed_at < now() - $1::interval",
+                          std::to_string(options_.execution_ttl.count()) + " seconds");
+      } catch (const std::exception& e) {
+        report(e);
+      }
+    }
+  }
+
+  void queue_claim(const notification& n) {
+    auto it = channels_.find(n.channel);
+    if (it == channels_.end() || !it->second.listening) return;
+    std::string key = options_.execution_key ? options_.execution_key(n.channel, n.payload)
+                                             : detail::message_key(n.sender_pid, n.channel, n.payload);
+    claims_.push_back(claim{std::move(key), std::string(n.channel), std::string(n.payload)});
+    if (!claim_flush_scheduled_) {
+      claim_flush_scheduled_ = true;
+      loop_->spawn(flush_claims(client_));
+    }
+  }
+
+  // Claims of one turn of the loop go in one statement; what it returns is
+  // what this instance won, delivered in arrival order.
+  task<void> flush_claims(std::shared_ptr<connection> c) {
+    co_await loop_->yield();
+    claim_flush_scheduled_ = false;
+    std::vector<claim> mine;
+    mine.swap(claims_);
+    if (mine.empty()) co_return;
+    std::string keys = "{", chans = "{";
+    for (std::size_t i = 0; i < mine.size(); ++i) {
+      if (i) {
+        keys.push_back(',');
+        chans.push_back(',');
+      }
+      detail::append_array_element(keys, mine[i].key);
+      detail::append_array_element(chans, mine[i].channel);
+    }
+    keys.push_back('}');
+    chans.push_back('}');
+    std::vector<bool> won(mine.size(), false);
+    try {
+      auto r = co_await c->query("INSERT INTO " + c->quote_identifier(claim_schema()) +
+                                     ".claim (key, channel, app) SELECT k, ch, $3 FROM unnest($1::text[], $2::text[]) "
+                                     "AS t(k, ch) ON CONFLICT (key) DO NOTHING RETURNING key",
+                                 keys, chans, c->app_name());
+      std::unordered_map<std::string_view, bool> got;
+      for (int i = 0; i < r.rows(); ++i) got.emplace(r.get(i, 0), true);
+      for (std::size_t i = 0; i < mine.size(); ++i) won[i] = got.count(mine[i].key) != 0;
+    } catch (const std::exception& e) {
+      report(e);  // unclaimed: another instance may have it; at most once
+      co_return;
+    }
+    for (std::size_t i = 0; i < mine.size(); ++i) {
+      if (won[i]) deliver(mine[i].channel, mine[i].payload);
+    }
+  }
+
+  // ---- reconnect --------------------------------------------------------
+
+  void on_link_lost(const connection_error& e) {
+    for (auto& [name, st] : channels_) {
+      st.listening = false;
+      st.listen_started = false;
+    }
+    for (auto& h : on_end_) h();
+    if (closing_) return;
+    report(e);
+    reconnector_ = reconnect(client_);
+    loop_->start(reconnector_);
+  }
+
+  task<void> reconnect(std::shared_ptr<connection> old) {
+    co_await loop_->yield();  // leave the dead connection's callback first
+    for (auto& [name, st] : channels_) st.lock.reset();  // bound to the dead connection
+    detach();
+    (void)old;
+    std::string last_error;
+    std::size_t attempts = 0;
+    for (;;) {
+      if (attempts >= options_.retry_limit) {
+        error failed("pgiplock: reconnect failed after " + std::to_string(attempts) +
+                     " attempts; last error: " + last_error);
+        closing_ = true;
+        report(failed);
+        for (auto& h : on_close_) h();
+        co_return;
+      }
+      ++attempts;
+      co_await loop_->sleep(options_.retry_delay);
+      try {
+        auto c = co_await connection::connect(*loop_, options_.conninfo, connect_opts());
+        attach(std::move(c));
+        break;
+      } catch (const std::exception& e) {
+        last_error = e.what();
+      }
+    }
+    try {
+      if (options_.execution_lock) co_await prepare_claims();
+      emit_connect();
+      co_await subscribe_all();
+    } catch (const std::exception& e) {
+      report(e);
+    }
+    for (auto& h : on_reconnect_) h(attempts);
+  }
+
+  event_loop* loop_;
+  pubsub_options options_;
+  std::shared_ptr<connection> client_;
+  std::uint64_t notify_sub_ = 0, lost_sub_ = 0;
+  std::map<std::string, channel_state, std::less<>> channels_;
+  channel_emitter emitter_;
+  std::shared_ptr<batch> open_batch_;
+  std::vector<claim> claims_;
+  bool claim_flush_scheduled_ = false;
+  bool closing_ = false;
+  std::vector<std::function<void()>> on_connect_, on_end_, on_close_;
+  std::vector<std::function<void(std::size_t)>> on_reconnect_;
+  std::vector<std::function<void(const std::exception&)>> on_error_;
+  std::vector<std::function<void(std::string_view)>> on_listen_;
+  std::vector<std::function<void(const std::vector<std::string>&)>> on_unlisten_;
+  std::vector<std::function<void(std::string_view, std::string_view)>> on_notify_, on_message_;
+  task<void> claim_pruner_;
+  task<void> reconnector_;  // last: destroyed first
+};
+
+// ==== 8. graceful shutdown ==================================================
+//
+// Opt-in, never at include time. SIGINT, SIGTERM and SIGABRT are blocked in
+// the calling thread (call it before starting threads, so they inherit the
+// mask and the signals reach the signalfd) and read through the loop; on the
+// first one every lock on the loop is released within
+// PG_PUBSUB_SHUTDOWN_TIMEOUT ms (default 1000), so standbys elsewhere take
+// over at once, then the process ends the way the signal would have ended
+// it. A second signal during shutdown ends it at once.
+
+namespace detail {
+
+inline sigset_t shutdown_signals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGABRT);
+  return set;
+}
+
+[[noreturn]] inline void die_by(int sig) {
+  ::signal(sig, SIG_DFL);
+  sigset_t one;
+  sigemptyset(&one);
+  sigaddset(&one, sig);
+  ::pthread_sigmask(SIG_UNBLOCK, &one, nullptr);
+  ::raise(sig);
+  ::_exit(128 + sig);  // only if the signal was somehow ignored
+}
+
+inline std::chrono::milliseconds shutdown_timeout() {
+  const char* v = std::getenv("PG_PUBSUB_SHUTDOWN_TIMEOUT");
+  long ms = (v && *v) ? std::strtol(v, nullptr, 10) : 1000;
+  return std::chrono::milliseconds(ms > 0 ? ms : 1000);
+}
+
+inline int read_signal(int fd) {
+  signalfd_siginfo info{};
+  ssize_t n = ::read(fd, &info, sizeof info);
+  return n == static_cast<ssize_t>(sizeof info) ? static_cast<int>(info.ssi_signo) : 0;
+}
+
+inline task<void> release_all_then_set(async_event& done) {
+  try {
+    co_await ip_lock::destroy_all();
+  } catch (...) {
+  }
+  done.set();
+}
+
+inline task<void> cancel_after(event_loop& loop, cancel_source& cancel, std::chrono::milliseconds d) {
+  co_await loop.sleep(d);
+  cancel.cancel();
+}
+
+inline task<void> die_on_second_signal(event_loop& loop, int fd) {
+  for (;;) {
+    co_await loop.poll(fd, POLLIN);
+    if (int sig = read_signal(fd)) die_by(sig);
+  }
+}
+
+inline task<void> await_shutdown_signal(event_loop& loop, int fd) {
+  int sig = 0;
+  while (!sig) {
+    co_await loop.poll(fd, POLLIN);
+    sig = read_signal(fd);
+  }
+  detail::log(loop.logger(), log_level::info,
+              std::string("received ") + ::strsignal(sig) + ": releasing locks before exiting");
+  loop.spawn(die_on_second_signal(loop, fd));
+  async_event done(loop);
+  cancel_source deadline;
+  loop.spawn(cancel_after(loop, deadline, shutdown_timeout()));
+  loop.spawn(release_all_then_set(done));
+  bool released = co_await done.wait(&deadline);
+  if (!released) {
+    detail::log(loop.logger(), log_level::warn, "shutdown timeout: exiting with locks not released");
+  }
+  die_by(sig);
+}
+
+inline std::vector<event_loop*>& shutdown_loops() {
+  static std::vector<event_loop*> loops;
+  return loops;
+}
+
+}  // namespace detail
+
+// Idempotent per loop. Throws std::system_error if the signalfd cannot be made.
+inline void enable_graceful_shutdown(event_loop& loop) {
+  auto& loops = detail::shutdown_loops();
+  if (std::find(loops.begin(), loops.end(), &loop) != loops.end()) return;
+  sigset_t set = detail::shutdown_signals();
+  if (int rc = ::pthread_sigmask(SIG_BLOCK, &set, nullptr); rc != 0) {
+    throw std::system_error(rc, std::system_category(), "pgiplock: blocking the shutdown signals");
+  }
+  int fd = ::signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
+  if (fd < 0) throw std::system_error(errno, std::system_category(), "pgiplock: signalfd");
+  loops.push_back(&loop);
+  loop.spawn(detail::await_shutdown_signal(loop, fd));
+}
 
 }  // namespace pgiplock
 
