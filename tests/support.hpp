@@ -20,6 +20,20 @@ using pgiplock::event_loop;
 using pgiplock::task;
 using clock = std::chrono::steady_clock;
 
+// AddressSanitizer keeps freed memory in quarantine, so RSS says nothing
+// there; LeakSanitizer checks for leaks in that build instead.
+#if defined(__SANITIZE_ADDRESS__)
+inline constexpr bool rss_is_meaningful = false;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+inline constexpr bool rss_is_meaningful = false;
+#else
+inline constexpr bool rss_is_meaningful = true;
+#endif
+#else
+inline constexpr bool rss_is_meaningful = true;
+#endif
+
 inline std::string dsn() {
   const char* d = std::getenv("PGIPLOCK_TEST_DSN");
   return d ? d : "";

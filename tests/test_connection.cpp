@@ -348,5 +348,5 @@ TEST_CASE("1,000 connect/close cycles leak no file descriptors", "[connection][l
   loop.run(cycles(loop, 1000));
   CHECK(open_fd_count() == before);
   INFO("RSS before " << rss_before << " KiB, after " << rss_kib() << " KiB");
-  CHECK(rss_kib() - rss_before < 4096);
+  if (rss_is_meaningful) CHECK(rss_kib() - rss_before < 4096);
 }

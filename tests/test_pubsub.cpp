@@ -381,7 +381,7 @@ TEST_CASE("execution lock, 3 instances, 20,000 messages in one burst: each exact
   CHECK(r.duplicates == 0);
   CHECK(r.missing == 0);
   INFO("RSS growth over two more rounds: " << r.rss_growth_kib << " KiB");
-  CHECK(r.rss_growth_kib < 5 * 1024);
+  if (rss_is_meaningful) CHECK(r.rss_growth_kib < 5 * 1024);
 }
 
 TEST_CASE("execution lock, 3 instances, 20,000 messages one per millisecond: each exactly once",
