@@ -1,0 +1,422 @@
+#!/usr/bin/env python3
+"""bench/driver.py - runs every benchmark scenario and prints a Markdown table.
+
+Usage: driver.py --dsn DSN --bin BUILD/bench [--node-path DIR] [--reps N]
+                 [--messages N] [--workdir DIR]
+
+Started by tools/bench, which builds the programs and the throwaway server.
+Every figure is measured next to a baseline run in the same invocation; each
+cell is `median (min-max)` over the repetitions, and a ratio is computed per
+repetition (pgiplock / baseline of that repetition), then summarised.
+
+Line protocol of the programs (stdout, one line per event; times are
+CLOCK_MONOTONIC ns, the clock time.monotonic_ns() reads):
+  listeners : `ready <pid>` once LISTEN is committed (the CPU counter starts
+              there), then `done <count> <cpu_us> <t_done> <t_first>` when the
+              COUNT-th notification was handled; they exit when stdin closes.
+  holders   : `ready active|standby`, `listening <t>` (LISTEN committed after
+              becoming holder), `msg <t> <payload>`, `destroy <t>` (just before
+              calling destroy()), `destroyed <t>`.
+Progress goes to stderr, the table to stdout.
+"""
+
+import argparse
+import os
+import selectors
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+NS = 1_000_000_000
+
+
+def log(msg):
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+class Proc:
+    """A child speaking the line protocol, with time-limited line reads."""
+
+    def __init__(self, args, env=None, errlog=None):
+        self.args = args
+        self.p = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=errlog, env=env)
+        self.buf = b""
+        self.lines = []
+        self.eof = False
+
+    @property
+    def pid(self):
+        return self.p.pid
+
+    def _fill(self, timeout):
+        sel = selectors.DefaultSelector()
+        sel.register(self.p.stdout, selectors.EVENT_READ)
+        ready = sel.select(timeout)
+        sel.close()
+        if not ready:
+            return False
+        chunk = os.read(self.p.stdout.fileno(), 1 << 16)
+        if not chunk:
+            self.eof = True
+            return False
+        self.buf += chunk
+        *full, self.buf = self.buf.split(b"\n")
+        self.lines.extend(x.decode(errors="replace") for x in full)
+        return True
+
+    def expect(self, word, timeout=30.0):
+        """The next line starting with `word` (earlier lines are dropped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            while self.lines:
+                line = self.lines.pop(0)
+                if line.split(" ", 1)[0] == word:
+                    return line.split()
+            left = deadline - time.monotonic()
+            if left <= 0 or self.eof:
+                return None
+            self._fill(left)
+
+    def must(self, word, timeout=30.0):
+        got = self.expect(word, timeout)
+        if got is None:
+            raise RuntimeError(f"{' '.join(self.args[:2])}: no '{word}' line within {timeout} s")
+        return got
+
+    def send(self, line):
+        try:
+            self.p.stdin.write((line + "\n").encode())
+            self.p.stdin.flush()
+        except BrokenPipeError:
+            pass
+
+    def finish(self, timeout=10.0):
+        try:
+            self.p.stdin.close()
+        except BrokenPipeError:
+            pass
+        try:
+            self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
+
+    def kill(self):
+        if self.p.poll() is None:
+            try:
+                os.kill(self.p.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+            self.p.kill()
+        self.p.wait()
+
+
+def vm_hwm_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def summary(values, fmt):
+    if not values:
+        return "n/a"
+    return f"{fmt(statistics.median(values))} ({fmt(min(values))}–{fmt(max(values))})"
+
+
+class Bench:
+    def __init__(self, a):
+        self.a = a
+        self.raw = os.path.join(a.bin, "bench_raw")
+        self.pgl = os.path.join(a.bin, "bench_pgiplock")
+        self.node = None
+        if a.node_path and shutil.which("node"):
+            self.node = shutil.which("node")
+            self.node_env = dict(os.environ, NODE_PATH=a.node_path)
+            self.node_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "node")
+        os.makedirs(a.workdir, exist_ok=True)
+        self.errlog = open(os.path.join(a.workdir, "children.log"), "ab")
+        self.rows = []
+        self.tag = f"b{os.getpid()}"
+        self.procs = []
+
+    def spawn(self, args, env=None):
+        p = Proc(args, env=env, errlog=self.errlog)
+        self.procs.append(p)
+        return p
+
+    def node_proc(self, script, *args, own_schema=False):
+        env = self.node_env
+        if own_schema:  # its own lock group: it must hold the channel next to a C++ single listener
+            env = dict(env, PG_PUBSUB_SCHEMA_NAME="pgip_lock_bench_node")
+        return self.spawn([self.node, os.path.join(self.node_dir, script), *args], env=env)
+
+    def run(self, args, word, timeout=120.0):
+        p = self.spawn(args)
+        line = p.must(word, timeout)
+        p.finish()
+        return line
+
+    def cleanup(self):
+        for p in self.procs:
+            if p.p.poll() is None:
+                p.kill()
+
+    def row(self, scenario, baseline, ours, ratio, target, met):
+        self.rows.append((scenario, baseline, ours, ratio, target, "yes" if met else "**no**"))
+
+    # ---- listener drain: CPU per message, drain rate, peak RSS --------------
+
+    def listeners(self):
+        a, n = self.a, self.a.messages
+        kinds = [("raw", lambda ch: [self.raw, "listen", a.dsn, ch, str(n)]),
+                 ("single", lambda ch: [self.pgl, "listen", a.dsn, ch, str(n), "1"]),
+                 ("multi", lambda ch: [self.pgl, "listen", a.dsn, ch, str(n), "0"])]
+        if self.node:
+            kinds.append(("node", None))
+        res = {k: {"cpu": [], "rate": [], "rss": []} for k, _ in kinds}
+        for rep in range(a.reps):
+            ch = f"{self.tag}_l{rep}"
+            procs = {}
+            for k, mk in kinds:
+                procs[k] = self.node_proc("listen.js", a.dsn, ch, str(n), own_schema=True) if k == "node" else self.spawn(mk(ch))
+            for k, p in procs.items():
+                p.must("ready")
+            for p in procs.values():
+                os.kill(p.pid, signal.SIGSTOP)
+            self.run([self.raw, "publish", a.dsn, ch, str(n), "10000", f"l{rep}"], "published")
+            order = [k for k, _ in kinds]
+            order = order[rep % len(order):] + order[:rep % len(order)]  # no kind always first
+            for k in order:
+                p = procs[k]
+                t_cont = time.monotonic_ns()
+                os.kill(p.pid, signal.SIGCONT)
+                _, got, cpu_us, t_done, _ = p.must("done", 120)
+                if int(got) != n:
+                    raise RuntimeError(f"{k} listener got {got} of {n}")
+                res[k]["cpu"].append(int(cpu_us) / n)
+                res[k]["rate"].append(n / ((int(t_done) - t_cont) / NS))
+                res[k]["rss"].append(vm_hwm_kib(p.pid) / 1024)
+                p.finish()
+            log(f"listeners rep {rep + 1}/{a.reps}: " + ", ".join(
+                f"{k} {res[k]['cpu'][-1]:.3f} µs {res[k]['rate'][-1] / 1e6:.2f} M/s {res[k]['rss'][-1]:.1f} MiB"
+                for k in order))
+        raw = res["raw"]
+        us = lambda v: f"{v:.3f} µs"
+        mps = lambda v: f"{v / 1e6:.2f} M/s"
+        mib = lambda v: f"{v:.1f} MiB"
+        rat = lambda v: f"{v:.2f}×"
+        names = {"single": "pgiplock (single_listener)", "multi": "pgiplock (single_listener=false)",
+                 "node": "Node pg-pubsub 1.10.0 (reference)"}
+        for k in [k for k, _ in kinds if k != "raw"]:
+            r = res[k]
+            cpu_ratio = [x / y for x, y in zip(r["cpu"], raw["cpu"])]
+            rate_ratio = [x / y for x, y in zip(r["rate"], raw["rate"])]
+            rss_ratio = [x / y for x, y in zip(r["rss"], raw["rss"])]
+            ours = k != "node"
+            self.row(f"listener CPU per message, {n:,} queued — {names[k]}", "raw libpq " + summary(raw["cpu"], us),
+                     summary(r["cpu"], us), summary(cpu_ratio, rat), "≤ 1.2× raw" if ours else "(reference)",
+                     statistics.median(cpu_ratio) <= 1.2 if ours else True)
+            self.row(f"listener drain rate — {names[k]}", "raw libpq " + summary(raw["rate"], mps),
+                     summary(r["rate"], mps), summary(rate_ratio, rat), "≥ 0.8× raw" if ours else "(reference)",
+                     statistics.median(rate_ratio) >= 0.8 if ours else True)
+            self.row(f"listener peak RSS (VmHWM) — {names[k]}", "raw libpq " + summary(raw["rss"], mib),
+                     summary(r["rss"], mib), summary(rss_ratio, rat), "≤ 12 MiB" if ours else "(reference)",
+                     statistics.median(r["rss"]) <= 12 if ours else True)
+
+    # ---- notify throughput ---------------------------------------------------
+
+    def notify(self):
+        a = self.a
+        naive, ours, ratio, lost = [], [], [], []
+        for rep in range(a.reps):
+            ch = f"{self.tag}_n{rep}"
+            runs = [("naive", [self.raw, "naive", a.dsn, ch + "a", str(a.naive_count)]),
+                    ("ours", [self.pgl, "notify", a.dsn, ch + "b", str(a.notify_count), "1000"])]
+            if rep % 2:
+                runs.reverse()
+            got = {}
+            for k, args in runs:
+                _, sent, ns, _, delivered = self.run(args, "sent")
+                got[k] = int(sent) / (int(ns) / NS)
+                if int(delivered) != int(sent):
+                    lost.append(f"{k}: {delivered}/{sent}")
+            naive.append(got["naive"])
+            ours.append(got["ours"])
+            ratio.append(got["ours"] / got["naive"])
+            log(f"notify rep {rep + 1}/{a.reps}: naive {got['naive']:,.0f}/s, pgiplock {got['ours']:,.0f}/s")
+        per_s = lambda v: f"{v:,.0f}/s"
+        note = f"{a.notify_count:,} calls, 1,000 in flight, every one delivered" if not lost else \
+            "LOST: " + "; ".join(lost)
+        self.row(f"notify() from one connection ({note})",
+                 "1 pg_notify per transaction, raw libpq " + summary(naive, per_s), summary(ours, per_s),
+                 summary(ratio, lambda v: f"{v:.1f}×"), "≥ 100,000/s",
+                 statistics.median(ours) >= 100_000 and not lost)
+
+    # ---- execution lock --------------------------------------------------------
+
+    def exec_lock(self):
+        a, n = self.a, self.a.exec_count
+        base, ours, ratio, dups, missing = [], [], [], [], []
+        for rep in range(a.reps):
+            ch = f"{self.tag}_e{rep}"
+            # Baseline: one raw libpq listener gets the same 20,000 messages.
+            p = self.spawn([self.raw, "listen", a.dsn, ch + "r", str(n)])
+            p.must("ready")
+            t0 = time.monotonic_ns()
+            self.run([self.raw, "publish", a.dsn, ch + "r", str(n), "10000", f"r{rep}"], "published")
+            _, _, _, t_done, _ = p.must("done", 60)
+            p.finish()
+            base.append(n / ((int(t_done) - t0) / NS))
+            # pgiplock: three execution-lock worker processes.
+            files = [os.path.join(a.workdir, f"exec{rep}_{i}.txt") for i in range(3)]
+            workers = [self.spawn([self.pgl, "exec", a.dsn, ch, "500", f]) for f in files]
+            for w in workers:
+                w.must("ready")
+            t0 = time.monotonic_ns()
+            self.run([self.raw, "publish", a.dsn, ch, str(n), "10000", f"e{rep}"], "published")
+            t_last = 0
+            for w in workers:
+                line = w.must("done", 90)
+                t_last = max(t_last, int(line[4]))
+                w.finish()
+            seen = []
+            for f in files:
+                with open(f) as fh:
+                    seen.extend(x for x in fh.read().split("\n") if x)
+            distinct = set(seen)
+            dups.append(len(seen) - len(distinct))
+            missing.append(n - len(distinct))
+            ours.append(n / ((t_last - t0) / NS) if t_last else 0.0)
+            ratio.append(ours[-1] / base[-1])
+            log(f"exec-lock rep {rep + 1}/{a.reps}: raw {base[-1]:,.0f} msg/s, pgiplock {ours[-1]:,.0f} msg/s, "
+                f"{dups[-1]} duplicates, {missing[-1]} missing")
+        per_s = lambda v: f"{v:,.0f} msg/s"
+        self.row(f"execution lock, 3 worker processes, {n:,} messages (publish start → last delivery)",
+                 "1 raw libpq listener, same messages " + summary(base, per_s),
+                 summary(ours, per_s) + f"; duplicates {sum(dups)}, missing {sum(missing)} (all reps)",
+                 summary(ratio, lambda v: f"{v:.2f}×"), "≥ 10,000 msg/s, 0 duplicates, 0 missing",
+                 statistics.median(ours) >= 10_000 and sum(dups) == 0 and sum(missing) == 0)
+
+    # ---- graceful handover -------------------------------------------------------
+
+    def handover_once(self, make, ch):
+        old = make(ch)
+        if old.must("ready")[1] != "active":
+            raise RuntimeError("handover: first holder is not active")
+        new = make(ch)
+        if new.must("ready")[1] != "standby":
+            raise RuntimeError("handover: second holder is not a standby")
+        old.send("destroy")
+        t_destroy = int(old.must("destroy")[1])
+        got = new.expect("listening", 10)
+        old.must("destroyed", 10)
+        for p in (old, new):
+            p.send("exit")
+            p.finish()
+        return None if got is None else (int(got[1]) - t_destroy) / 1e6
+
+    def handover(self):
+        a = self.a
+        mk_ours = lambda ch: self.spawn([self.pgl, "holder", a.dsn, ch, "30000"])
+        mk_node = lambda ch: self.node_proc("holder.js", a.dsn, ch, "30000")
+        ours, node, ratio = [], [], []
+        for rep in range(2 * a.reps + 1):
+            ms = self.handover_once(mk_ours, f"{self.tag}_h{rep}")
+            if ms is not None:
+                ours.append(ms)
+            if self.node:
+                nms = self.handover_once(mk_node, f"{self.tag}_hn{rep}")
+                if nms is not None:
+                    node.append(nms)
+                    if ms is not None:
+                        ratio.append(ms / nms)
+            log(f"handover rep {rep + 1}/{2 * a.reps + 1}: pgiplock {ms} ms" + (f", node {nms} ms" if self.node else ""))
+        ms_f = lambda v: f"{v:.2f} ms"
+        self.row("graceful handover: old holder's destroy() → new holder's LISTEN committed",
+                 ("Node pg-pubsub unlisten() " + summary(node, ms_f)) if self.node else "(node not installed)",
+                 summary(ours, ms_f), summary(ratio, lambda v: f"{v:.2f}×") if ratio else "n/a", "≤ 5 ms median",
+                 bool(ours) and statistics.median(ours) <= 5)
+
+    # ---- crash takeover ---------------------------------------------------------------
+
+    def crash(self):
+        a = self.a
+        floor, ours, never = [], [], 0
+        for rep in range(2 * a.reps + 1):
+            floor.append(int(self.run([self.raw, "crashfloor", a.dsn], "wake")[1]) / 1e6)
+            ch = f"{self.tag}_c{rep}"
+            old = self.spawn([self.pgl, "holder", a.dsn, ch, "30000"])
+            old.must("ready")
+            new = self.spawn([self.pgl, "holder", a.dsn, ch, str(a.acquire_interval)])
+            new.must("ready")
+            ticker = self.spawn([self.raw, "ticker", a.dsn, ch])
+            ticker.must("ready")
+            old.must("msg")  # traffic flows to the holder
+            time.sleep((rep % 5) * a.acquire_interval / 5000)  # spread the kill over the retry period
+            t_kill = time.monotonic_ns()
+            os.kill(old.pid, signal.SIGKILL)
+            old.p.wait()
+            got = new.expect("msg", 5 + a.acquire_interval / 1000)
+            if got is None:
+                never += 1
+            else:
+                ours.append((int(got[1]) - t_kill) / 1e6)
+            ticker.finish()
+            new.send("exit")
+            new.finish()
+            log(f"crash rep {rep + 1}/{2 * a.reps + 1}: floor {floor[-1]:.2f} ms, pgiplock "
+                f"{ours[-1] if got else 'never'} ms")
+        ms_f = lambda v: f"{v:.1f} ms"
+        ratio = [o / f for o, f in zip(ours, floor)]
+        self.row(f"crash takeover: SIGKILL holder → standby delivers again (standby acquire_interval "
+                 f"{a.acquire_interval} ms; ticker every ~1 ms)",
+                 "advisory-lock waiter wakes (server floor) " + summary(floor, ms_f),
+                 summary(ours, ms_f) + (f"; never resumed {never}×" if never else ""),
+                 summary(ratio, lambda v: f"{v:.0f}×"), "≤ 10 ms median",
+                 bool(ours) and not never and statistics.median(ours) <= 10)
+
+    def table(self):
+        out = ["| scenario | baseline (same run) | pgiplock | ratio | target | met? |",
+               "|---|---|---|---|---|---|"]
+        for r in self.rows:
+            out.append("| " + " | ".join(r) + " |")
+        return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dsn", required=True)
+    ap.add_argument("--bin", required=True, help="build dir of bench/ (bench_raw, bench_pgiplock)")
+    ap.add_argument("--node-path", help="node_modules with @imqueue/pg-pubsub and pg; no Node rows without it")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--messages", type=int, default=1_000_000, help="queued notifications per listener run")
+    ap.add_argument("--notify-count", type=int, default=200_000)
+    ap.add_argument("--naive-count", type=int, default=4_000)
+    ap.add_argument("--exec-count", type=int, default=20_000)
+    ap.add_argument("--acquire-interval", type=int, default=100, help="crash standby's acquire_interval, ms")
+    ap.add_argument("--workdir", default="/tmp/pgiplock-bench")
+    ap.add_argument("--only", default="listeners,notify,exec_lock,handover,crash")
+    a = ap.parse_args()
+    b = Bench(a)
+    t0 = time.monotonic()
+    try:
+        for name in a.only.split(","):
+            log(f"scenario {name}")
+            getattr(b, name)()
+    except Exception:
+        log(f"failed; the programs' stderr is in {os.path.join(a.workdir, 'children.log')}")
+        raise
+    finally:
+        b.cleanup()
+    log(f"all scenarios in {time.monotonic() - t0:.0f} s")
+    print(b.table())
+
+
+if __name__ == "__main__":
+    main()
