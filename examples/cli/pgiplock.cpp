@@ -1,0 +1,441 @@
+// pgiplock — the command-line tool: listen to channels, send a notification,
+// and show who holds which channel lock.
+//
+//   pgiplock listen [--single] CH...   one JSON object per notification on stdout
+//   pgiplock notify CH PAYLOAD          PAYLOAD '-' reads standard input
+//   pgiplock status [--json]            the lock table, with alive/stale holders
+//
+// Exit codes: 0 success, 1 runtime failure (cannot connect, SQL error),
+// 2 usage error. `listen` runs until SIGINT/SIGTERM and then ends the way
+// the signal ends a process (status 130/143 in a shell), after releasing
+// its locks so a standby elsewhere takes over at once.
+#include "pgiplock.hpp"
+
+#include <time.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+#include <iterator>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace {
+
+using namespace std::chrono_literals;
+using pgiplock::event_loop;
+using pgiplock::task;
+
+constexpr int exit_ok = 0;
+constexpr int exit_failure = 1;
+constexpr int exit_usage = 2;
+
+// A lock row's channel is this prefix and the channel (the lock protocol
+// shared with @imqueue/pg-pubsub).
+constexpr std::string_view lock_prefix = "__PgIpLock__:";
+
+constexpr const char* usage_text =
+    "Usage: pgiplock [--dsn DSN] COMMAND [OPTIONS] [ARGS]\n"
+    "\n"
+    "PostgreSQL LISTEN/NOTIFY with an inter-process lock (pgiplock " PGIPLOCK_VERSION ").\n"
+    "\n"
+    "Commands:\n"
+    "  listen [--single] CH...  print each notification on the channels as one JSON\n"
+    "                           object per line: {\"channel\",\"payload\",\"pid\",\"time\"}\n"
+    "                           (pid: the sender's backend pid; time: when it was\n"
+    "                           received, UTC). Runs until SIGINT or SIGTERM.\n"
+    "                           --single: single-listener mode: of all processes\n"
+    "                           listening with --single, only the holder of a\n"
+    "                           channel's lock prints it; the others stand by.\n"
+    "  notify CH PAYLOAD        send PAYLOAD (at most 7999 bytes; '-' reads it from\n"
+    "                           standard input) on channel CH\n"
+    "  status [--json]          list the channel locks: channel, alive or stale, the\n"
+    "                           holder's backend pid and application_name, and since\n"
+    "                           when its session exists (the lock table records no\n"
+    "                           time of its own). --json prints a JSON array.\n"
+    "\n"
+    "Options:\n"
+    "  --dsn DSN      libpq connection string or postgresql:// URI. Default:\n"
+    "                 $PGIPLOCK_DSN; without either, libpq's defaults and its\n"
+    "                 environment (PGHOST, PGPORT, PGDATABASE, PGUSER, PGSERVICE...)\n"
+    "                 apply, as for psql.\n"
+    "  -h, --help     show this help\n"
+    "  --version      show the version\n"
+    "\n"
+    "Environment: PG_PUBSUB_SCHEMA_NAME (lock schema, default pgip_lock),\n"
+    "PGIPLOCK_BACKEND (io_uring or epoll), PG_PUBSUB_SHUTDOWN_TIMEOUT (ms).\n"
+    "\n"
+    "Exit status: 0 success, 1 runtime failure, 2 usage error.\n";
+
+struct usage_error {
+  std::string message;
+};
+
+struct command_line {
+  std::string command;
+  std::string dsn;
+  bool dsn_given = false;
+  bool single = false;
+  bool json = false;
+  bool help = false;
+  bool version = false;
+  std::vector<std::string> args;
+};
+
+command_line parse(int argc, char** argv) {
+  command_line cl;
+  bool options_done = false;
+  for (int i = 1; i < argc; ++i) {
+    std::string_view a = argv[i];
+    if (!options_done && a.size() > 1 && a[0] == '-') {
+      if (a == "--") {
+        options_done = true;
+      } else if (a == "-h" || a == "--help") {
+        cl.help = true;
+      } else if (a == "--version") {
+        cl.version = true;
+      } else if (a == "--single") {
+        cl.single = true;
+      } else if (a == "--json") {
+        cl.json = true;
+      } else if (a == "--dsn") {
+        if (i + 1 >= argc) throw usage_error{"option --dsn needs a value"};
+        cl.dsn = argv[++i];
+        cl.dsn_given = true;
+      } else if (a.substr(0, 6) == "--dsn=") {
+        cl.dsn = std::string(a.substr(6));
+        cl.dsn_given = true;
+      } else {
+        throw usage_error{"unknown option '" + std::string(a) + "'"};
+      }
+    } else if (cl.command.empty()) {
+      cl.command = a;
+    } else {
+      cl.args.emplace_back(a);
+    }
+  }
+  if (cl.help || cl.version) return cl;
+  if (cl.command.empty()) throw usage_error{"no command given (listen, notify or status)"};
+  if (cl.command == "help") {
+    cl.help = true;
+    return cl;
+  }
+  if (cl.command != "listen" && cl.command != "notify" && cl.command != "status") {
+    throw usage_error{"unknown command '" + cl.command + "' (listen, notify or status)"};
+  }
+  if (cl.single && cl.command != "listen") throw usage_error{"--single applies to 'listen' only"};
+  if (cl.json && cl.command != "status") throw usage_error{"--json applies to 'status' only"};
+  if (cl.command == "listen" && cl.args.empty()) throw usage_error{"listen: give at least one channel"};
+  if (cl.command == "notify" && cl.args.size() != 2) {
+    throw usage_error{"notify: give a channel and a payload, e.g. pgiplock notify orders '{\"id\":1}'"};
+  }
+  if (cl.command == "status" && !cl.args.empty()) {
+    throw usage_error{"status: unexpected argument '" + cl.args[0] + "'"};
+  }
+  if (!cl.dsn_given) {
+    const char* env = std::getenv("PGIPLOCK_DSN");
+    if (env && *env) cl.dsn = env;
+  }
+  // The library refuses an empty conninfo; a conninfo that sets only what the
+  // library overrides anyway leaves every other parameter to libpq's defaults.
+  if (cl.dsn.find_first_not_of(" \t\r\n") == std::string::npos) {
+    if (cl.dsn_given) throw usage_error{"--dsn is empty"};
+    cl.dsn = "application_name=pgiplock";
+  }
+  return cl;
+}
+
+// ---- JSON ---------------------------------------------------------------
+
+// A JSON string literal. Bytes that are not valid UTF-8 become U+FFFD, so
+// the output is valid JSON whatever the server's encoding let through.
+std::string json_string(std::string_view s) {
+  std::string out = "\"";
+  static constexpr char hex[] = "0123456789abcdef";
+  for (std::size_t i = 0; i < s.size();) {
+    auto c = static_cast<unsigned char>(s[i]);
+    if (c < 0x80) {
+      switch (c) {
+        case '"': out += "\\\""; break;
+        case '\\': out += "\\\\"; break;
+        case '\b': out += "\\b"; break;
+        case '\f': out += "\\f"; break;
+        case '\n': out += "\\n"; break;
+        case '\r': out += "\\r"; break;
+        case '\t': out += "\\t"; break;
+        default:
+          if (c < 0x20 || c == 0x7f) {
+            out += "\\u00";
+            out.push_back(hex[c >> 4]);
+            out.push_back(hex[c & 15]);
+          } else {
+            out.push_back(static_cast<char>(c));
+          }
+      }
+      ++i;
+      continue;
+    }
+    // Length and smallest code point of a multi-byte sequence (RFC 3629).
+    std::size_t len = c >= 0xf0 && c <= 0xf4 ? 4 : c >= 0xe0 ? 3 : c >= 0xc2 && c <= 0xdf ? 2 : 0;
+    if (c >= 0xf5) len = 0;
+    bool ok = len != 0 && i + len <= s.size();
+    char32_t cp = len == 2 ? (c & 0x1f) : len == 3 ? (c & 0x0f) : (c & 0x07);
+    for (std::size_t k = 1; ok && k < len; ++k) {
+      auto cc = static_cast<unsigned char>(s[i + k]);
+      if ((cc & 0xc0) != 0x80) ok = false;
+      cp = (cp << 6) | (cc & 0x3f);
+    }
+    if (ok && ((len == 3 && (cp < 0x800 || (cp >= 0xd800 && cp <= 0xdfff))) || (len == 4 && (cp < 0x10000 || cp > 0x10ffff)))) {
+      ok = false;
+    }
+    if (ok) {
+      out.append(s.substr(i, len));
+      i += len;
+    } else {
+      out += "\\ufffd";
+      ++i;
+    }
+  }
+  out.push_back('"');
+  return out;
+}
+
+std::string utc_now_iso() {
+  auto now = std::chrono::system_clock::now();
+  auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(now.time_since_epoch()).count();
+  std::time_t secs = static_cast<std::time_t>(ms / 1000);
+  std::tm tm{};
+  ::gmtime_r(&secs, &tm);
+  char buf[40];
+  std::size_t n = std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%S", &tm);
+  std::snprintf(buf + n, sizeof buf - n, ".%03dZ", static_cast<int>(ms % 1000));
+  return buf;
+}
+
+void print_error(std::string_view what) {
+  // The library's messages already start with "pgiplock: ".
+  if (what.substr(0, 10) == "pgiplock: ") what.remove_prefix(10);
+  std::cerr << "pgiplock: error: " << what << '\n';
+}
+
+pgiplock::log_handler stderr_logger() {
+  return [](pgiplock::log_level level, std::string_view message) {
+    if (level == pgiplock::log_level::warn) std::cerr << "pgiplock: warning: " << message << '\n';
+    if (level == pgiplock::log_level::error) std::cerr << "pgiplock: error: " << message << '\n';
+  };
+}
+
+// ---- listen -------------------------------------------------------------
+
+struct listen_state {
+  // Set by pubsub's on_message for the notification being dispatched; the
+  // connection-level subscriber, which runs after pubsub's for the same
+  // notification, prints it with the sender's pid that on_message lacks.
+  bool delivered = false;
+};
+
+void print_notification(const pgiplock::notification& n) {
+  std::string line = "{\"channel\":" + json_string(n.channel) + ",\"payload\":" + json_string(n.payload) +
+                     ",\"pid\":" + std::to_string(n.sender_pid) + ",\"time\":\"" + utc_now_iso() + "\"}\n";
+  std::fwrite(line.data(), 1, line.size(), stdout);
+  std::fflush(stdout);
+}
+
+task<int> run_listen(event_loop& loop, command_line cl) {
+  pgiplock::pubsub_options opt;
+  opt.conninfo = cl.dsn;
+  opt.single_listener = cl.single;
+  opt.execution_lock = false;
+  opt.logger = stderr_logger();
+  pgiplock::pubsub ps(loop, std::move(opt));
+  listen_state st;
+  ps.on_message([&st](std::string_view, std::string_view) { st.delivered = true; });
+  ps.on_connect([&ps, &st] {
+    ps.client()->subscribe("", [&st](const pgiplock::notification& n) {
+      if (std::exchange(st.delivered, false)) print_notification(n);
+    });
+  });
+  ps.on_listen([](std::string_view ch) {
+    std::cerr << "pgiplock: listening on " << json_string(ch) << '\n';
+  });
+  ps.on_error([](const std::exception& e) { print_error(e.what()); });
+  ps.on_reconnect([](std::size_t retries) {
+    std::cerr << "pgiplock: reconnected after " << retries << " attempt(s)\n";
+  });
+  bool ended = false;
+  ps.on_end([&ended] { ended = true; });
+
+  co_await ps.connect();
+  for (const auto& ch : cl.args) {
+    co_await ps.listen(ch);
+    if (cl.single && !ps.is_active(ch)) {
+      std::cerr << "pgiplock: standby for " << json_string(ch) << " (another process holds its lock)\n";
+    }
+  }
+  while (!ended) co_await loop.sleep(200ms);
+  std::cerr << "pgiplock: error: gave up reconnecting\n";
+  co_return exit_failure;
+}
+
+// ---- notify -------------------------------------------------------------
+
+task<int> run_notify(event_loop& loop, command_line cl) {
+  std::string payload = cl.args[1];
+  if (payload == "-") {
+    payload.assign(std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>());
+  }
+  pgiplock::pubsub_options opt;
+  opt.conninfo = cl.dsn;
+  opt.single_listener = false;
+  opt.execution_lock = false;
+  opt.retry_limit = 0;
+  opt.logger = stderr_logger();
+  pgiplock::pubsub ps(loop, std::move(opt));
+  co_await ps.connect();
+  co_await ps.notify(cl.args[0], payload);
+  co_await ps.close();
+  co_return exit_ok;
+}
+
+// ---- status -------------------------------------------------------------
+
+struct lock_row {
+  std::string channel, app, pid, since, age;
+  bool alive = false;
+};
+
+std::string format_age(long secs) {
+  if (secs < 0) secs = 0;
+  if (secs < 60) return std::to_string(secs) + "s";
+  if (secs < 3600) return std::to_string(secs / 60) + "m" + std::to_string(secs % 60) + "s";
+  if (secs < 86400) return std::to_string(secs / 3600) + "h" + std::to_string(secs / 60 % 60) + "m";
+  return std::to_string(secs / 86400) + "d" + std::to_string(secs / 3600 % 24) + "h";
+}
+
+void print_table(const std::vector<lock_row>& rows) {
+  std::vector<std::vector<std::string>> cells;
+  cells.push_back({"CHANNEL", "STATE", "PID", "APPLICATION", "SESSION SINCE"});
+  for (const auto& r : rows) {
+    std::string since = r.since.empty() ? "-" : r.since + " (" + format_age(std::strtol(r.age.c_str(), nullptr, 10)) + " ago)";
+    cells.push_back({r.channel, r.alive ? "alive" : "stale", r.pid.empty() ? "-" : r.pid, r.app, since});
+  }
+  std::vector<std::size_t> width(5, 0);
+  for (const auto& row : cells) {
+    for (std::size_t i = 0; i < row.size(); ++i) width[i] = std::max(width[i], row[i].size());
+  }
+  for (const auto& row : cells) {
+    std::string line;
+    for (std::size_t i = 0; i < row.size(); ++i) {
+      line += row[i];
+      if (i + 1 < row.size()) line += std::string(width[i] - row[i].size() + 2, ' ');
+    }
+    std::cout << line << '\n';
+  }
+}
+
+void print_json(const std::vector<lock_row>& rows) {
+  std::cout << '[';
+  for (std::size_t i = 0; i < rows.size(); ++i) {
+    const auto& r = rows[i];
+    std::cout << (i ? ",\n " : "") << "{\"channel\":" << json_string(r.channel) << ",\"alive\":"
+              << (r.alive ? "true" : "false") << ",\"pid\":" << (r.pid.empty() ? "null" : r.pid)
+              << ",\"app\":" << json_string(r.app)
+              << ",\"since\":" << (r.since.empty() ? "null" : json_string(r.since)) << '}';
+  }
+  std::cout << "]\n";
+}
+
+task<int> run_status(event_loop& loop, command_line cl) {
+  pgiplock::connect_options copt;
+  copt.application_name = "pgiplock-status";
+  copt.logger = stderr_logger();
+  auto conn = co_await pgiplock::connection::connect(loop, cl.dsn, std::move(copt));
+  const std::string schema = pgiplock::ip_lock::schema_name();
+  const std::string table = conn->quote_identifier(schema) + ".lock";
+  auto exists = co_await conn->query("SELECT to_regclass($1) IS NOT NULL", table);
+  std::vector<lock_row> rows;
+  if (exists.get(0, 0) == "t") {
+    // A holder is alive while a session with its application_name exists:
+    // the same test acquire() makes. backend_start is NULL for sessions of
+    // other roles unless we may read all statistics (pg_read_all_stats).
+    auto r = co_await conn->query(
+        "SELECT substr(l.channel, length($1) + 1), l.app, a.pid, "
+        "       to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), "
+        "       extract(epoch FROM now() - a.backend_start)::bigint, a.app IS NOT NULL "
+        "FROM " + table + " l "
+        "LEFT JOIN LATERAL (SELECT s.pid, s.backend_start, s.application_name AS app "
+        "                   FROM pg_catalog.pg_stat_activity s WHERE s.application_name = l.app "
+        "                   ORDER BY s.backend_start LIMIT 1) a ON true "
+        "WHERE l.channel LIKE $2 ORDER BY l.channel",
+        std::string(lock_prefix), std::string(lock_prefix) + "%");
+    for (int i = 0; i < r.rows(); ++i) {
+      lock_row row;
+      row.channel = r.get(i, 0);
+      row.app = r.get(i, 1);
+      row.pid = r.get(i, 2);
+      row.since = r.get(i, 3);
+      row.age = r.get(i, 4);
+      row.alive = r.get(i, 5) == "t";
+      rows.push_back(std::move(row));
+    }
+  }
+  co_await conn->close();
+  if (cl.json) {
+    print_json(rows);
+  } else if (rows.empty()) {
+    std::cout << "no channel is locked (lock table " << schema << ".lock"
+              << (exists.get(0, 0) == "t" ? " is empty)" : " does not exist yet)") << '\n';
+  } else {
+    print_table(rows);
+  }
+  std::cout.flush();
+  co_return std::cout ? exit_ok : exit_failure;
+}
+
+task<int> run_command(event_loop& loop, command_line cl) {
+  if (cl.command == "listen") co_return co_await run_listen(loop, std::move(cl));
+  if (cl.command == "notify") co_return co_await run_notify(loop, std::move(cl));
+  co_return co_await run_status(loop, std::move(cl));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  command_line cl;
+  try {
+    cl = parse(argc, argv);
+  } catch (const usage_error& e) {
+    std::cerr << "pgiplock: " << e.message << "\nTry 'pgiplock --help' for more information.\n";
+    return exit_usage;
+  }
+  if (cl.help) {
+    std::cout << usage_text;
+    return exit_ok;
+  }
+  if (cl.version) {
+    std::cout << "pgiplock " << PGIPLOCK_VERSION << '\n';
+    return exit_ok;
+  }
+  try {
+    pgiplock::event_loop_options lopt;
+    lopt.logger = stderr_logger();
+    event_loop loop(lopt);
+    // Before anything else runs: the signals must be blocked before the
+    // loop reads them, and then SIGINT/SIGTERM release our locks first.
+    if (cl.command == "listen") pgiplock::enable_graceful_shutdown(loop);
+    return loop.run(run_command(loop, std::move(cl)));
+  } catch (const std::invalid_argument& e) {
+    // Bad input found before anything was sent: a channel name, a payload,
+    // a conninfo libpq cannot parse.
+    print_error(e.what());
+    return exit_usage;
+  } catch (const std::length_error& e) {
+    print_error(e.what());
+    return exit_usage;
+  } catch (const std::exception& e) {
+    print_error(e.what());
+    return exit_failure;
+  }
+}

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The pgiplock tool against the test server ($PGIPLOCK_TEST_DSN; skipped
+# without one): notify/listen round trip as JSON lines, single-listener
+# standby and handover, status with live and stale holders.
+source "$(dirname "$0")/cli_common.sh"
+[[ -n "${PGIPLOCK_TEST_DSN:-}" ]] || { echo "PGIPLOCK_TEST_DSN is not set: skipped"; exit 77; }
+export PGIPLOCK_DSN="$PGIPLOCK_TEST_DSN"
+
+# Channel names of our own, so other suites on the same server do not interfere.
+ch="cli_$$_$RANDOM"
+odd="cli \"odd\" $$"
+pid_re='"pid":[1-9][0-9]*'
+time_re='"time":"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z"'
+
+# start NAME ARGS...: a background `pgiplock ARGS...`, output in $work/NAME.{out,err}.
+start() {
+    local name="$1"
+    shift
+    "$cli" "$@" >"$work/$name.out" 2>"$work/$name.err" </dev/null &
+    children+=("$!")
+    eval "${name}_pid=$!"
+}
+# stop PID SIGNAL STATUS: the process ends by the signal, with its shell status.
+stop() {
+    local rc=0
+    kill "-$2" "$1"
+    wait "$1" || rc=$?
+    [[ "$rc" == "$3" ]] || fail "after SIG$2 the listener exited with $rc, expected $3"
+}
+
+# --- round trip: every listener prints every notification ------------------
+start plain listen "$ch" "$odd"
+wait_for "$work/plain.err" "^pgiplock: listening on \"$ch\"$"
+wait_for "$work/plain.err" '^pgiplock: listening on "cli \\"odd\\" '
+expect 0 notify "$ch" $'{"id":1}\ttab "quoted" back\\slash\nnew line é'
+[[ ! -s "$work/out" && ! -s "$work/err" ]] || fail "notify printed something"
+printf 'from stdin' | "$cli" notify "$odd" - || fail "notify with the payload on stdin failed"
+wait_for "$work/plain.out" "^\\{\"channel\":\"$ch\",\"payload\":\"\\{\\\\\"id\\\\\":1\\}\\\\ttab \\\\\"quoted\\\\\" back\\\\\\\\slash\\\\nnew line é\",$pid_re,$time_re\\}$"
+wait_for "$work/plain.out" "^\\{\"channel\":\"cli \\\\\"odd\\\\\" $$\",\"payload\":\"from stdin\",$pid_re,$time_re\\}$"
+[[ "$(wc -l <"$work/plain.out")" == 2 ]] || { cat "$work/plain.out"; fail "expected exactly 2 lines"; }
+note "listen: $(head -n1 "$work/plain.out")"
+
+# Bad input is a usage error, found before anything is sent.
+expect 2 notify "$ch" "$(head -c 8000 /dev/zero | tr '\0' x)"
+stderr_has 'payload is 8000 bytes; PostgreSQL accepts at most 7999'
+
+# --- single-listener mode: one holder, one standby, handover on SIGTERM ----
+start first listen --single "$ch"
+wait_for "$work/first.err" "^pgiplock: listening on \"$ch\"$"
+start second listen --single "$ch"
+wait_for "$work/second.err" "^pgiplock: standby for \"$ch\""
+
+expect 0 status
+note "$(cat "$work/out")"
+stdout_has '^CHANNEL +STATE +PID +APPLICATION +SESSION SINCE$'
+stdout_has "^$ch +alive +[1-9][0-9]* +[0-9a-f-]{36} +[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:]{8}Z \\([0-9]+s ago\\)$"
+expect 0 status --json
+stdout_has "\\{\"channel\":\"$ch\",\"alive\":true,\"pid\":[1-9][0-9]*,\"app\":\"[0-9a-f-]{36}\",\"since\":\"[0-9T:Z-]{20}\"\\}"
+holder_app="$(grep -oE "\"channel\":\"$ch\",\"alive\":true,\"pid\":[0-9]+,\"app\":\"[0-9a-f-]{36}\"" "$work/out" | grep -oE '[0-9a-f-]{36}')"
+
+expect 0 notify "$ch" one
+wait_for "$work/first.out" '"payload":"one"'
+sleep 0.2
+[[ ! -s "$work/second.out" ]] || fail "the standby printed a notification: $(cat "$work/second.out")"
+
+stop "$first_pid" TERM 143
+wait_for "$work/second.err" "^pgiplock: listening on \"$ch\"$"
+expect 0 notify "$ch" two
+wait_for "$work/second.out" '"payload":"two"'
+grep -q '"payload":"two"' "$work/first.out" && fail "the stopped holder printed after it stopped"
+
+# --- a holder that dies without releasing is shown stale -------------------
+expect 0 status --json
+new_app="$(grep -oE "\"channel\":\"$ch\",\"alive\":true,\"pid\":[0-9]+,\"app\":\"[0-9a-f-]{36}\"" "$work/out" | grep -oE '[0-9a-f-]{36}')" \
+    || fail "no live holder of $ch after the handover: $(cat "$work/out")"
+[[ "$new_app" != "$holder_app" ]] || fail "the holder did not change on SIGTERM"
+stop "$second_pid" KILL 137
+for ((i = 0; i < 100; i++)); do
+    expect 0 status
+    grep -qE "^$ch +stale +- +$new_app +-$" "$work/out" && break
+    sleep 0.05
+done
+grep -qE "^$ch +stale +- +$new_app +-$" "$work/out" || { cat "$work/out"; fail "the killed holder is not shown stale"; }
+note "$(cat "$work/out")"
+
+# A new listener takes the stale lock over at once; SIGTERM then deletes the row.
+start third listen --single "$ch"
+wait_for "$work/third.err" "^pgiplock: listening on \"$ch\"$"
+stop "$third_pid" INT 130
+expect 0 status --json
+grep -q "\"channel\":\"$ch\"" "$work/out" && fail "the lock row is still there after a graceful exit: $(cat "$work/out")"
+
+stop "$plain_pid" TERM 143
+note "cli: OK"
