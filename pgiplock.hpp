@@ -1128,6 +1128,14 @@ struct connect_options {
   // connection, which is what the lock protocol identifies holders by.
   std::string application_name;
   log_handler logger;
+  // Dead-link detection on both ends (0 disables): libpq keepalives and
+  // tcp_user_timeout on this side find a silent partition within half of
+  // it; the server's own settings (SET on the session) within 80% of it,
+  // so a partitioned client always gives up before the server frees its
+  // session. Keepalives alone never fire while a reply is awaited and
+  // tcp_user_timeout alone never fires on an idle link: both are set.
+  // Conninfo keywords the user gave win. TCP only.
+  std::chrono::milliseconds liveness_timeout{10000};
 };
 
 namespace detail {
@@ -1154,6 +1162,9 @@ struct conninfo_params {
   std::optional<std::chrono::milliseconds> connect_timeout;
   std::string target;  // host/port/dbname/user for messages, never the password
 
+  void set_default(const std::string& key, std::string value) {
+    if (std::find(keys.begin(), keys.end(), key) == keys.end()) set(key, std::move(value));
+  }
   void set(const std::string& key, std::string value) {
     auto it = std::find(keys.begin(), keys.end(), key);
     if (it != keys.end()) {
@@ -1243,6 +1254,15 @@ class connection : public std::enable_shared_from_this<connection> {
     auto params = detail::parse_conninfo(conninfo);
     std::string app = options.application_name.empty() ? detail::random_uuid() : options.application_name;
     params.set("application_name", app);
+    auto live = options.liveness_timeout;
+    if (live.count() > 0) {
+      long probe_s = std::max<long>(1, static_cast<long>(live.count() / 10000));
+      params.set_default("keepalives", "1");
+      params.set_default("keepalives_idle", std::to_string(probe_s));
+      params.set_default("keepalives_interval", std::to_string(probe_s));
+      params.set_default("keepalives_count", "3");
+      params.set_default("tcp_user_timeout", std::to_string(live.count() / 2));
+    }
     auto deadline = event_loop::clock::now() + params.connect_timeout.value_or(options.timeout);
 
     std::vector<const char*> keys, values;
@@ -1279,6 +1299,7 @@ class connection : public std::enable_shared_from_this<connection> {
       st = PQconnectPoll(conn->conn_);
     }
     conn->finish_setup();
+    if (live.count() > 0) co_await conn->apply_server_liveness(live);
     co_return conn;
   }
 
@@ -1437,6 +1458,23 @@ class connection : public std::enable_shared_from_this<connection> {
     fd_ = PQsocket(conn_);
     pump_ = pump();
     loop_->start(pump_);
+  }
+
+  // The server's side of dead-link detection; settings it does not have
+  // (tcp_user_timeout before PostgreSQL 12) are left out.
+  task<void> apply_server_liveness(std::chrono::milliseconds live) {
+    const char* host = PQhost(conn_);
+    if (!host || host[0] == '/' || host[0] == '@') co_return;  // unix socket: nothing to probe
+    long probe_s = std::max<long>(1, static_cast<long>(live.count() / 5000));
+    std::string sql =
+        "SELECT set_config('tcp_keepalives_idle', $1, false), set_config('tcp_keepalives_interval', $1, false), "
+        "set_config('tcp_keepalives_count', '3', false)";
+    if (PQserverVersion(conn_) >= 120000) {
+      co_await query(sql + ", set_config('tcp_user_timeout', $2, false)", std::to_string(probe_s),
+                     std::to_string(live.count() * 4 / 5));
+    } else {
+      co_await query(sql, std::to_string(probe_s));
+    }
   }
 
   static void on_notice(void* arg, const PGresult* r) {
@@ -1606,12 +1644,30 @@ class connection : public std::enable_shared_from_this<connection> {
 // with that application_name exists. Releasing deletes the row; a deferred
 // constraint trigger then NOTIFYs the lock channel at commit, and standbys
 // listening there acquire at once. Standbys also retry every
-// acquire_interval, which is what covers a holder that died.
+// acquire_interval, which covers holders (Node ones) that died.
+//
+// Beyond the reference: the holder also holds a session advisory lock for
+// the channel, so its death frees that lock the moment the server sees the
+// socket close. Each standby waits for it server-side, on a second
+// connection, in bounded slices (a waiting statement pins the xmin horizon),
+// catching the lock timeout inside the server so nothing is logged; it
+// takes over milliseconds after the holder dies. Every tenure gets a fencing
+// token from a sequence, strictly increasing across the lock group.
 
 struct ip_lock_options {
-  std::shared_ptr<connection> client;  // the seed's pgClient; the lock opens no connection of its own
+  std::shared_ptr<connection> client;  // the seed's pgClient; the lock opens no connection of its own for it
   log_handler logger;                  // optional; falls back to the client's
   std::chrono::milliseconds acquire_interval{30000};
+  // Crash takeover in milliseconds: a second connection (from
+  // client->conninfo(), its own application_name) waits for the holder's
+  // advisory lock. Off: release events and the retry timer only.
+  bool fast_failover = true;
+  // Longest single server-side wait of that connection; 0: acquire_interval.
+  std::chrono::milliseconds wait_slice{0};
+  // The holder checks its row every liveness_timeout / 4 and demotes itself
+  // (stops holding, on_lose) when the row is gone or the check gets no
+  // answer within liveness_timeout / 2.
+  std::chrono::milliseconds liveness_timeout{10000};
 };
 
 namespace detail {
@@ -1646,6 +1702,50 @@ inline bool is_bootstrap_race(const std::string& sqlstate) {
          sqlstate == "40P01" || sqlstate == "42P06" || sqlstate == "42723";
 }
 
+// The advisory-lock key of a lock channel: the same in every process.
+inline std::int64_t advisory_key(std::string_view lock_channel) {
+  std::uint64_t h = 0xcbf29ce484222325ULL;
+  for (unsigned char c : lock_channel) {
+    h ^= c;
+    h *= 0x100000001b3ULL;
+  }
+  return static_cast<std::int64_t>(h);
+}
+
+// Runs `t`; yields false if it has not finished within `limit` (it is then
+// abandoned, and any answer that comes later is dropped).
+template <class T>
+task<std::optional<T>> within(event_loop& loop, task<T> t, std::chrono::milliseconds limit) {
+  struct state {
+    explicit state(event_loop& l) : done(l) {}
+    std::optional<T> value;
+    std::exception_ptr failure;
+    async_event done;
+  };
+  auto st = std::make_shared<state>(loop);
+  struct runner {
+    static task<void> run(std::shared_ptr<state> s, task<T> t) {
+      try {
+        s->value.emplace(co_await std::move(t));
+      } catch (...) {
+        s->failure = std::current_exception();
+      }
+      s->done.set();
+    }
+    static task<void> expire(event_loop& l, std::shared_ptr<cancel_source> c, std::chrono::milliseconds d) {
+      co_await l.sleep(d);
+      c->cancel();
+    }
+  };
+  auto deadline = std::make_shared<cancel_source>();
+  loop.spawn(runner::run(st, std::move(t)));
+  loop.spawn(runner::expire(loop, deadline, limit));
+  bool finished = co_await st->done.wait(deadline.get());
+  if (!finished) co_return std::nullopt;
+  if (st->failure) std::rethrow_exception(st->failure);
+  co_return std::move(st->value);
+}
+
 }  // namespace detail
 
 class ip_lock {
@@ -1662,22 +1762,24 @@ class ip_lock {
       throw std::invalid_argument("pgiplock: ip_lock acquire_interval must be positive");
     }
     lock_channel_ = std::string(detail::lock_prefix) + channel_;
+    key_ = detail::advisory_key(lock_channel_);
     registry_add(this);
   }
   ip_lock(const ip_lock&) = delete;
   ip_lock& operator=(const ip_lock&) = delete;
 
-  // Without destroy(): the background coroutine is cancelled, the lock is
+  // Without destroy(): the background coroutines are cancelled, the lock is
   // unregistered and stops listening; a row it holds is deleted in the
-  // background while the connection is open (so standbys get the release
-  // event), otherwise it is freed when the session ends and a standby's
-  // retry takes it over.
+  // background while the connection is open (standbys get the release
+  // event), otherwise it is freed with the session and a standby takes over.
   ~ip_lock() {
     registry_remove(this);
     background_ = task<void>{};
+    waiter_task_ = task<void>{};
+    heartbeat_ = task<void>{};
     detach_from_client();
     if (acquired_ && options_.client->is_open()) {
-      options_.client->loop().spawn(release_row(options_.client, schema_, lock_channel_));
+      options_.client->loop().spawn(release_row(options_.client, schema_, lock_channel_, key_, advisory_held_));
     }
   }
 
@@ -1693,48 +1795,54 @@ class ip_lock {
 
   // Creates the lock storage if missing (idempotent, safe when many fresh
   // processes start at once), listens for release events and starts the
-  // acquire-retry loop. Calling it again does nothing.
+  // background coroutines. Calling it again does nothing.
   task<void> init() {
     if (initialized_) co_return;
     auto client = options_.client;
     schema_ = client->quote_identifier(schema_name());
     co_await ensure_schema(client, schema_name());
     notify_sub_ = client->subscribe(lock_channel_, [this](const notification& n) { on_lock_channel(n); });
-    lost_sub_ = client->on_lost([this](const connection_error&) { set_acquired(false); });
+    lost_sub_ = client->on_lost([this](const connection_error&) {
+      advisory_held_ = false;
+      set_acquired(false);
+    });
     co_await client->query("LISTEN " + client->quote_identifier(lock_channel_));
     initialized_ = true;
+    auto& loop = client->loop();
     background_ = retry_loop();
-    client->loop().start(background_);
-  }
-
-  // True when this lock holds the channel now (also when it already did),
-  // false when a live holder has it. Never raises an error on the server,
-  // so a standby's attempt leaves nothing in the server log.
-  task<bool> acquire() {
-    auto client = options_.client;
-    if (schema_.empty()) schema_ = client->quote_identifier(schema_name());
-    bool won = false;
-    try {
-      auto r = co_await client->query(acquire_sql(), lock_channel_, client->app_name());
-      won = r.get(0, 0) == "1";
-    } catch (const connection_error&) {
-      set_acquired(false);
-      throw;
+    loop.start(background_);
+    heartbeat_ = heartbeat_loop();
+    loop.start(heartbeat_);
+    if (options_.fast_failover) {
+      waiter_task_ = waiter_loop();
+      loop.start(waiter_task_);
     }
-    set_acquired(won);
-    co_return won;
   }
 
-  // Deletes our own row, if we hold one; the holder of someone else's row
-  // is never touched. Other instances get the release event at commit.
+  // True when this lock holds the channel now (also when it already did:
+  // then its row is checked), false when a live holder has it. Never raises
+  // an error on the server, so a standby's attempt leaves nothing in the log.
+  task<bool> acquire() {
+    auto o = co_await take();
+    co_return o.won;
+  }
+
+  // Deletes our own row, if we hold one (someone else's row is never
+  // touched), and frees the advisory lock. Other instances get the release
+  // event at commit and the advisory waiters wake.
   task<void> release() {
     auto client = options_.client;
     if (schema_.empty()) schema_ = client->quote_identifier(schema_name());
     bool was = acquired_;
     set_acquired(false);
+    token_.reset();
+    // Our own waiter would otherwise grab the lock straight back, before
+    // the standby the release was for: stay passive for an interval.
+    if (was) passive_until_ = event_loop::clock::now() + options_.acquire_interval;
     if (!client->is_open()) co_return;
     try {
-      co_await client->query(release_sql(schema_), lock_channel_, client->app_name());
+      bool held = std::exchange(advisory_held_, false);
+      co_await release_row(client, schema_, lock_channel_, key_, held);
     } catch (const connection_error&) {
       // The session is gone, and its row with it as far as standbys can tell.
     } catch (...) {
@@ -1743,16 +1851,20 @@ class ip_lock {
     }
   }
 
-  // Releases, stops listening and the retry loop, unregisters. Safe to call
-  // twice and on a dead connection; never throws for a lost link.
+  // Releases, stops listening and the background coroutines, unregisters.
+  // Safe to call twice and on a dead connection; never throws for a lost link.
   task<void> destroy() {
     if (destroyed_) co_return;
     destroyed_ = true;
     registry_remove(this);
     background_ = task<void>{};
+    waiter_task_ = task<void>{};
+    heartbeat_ = task<void>{};
     auto client = options_.client;
+    auto waiter = std::move(waiter_);
     bool listening = initialized_;
     detach_from_client();
+    if (waiter) co_await waiter->close();
     if (!client->is_open()) {
       set_acquired(false);
       co_return;
@@ -1767,6 +1879,10 @@ class ip_lock {
 
   bool is_acquired() const noexcept { return acquired_ && options_.client->is_open(); }
 
+  // The fencing token of the current tenure: strictly increasing across the
+  // lock group (a sequence), 0 when not holding.
+  std::int64_t token() const noexcept { return is_acquired() && token_ ? *token_ : 0; }
+
   // Called after a release event from another instance (having tried to
   // acquire first). Only one handler, as in the seed: a second throws.
   void on_release(channel_handler fn) {
@@ -1777,7 +1893,7 @@ class ip_lock {
   }
   // Whenever this lock becomes the holder, by any path.
   void on_acquire(channel_handler fn) { on_acquire_.push_back(std::move(fn)); }
-  // Whenever it stops being the holder (release, lost link).
+  // Whenever it stops being the holder (release, lost link, lost row).
   void on_lose(channel_handler fn) { on_lose_.push_back(std::move(fn)); }
 
   // Destroys every lock of this process that runs on the calling thread's
@@ -1801,6 +1917,11 @@ class ip_lock {
   static bool has_instances() { return !registry().empty(); }
 
  private:
+  struct outcome {
+    bool got_advisory = false;
+    bool won = false;
+  };
+
   static std::vector<ip_lock*>& registry() {
     static std::vector<ip_lock*> all;
     return all;
@@ -1821,38 +1942,120 @@ class ip_lock {
     notify_sub_ = lost_sub_ = 0;
   }
 
-  // Insert our row, or take over one whose app has no session any more, or
-  // keep the one that is already ours; a live holder's row is left alone
-  // and the statement returns 0 instead of raising as the Node package does.
-  // Two takers of one dead row serialise on its row lock; the second
-  // re-checks the new app, finds it alive and gets 0.
+  // One statement: take the advisory lock if free; only then insert our
+  // row, take over one whose app has no session any more, or keep one that
+  // is already ours; a live holder's row is left alone (0 rows, no error,
+  // unlike the Node package's deadlock_check). Two takers of one dead row
+  // serialise on its row lock; the second re-checks, finds the new app
+  // alive and gets 0. A won tenure draws its fencing token.
   std::string acquire_sql() const {
-    return "WITH taken AS (INSERT INTO " + schema_ + ".lock (channel, app) VALUES ($1, $2) "
+    std::string lock = schema_ + ".lock";
+    return "WITH me AS MATERIALIZED (SELECT pg_try_advisory_lock($3::bigint) AS got), "
+           "taken AS (INSERT INTO " + lock + " (channel, app) SELECT $1, $2 FROM me WHERE me.got "
            "ON CONFLICT (channel) DO UPDATE SET app = EXCLUDED.app "
-           "WHERE " + schema_ + ".lock.app = EXCLUDED.app OR NOT EXISTS ("
-           "SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.application_name = " + schema_ + ".lock.app) "
-           "RETURNING 1) SELECT count(*) FROM taken";
-  }
-  static std::string release_sql(const std::string& schema) {
-    return "DELETE FROM " + schema + ".lock WHERE channel = $1 AND app = $2";
+           "WHERE " + lock + ".app = EXCLUDED.app OR NOT EXISTS ("
+           "SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.application_name = " + lock + ".app) "
+           "RETURNING 1) "
+           "SELECT (SELECT got FROM me), EXISTS (SELECT 1 FROM taken), "
+           "CASE WHEN EXISTS (SELECT 1 FROM taken) THEN nextval('" + schema_ + ".pgiplock_tenure') END";
   }
 
-  static task<void> release_row(std::shared_ptr<connection> client, std::string schema, std::string lock_channel) {
-    co_await client->query(release_sql(schema), lock_channel, client->app_name());
+  // acquire(), with what the waiter needs to know: whether the advisory
+  // lock was free. One attempt at a time per lock: the statement takes the
+  // session advisory lock, which counts re-entries.
+  task<outcome> take() {
+    auto client = options_.client;
+    if (schema_.empty()) schema_ = client->quote_identifier(schema_name());
+    while (attempt_in_flight_) co_await attempt_done_->wait();
+    attempt_in_flight_ = true;
+    attempt_done_ = std::make_shared<async_event>(client->loop());
+    struct settle {
+      ip_lock* self;
+      std::shared_ptr<async_event> done;
+      ~settle() {
+        self->attempt_in_flight_ = false;
+        done->set();
+      }
+    } guard{this, attempt_done_};
+    try {
+      if (acquired_) {
+        bool still = co_await holds_row(client);
+        if (still) co_return outcome{true, true};
+        co_await demote("its lock row is gone");
+      }
+      co_return co_await attempt(client);
+    } catch (const connection_error&) {
+      advisory_held_ = false;
+      set_acquired(false);
+      throw;
+    }
+  }
+
+  task<outcome> attempt(std::shared_ptr<connection> client) {
+    auto r = co_await client->query(acquire_sql(), lock_channel_, client->app_name(), key_);
+    outcome out;
+    out.got_advisory = r.get(0, 0) == "t";
+    out.won = r.get(0, 1) == "t";
+    if (out.won) {
+      advisory_held_ = true;
+      token_ = std::strtoll(std::string(r.get(0, 2)).c_str(), nullptr, 10);
+      set_acquired(true);
+    } else {
+      // The advisory lock was free but the row is a live holder's: a Node
+      // peer (it takes no advisory lock), or one whose session is still
+      // visible for a moment after its death.
+      if (out.got_advisory) co_await client->query("SELECT pg_advisory_unlock($1::bigint)", key_);
+      set_acquired(false);
+    }
+    co_return out;
+  }
+
+  task<bool> holds_row(std::shared_ptr<connection> client) {
+    auto r = co_await client->query("SELECT EXISTS (SELECT 1 FROM " + schema_ + ".lock WHERE channel = $1 AND app = $2)",
+                                    lock_channel_, client->app_name());
+    co_return r.get(0, 0) == "t";
+  }
+
+  // Stops holding at once; frees the advisory lock so a standby can win.
+  task<void> demote(std::string why) {
+    if (!acquired_) co_return;
+    detail::log(logger(), log_level::warn, "ip_lock " + channel_ + ": giving up the lock: " + why);
+    set_acquired(false);
+    token_.reset();
+    auto client = options_.client;
+    if (std::exchange(advisory_held_, false) && client->is_open()) {
+      try {
+        co_await client->query("SELECT pg_advisory_unlock($1::bigint)", key_);
+      } catch (const std::exception&) {
+      }
+    }
+  }
+
+  static task<void> release_row(std::shared_ptr<connection> client, std::string schema, std::string lock_channel,
+                                std::int64_t key, bool advisory_held) {
+    // The row goes first: when the waiters wake on the advisory lock, the
+    // row they race for is already gone.
+    co_await client->query("DELETE FROM " + schema + ".lock WHERE channel = $1 AND app = $2", lock_channel,
+                           client->app_name());
+    if (advisory_held) co_await client->query("SELECT pg_advisory_unlock($1::bigint)", key);
   }
 
   // The DDL the Node package runs, made idempotent and serialised between
-  // our own processes by a transaction-level advisory lock; a Node peer
-  // racing us can still collide, so a collision is retried.
+  // our own processes by a transaction-level advisory lock (a Node peer
+  // racing us can still collide, so a collision is retried), plus what the
+  // fast failover needs: the tenure sequence and the bounded waiter.
   static task<void> ensure_schema(std::shared_ptr<connection> client, std::string schema) {
     std::string s = client->quote_identifier(schema);
     std::string lit = client->quote_literal(schema);
     auto present = co_await client->query(
         "SELECT to_regclass($1) IS NOT NULL "
         "AND EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass($1) AND tgname = 'notify_release_lock_trigger') "
-        "AND to_regprocedure($2) IS NOT NULL AND to_regprocedure($3) IS NOT NULL",
-        s + ".lock", s + ".notify_lock()", s + ".deadlock_check(text,text)");
+        "AND to_regprocedure($2) IS NOT NULL AND to_regprocedure($3) IS NOT NULL "
+        "AND to_regprocedure($4) IS NOT NULL AND to_regclass($5) IS NOT NULL",
+        s + ".lock", s + ".notify_lock()", s + ".deadlock_check(text,text)",
+        s + ".pgiplock_wait_free(bigint,integer)", s + ".pgiplock_tenure");
     if (present.get(0, 0) == "t") co_return;
+    auto regproc = [&](const std::string& sig) { return "to_regprocedure(" + client->quote_literal(s + sig) + ")"; };
     std::string ddl =
         "DO $pgiplock$ BEGIN\n"
         "PERFORM pg_advisory_xact_lock(hashtext('pgiplock bootstrap ' || " + lit + "));\n"
@@ -1860,7 +2063,7 @@ class ip_lock {
         "CREATE TABLE IF NOT EXISTS " + s + ".\"lock\" (\n"
         "  \"channel\" CHARACTER VARYING NOT NULL PRIMARY KEY,\n"
         "  \"app\" CHARACTER VARYING NOT NULL);\n"
-        "IF to_regprocedure(" + client->quote_literal(s + ".notify_lock()") + ") IS NULL THEN\n"
+        "IF " + regproc(".notify_lock()") + " IS NULL THEN\n"
         "  CREATE FUNCTION " + s + ".notify_lock() RETURNS TRIGGER LANGUAGE PLPGSQL AS $f$\n"
         "  BEGIN PERFORM PG_NOTIFY(OLD.channel, '1'); RETURN OLD; END; $f$;\n"
         "END IF;\n"
@@ -1869,7 +2072,7 @@ class ip_lock {
         "  CREATE CONSTRAINT TRIGGER notify_release_lock_trigger AFTER DELETE ON " + s + ".lock\n"
         "  DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE PROCEDURE " + s + ".notify_lock();\n"
         "END IF;\n"
-        "IF to_regprocedure(" + client->quote_literal(s + ".deadlock_check(text,text)") + ") IS NULL THEN\n"
+        "IF " + regproc(".deadlock_check(text,text)") + " IS NULL THEN\n"
         "  CREATE FUNCTION " + s + ".deadlock_check(old_app TEXT, new_app TEXT)\n"
         "  RETURNS TEXT LANGUAGE PLPGSQL AS $f$\n"
         "  DECLARE num_apps INTEGER;\n"
@@ -1879,6 +2082,20 @@ class ip_lock {
         "      RAISE EXCEPTION 'Duplicate channel for app %', new_app USING DETAIL = 'LOCKED';\n"
         "    END IF;\n"
         "    RETURN new_app;\n"
+        "  END; $f$;\n"
+        "END IF;\n"
+        "CREATE SEQUENCE IF NOT EXISTS " + s + ".pgiplock_tenure;\n"
+        // Waits for the holder's advisory lock for at most timeout_ms; the
+        // timeout is caught here, so it never reaches the server log.
+        "IF " + regproc(".pgiplock_wait_free(bigint,integer)") + " IS NULL THEN\n"
+        "  CREATE FUNCTION " + s + ".pgiplock_wait_free(key bigint, timeout_ms integer)\n"
+        "  RETURNS boolean LANGUAGE plpgsql AS $f$\n"
+        "  BEGIN\n"
+        "    PERFORM set_config('lock_timeout', timeout_ms::text, true);\n"
+        "    PERFORM pg_advisory_xact_lock(key);\n"
+        "    RETURN true;\n"
+        "  EXCEPTION WHEN lock_not_available THEN\n"
+        "    RETURN false;\n"
         "  END; $f$;\n"
         "END IF;\n"
         "END $pgiplock$";
@@ -1891,7 +2108,7 @@ class ip_lock {
         if (e.sqlstate() == "42501") {
           throw sql_error("pgiplock: cannot create the lock schema " + s +
                               ": permission denied (SQLSTATE 42501). Grant the CREATE privilege on the "
-                              "database (GRANT CREATE ON DATABASE ... TO ...) or have an administrator "
+                              "database (GRANT CREATE ON DATABASE ... TO ...) or have a role that has it "
                               "run init() once. Server said: " + e.what(),
                           e.sqlstate());
         }
@@ -1910,15 +2127,17 @@ class ip_lock {
     wake_.cancel();
   }
 
-  // One coroutine serialises every background attempt: the periodic retry
-  // and the immediate attempt after a release event.
+  // Release events and the periodic retry. While the advisory waiter knows
+  // a live holder holds the advisory lock, the periodic attempt is skipped:
+  // an idle standby then sends one statement per wait slice, nothing more.
   task<void> retry_loop() {
     auto& loop = options_.client->loop();
     for (;;) {
       bool elapsed = co_await loop.sleep(options_.acquire_interval, &wake_);
       if (!elapsed) wake_.reset();
       bool released = std::exchange(release_pending_, false);
-      if (!acquired_ && options_.client->is_open()) {
+      bool pointless = elapsed && waiter_sees_holder_;
+      if (!acquired_ && options_.client->is_open() && !pointless) {
         try {
           co_await acquire();
         } catch (const std::exception& e) {
@@ -1930,9 +2149,110 @@ class ip_lock {
     }
   }
 
+  // The holder's liveness check: its row must still be there (a DELETE or
+  // TRUNCATE under a live holder fires no release event), answered in time.
+  task<void> heartbeat_loop() {
+    auto& loop = options_.client->loop();
+    auto every = std::max<std::chrono::milliseconds>(std::chrono::milliseconds(10), options_.liveness_timeout / 4);
+    auto limit = std::max<std::chrono::milliseconds>(std::chrono::milliseconds(10), options_.liveness_timeout / 2);
+    for (;;) {
+      co_await loop.sleep(every);
+      auto client = options_.client;
+      if (!acquired_ || !client->is_open() || attempt_in_flight_) continue;
+      std::optional<bool> held;
+      std::string failure;  // co_await is not allowed inside a handler
+      try {
+        held = co_await detail::within(loop, holds_row(client), limit);
+      } catch (const std::exception& e) {
+        failure = e.what();
+      }
+      if (!failure.empty()) {
+        co_await demote("the liveness check failed: " + failure);
+      } else if (!held) {
+        co_await demote("the liveness check got no answer within " + std::to_string(limit.count()) + " ms");
+      } else if (!*held) {
+        co_await demote("its lock row was deleted");
+      }
+    }
+  }
+
+  // The fast path of a standby: wait, server-side and in bounded slices,
+  // for the holder's advisory lock; when it comes free, take over (retrying
+  // briefly: the dead holder's application_name can stay visible in
+  // pg_stat_activity for a moment after its lock is freed).
+  task<void> waiter_loop() {
+    auto client = options_.client;
+    auto& loop = client->loop();
+    auto slice = options_.wait_slice.count() > 0 ? options_.wait_slice : options_.acquire_interval;
+    for (;;) {
+      if (acquired_ || !client->is_open() || event_loop::clock::now() < passive_until_) {
+        waiter_sees_holder_ = false;
+        if (acquired_ && waiter_) {  // a holder waits for nobody: give the connection back
+          auto w = std::move(waiter_);
+          co_await w->close();
+        }
+        bool passive = !acquired_ && client->is_open();
+        auto until = passive ? passive_until_ : event_loop::clock::now() + options_.acquire_interval;
+        if (!co_await loop.sleep_until(until, &standby_wake_)) standby_wake_.reset();
+        continue;
+      }
+      if (!waiter_ || !waiter_->is_open()) {
+        try {
+          connect_options co;
+          co.logger = client->logger();
+          co.liveness_timeout = options_.liveness_timeout;
+          waiter_ = co_await connection::connect(loop, client->conninfo(), co);
+        } catch (const std::exception& e) {
+          detail::log(logger(), log_level::warn,
+                      "ip_lock " + channel_ + ": fast failover unavailable for now: " + e.what());
+          waiter_.reset();
+        }
+        if (!waiter_) {
+          waiter_sees_holder_ = false;
+          co_await loop.sleep(options_.acquire_interval);
+          continue;
+        }
+      }
+      bool free = false;
+      bool failed = false;
+      try {
+        auto r = co_await waiter_->query("SELECT " + schema_ + ".pgiplock_wait_free($1::bigint, $2::integer)", key_,
+                                         static_cast<long long>(slice.count()));
+        free = r.get(0, 0) == "t";
+      } catch (const std::exception& e) {
+        failed = true;
+        detail::log(logger(), log_level::debug, "ip_lock " + channel_ + ": advisory wait failed: " + e.what());
+      }
+      if (failed) {
+        waiter_sees_holder_ = false;
+        co_await loop.sleep(std::chrono::milliseconds(100));
+        continue;
+      }
+      waiter_sees_holder_ = !free;
+      if (!free || acquired_) continue;
+      bool won = false;
+      for (int i = 0; i < 25 && !won && client->is_open(); ++i) {
+        try {
+          auto o = co_await take();
+          won = o.won;
+          if (!o.got_advisory) break;  // another standby holds it now
+        } catch (const std::exception& e) {
+          detail::log(logger(), log_level::debug, "ip_lock " + channel_ + ": takeover attempt failed: " + e.what());
+          break;
+        }
+        if (!won) co_await loop.sleep(std::chrono::milliseconds(2));
+      }
+      // The advisory lock was free but the holder lives: it takes no
+      // advisory lock (a Node peer). Release events and the retry timer
+      // cover it; waiting again now would spin.
+      if (!won && !acquired_ && client->is_open()) co_await loop.sleep(options_.acquire_interval, &wake_);
+    }
+  }
+
   void set_acquired(bool now) {
     if (now == acquired_) return;
     acquired_ = now;
+    if (!now) standby_wake_.cancel();  // the waiter has work again
     auto& handlers = now ? on_acquire_ : on_lose_;
     for (std::size_t i = 0; i < handlers.size(); ++i) handlers[i](channel_);
   }
@@ -1940,16 +2260,28 @@ class ip_lock {
   std::string channel_;
   std::string lock_channel_;
   ip_lock_options options_;
+  std::int64_t key_ = 0;
   std::string schema_;  // quoted
   bool initialized_ = false;
   bool destroyed_ = false;
   bool acquired_ = false;
+  bool advisory_held_ = false;     // a session advisory lock on the client connection
+  bool waiter_sees_holder_ = false;  // the last wait slice timed out: a live holder holds it
   bool release_pending_ = false;
+  bool attempt_in_flight_ = false;
+  std::shared_ptr<async_event> attempt_done_;
+  std::optional<std::int64_t> token_;
+  event_loop::clock::time_point passive_until_{};
   std::uint64_t notify_sub_ = 0, lost_sub_ = 0;
   channel_handler on_release_;
   std::vector<channel_handler> on_acquire_, on_lose_;
-  cancel_source wake_;
-  task<void> background_;  // last: destroyed first
+  cancel_source wake_;          // release events wake the retry loop
+  cancel_source standby_wake_;  // losing the lock wakes the waiter loop
+  std::shared_ptr<connection> waiter_;
+  // Last: destroyed first.
+  task<void> heartbeat_;
+  task<void> waiter_task_;
+  task<void> background_;
 };
 
 // ==== 7. pubsub =============================================================
@@ -2045,6 +2377,12 @@ struct pubsub_options {
   // the TTL count as one message; return a message id to tell them apart.
   std::function<std::string(std::string_view channel, std::string_view payload)> execution_key;
   std::chrono::seconds execution_ttl{3600};  // how long a claimed key stays claimed
+  // Crash takeover in milliseconds (see ip_lock_options::fast_failover):
+  // costs one extra connection per channel while this instance stands by.
+  bool fast_failover = true;
+  // Dead-link detection and holder self-demotion (see connect_options and
+  // ip_lock_options); 0 disables.
+  std::chrono::milliseconds liveness_timeout{10000};
 };
 
 void enable_graceful_shutdown(event_loop& loop);
@@ -2211,6 +2549,13 @@ class pubsub {
 
   std::shared_ptr<connection> client() const { return client_; }
   const pubsub_options& options() const noexcept { return options_; }
+
+  // The fencing token of this instance's current tenure on `ch` (0 when it
+  // does not hold it, and outside single-listener mode).
+  std::int64_t token(std::string_view ch) const {
+    auto it = channels_.find(ch);
+    return (it != channels_.end() && it->second.lock) ? it->second.lock->token() : 0;
+  }
   channel_emitter& channels() noexcept { return emitter_; }
 
   void on_connect(std::function<void()> fn) { on_connect_.push_back(std::move(fn)); }
@@ -2249,6 +2594,7 @@ class pubsub {
   connect_options connect_opts() const {
     connect_options o;
     o.logger = options_.logger;
+    o.liveness_timeout = options_.liveness_timeout;
     return o;
   }
 
@@ -2291,6 +2637,9 @@ class pubsub {
         lo.client = client_;
         lo.logger = options_.logger;
         lo.acquire_interval = options_.acquire_interval;
+        lo.fast_failover = options_.fast_failover;
+        lo.liveness_timeout = options_.liveness_timeout.count() > 0 ? options_.liveness_timeout
+                                                                    : std::chrono::milliseconds(std::chrono::hours(24));
         st.lock = std::make_unique<ip_lock>(ch, std::move(lo));
         st.lock->on_acquire([this](std::string_view c) { loop_->spawn(start_listening(std::string(c))); });
         st.lock->on_lose([this](std::string_view c) { on_lock_lost(std::string(c)); });
