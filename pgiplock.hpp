@@ -1176,6 +1176,12 @@ struct conninfo_params {
   }
 };
 
+inline std::string without_prefix(std::string m) {
+  static constexpr std::string_view prefix = "pgiplock: ";
+  if (m.compare(0, prefix.size(), prefix) == 0) m.erase(0, prefix.size());
+  return m;
+}
+
 inline std::string trim_message(std::string m) {
   while (!m.empty() && (m.back() == '\n' || m.back() == ' ')) m.pop_back();
   return m;
@@ -1277,8 +1283,16 @@ class connection : public std::enable_shared_from_this<connection> {
                                              std::move(options.logger));
     conn->conn_ = PQconnectStartParams(keys.data(), values.data(), 0);
     if (!conn->conn_) throw std::bad_alloc();
+    // What libpq actually tried (environment defaults included), never the password.
     auto failed = [&](std::string why) {
-      return connection_error("pgiplock: cannot connect to " + params.target + ": " + why);
+      std::string target = params.target;
+      if (const char* h = PQhost(conn->conn_); h && *h) {
+        target = std::string("host=") + h;
+        if (const char* p = PQport(conn->conn_); p && *p) target += std::string(" port=") + p;
+        if (const char* d = PQdb(conn->conn_); d && *d) target += std::string(" dbname=") + d;
+        if (const char* u = PQuser(conn->conn_); u && *u) target += std::string(" user=") + u;
+      }
+      return connection_error("pgiplock: cannot connect to " + target + ": " + why);
     };
     if (PQstatus(conn->conn_) == CONNECTION_BAD) throw failed(detail::trim_message(PQerrorMessage(conn->conn_)));
 
@@ -1870,7 +1884,9 @@ class ip_lock {
       co_return;
     }
     try {
-      if (listening) co_await client->query("UNLISTEN " + client->quote_identifier(lock_channel_));
+      // The release goes out first, the UNLISTEN behind it in the same
+      // flush: the handover does not wait for our bookkeeping.
+      if (listening) client->loop().spawn(unlisten_quietly(client, lock_channel_));
       co_await release();
     } catch (const std::exception& e) {
       detail::log(logger(), log_level::warn, "ip_lock " + channel_ + ": destroy: " + e.what());
@@ -2031,13 +2047,27 @@ class ip_lock {
     }
   }
 
+  static task<void> unlisten_quietly(std::shared_ptr<connection> client, std::string channel) {
+    try {
+      co_await client->query("UNLISTEN " + client->quote_identifier(channel));
+    } catch (const std::exception&) {
+      // a dead session listens to nothing
+    }
+  }
+
+  // One statement. The advisory unlock takes effect at once, the release
+  // NOTIFY only at commit, so a standby woken by either finds the lock free
+  // (and, if it races the commit, its INSERT waits for it). A data-modifying
+  // CTE always runs, so the row goes even where nothing else reads it.
   static task<void> release_row(std::shared_ptr<connection> client, std::string schema, std::string lock_channel,
                                 std::int64_t key, bool advisory_held) {
-    // The row goes first: when the waiters wake on the advisory lock, the
-    // row they race for is already gone.
-    co_await client->query("DELETE FROM " + schema + ".lock WHERE channel = $1 AND app = $2", lock_channel,
-                           client->app_name());
-    if (advisory_held) co_await client->query("SELECT pg_advisory_unlock($1::bigint)", key);
+    std::string del = "DELETE FROM " + schema + ".lock WHERE channel = $1 AND app = $2";
+    if (advisory_held) {
+      co_await client->query("WITH d AS (" + del + " RETURNING 1) SELECT pg_advisory_unlock($3::bigint)",
+                             lock_channel, client->app_name(), key);
+    } else {
+      co_await client->query(del, lock_channel, client->app_name());
+    }
   }
 
   // The DDL the Node package runs, made idempotent and serialised between
@@ -2109,7 +2139,7 @@ class ip_lock {
           throw sql_error("pgiplock: cannot create the lock schema " + s +
                               ": permission denied (SQLSTATE 42501). Grant the CREATE privilege on the "
                               "database (GRANT CREATE ON DATABASE ... TO ...) or have a role that has it "
-                              "run init() once. Server said: " + e.what(),
+                              "run init() once. Server said: " + detail::without_prefix(e.what()),
                           e.sqlstate());
         }
         if (!detail::is_bootstrap_race(e.sqlstate()) || attempt == 5) throw;
