@@ -1060,6 +1060,17 @@ class async_event {
   bool set_ = false;
 };
 
+namespace detail {
+
+// A deadline for a wait: cancels `cancel` after `d`. Shared ownership, so a
+// waiter that finishes first may go away.
+inline task<void> cancel_after(event_loop& loop, std::shared_ptr<cancel_source> cancel, std::chrono::milliseconds d) {
+  co_await loop.sleep(d);
+  cancel->cancel();
+}
+
+}  // namespace detail
+
 // ==== 5. connection =========================================================
 //
 // One non-blocking libpq connection driven by the loop, in pipeline mode with
@@ -1682,11 +1693,17 @@ struct ip_lock_options {
   // (stops holding, on_lose) when the row is gone or the check gets no
   // answer within liveness_timeout / 2.
   std::chrono::milliseconds liveness_timeout{10000};
+  // Lossless graceful handover, for locks whose successors announce their
+  // LISTEN (pubsub's do; it sets 500 ms): after releasing, a holder that had
+  // C++ standbys waiting keeps delivering (is_draining()) until the
+  // successor's announcement, or this long. 0: release at once.
+  std::chrono::milliseconds handover_timeout{0};
 };
 
 namespace detail {
 
 inline constexpr std::string_view lock_prefix = "__PgIpLock__:";
+inline constexpr std::string_view announce_payload = "listening";  // a new holder's LISTEN committed
 inline constexpr std::size_t max_identifier = 63;  // NAMEDATALEN - 1
 inline constexpr std::size_t max_channel = max_identifier - lock_prefix.size();
 
@@ -1746,14 +1763,10 @@ task<std::optional<T>> within(event_loop& loop, task<T> t, std::chrono::millisec
       }
       s->done.set();
     }
-    static task<void> expire(event_loop& l, std::shared_ptr<cancel_source> c, std::chrono::milliseconds d) {
-      co_await l.sleep(d);
-      c->cancel();
-    }
   };
   auto deadline = std::make_shared<cancel_source>();
   loop.spawn(runner::run(st, std::move(t)));
-  loop.spawn(runner::expire(loop, deadline, limit));
+  loop.spawn(cancel_after(loop, deadline, limit));
   bool finished = co_await st->done.wait(deadline.get());
   if (!finished) co_return std::nullopt;
   if (st->failure) std::rethrow_exception(st->failure);
@@ -1793,7 +1806,7 @@ class ip_lock {
     heartbeat_ = task<void>{};
     detach_from_client();
     if (acquired_ && options_.client->is_open()) {
-      options_.client->loop().spawn(release_row(options_.client, schema_, lock_channel_, key_, advisory_held_));
+      options_.client->loop().spawn(release_in_background(options_.client, schema_, lock_channel_, key_, advisory_held_));
     }
   }
 
@@ -1843,26 +1856,43 @@ class ip_lock {
 
   // Deletes our own row, if we hold one (someone else's row is never
   // touched), and frees the advisory lock. Other instances get the release
-  // event at commit and the advisory waiters wake.
+  // event at commit and the advisory waiters wake. If C++ standbys were
+  // waiting, this one keeps delivering until the winner announces that its
+  // LISTEN has committed (both see one commit order, so no message is lost
+  // or delivered twice), or handover_timeout passes; on_lose fires then.
   task<void> release() {
     auto client = options_.client;
     if (schema_.empty()) schema_ = client->quote_identifier(schema_name());
     bool was = acquired_;
-    set_acquired(false);
+    releasing_ = true;
     token_.reset();
     // Our own waiter would otherwise grab the lock straight back, before
     // the standby the release was for: stay passive for an interval.
     if (was) passive_until_ = event_loop::clock::now() + options_.acquire_interval;
-    if (!client->is_open()) co_return;
-    try {
-      bool held = std::exchange(advisory_held_, false);
-      co_await release_row(client, schema_, lock_channel_, key_, held);
-    } catch (const connection_error&) {
-      // The session is gone, and its row with it as far as standbys can tell.
-    } catch (...) {
-      if (was) set_acquired(true);
-      throw;
+    int waiting = 0;
+    if (client->is_open()) {
+      try {
+        bool held = std::exchange(advisory_held_, false);
+        waiting = co_await release_row(client, schema_, lock_channel_, key_, held);
+      } catch (const connection_error&) {
+        // The session is gone, and its row with it as far as standbys can tell.
+      } catch (...) {
+        releasing_ = false;
+        throw;
+      }
     }
+    if (was && waiting > 0 && options_.handover_timeout.count() > 0 && client->is_open()) {
+      draining_ = true;
+      auto announced = std::make_shared<async_event>(client->loop());
+      announced_ = announced;
+      auto deadline = std::make_shared<cancel_source>();
+      client->loop().spawn(detail::cancel_after(client->loop(), deadline, options_.handover_timeout));
+      co_await announced->wait(deadline.get());
+      draining_ = false;
+      announced_.reset();
+    }
+    releasing_ = false;
+    set_acquired(false);
   }
 
   // Releases, stops listening and the background coroutines, unregisters.
@@ -1877,23 +1907,24 @@ class ip_lock {
     auto client = options_.client;
     auto waiter = std::move(waiter_);
     bool listening = initialized_;
-    detach_from_client();
-    if (waiter) co_await waiter->close();
+    if (waiter) client->loop().spawn(close_quietly(waiter));
     if (!client->is_open()) {
+      detach_from_client();
       set_acquired(false);
       co_return;
     }
     try {
-      // The release goes out first, the UNLISTEN behind it in the same
-      // flush: the handover does not wait for our bookkeeping.
-      if (listening) client->loop().spawn(unlisten_quietly(client, lock_channel_));
-      co_await release();
+      co_await release();  // still listening: the successor's announcement ends the drain
     } catch (const std::exception& e) {
       detail::log(logger(), log_level::warn, "ip_lock " + channel_ + ": destroy: " + e.what());
     }
+    detach_from_client();
+    if (listening) client->loop().spawn(unlisten_quietly(client, lock_channel_));
   }
 
-  bool is_acquired() const noexcept { return acquired_ && options_.client->is_open(); }
+  bool is_acquired() const noexcept { return acquired_ && !releasing_ && options_.client->is_open(); }
+  // Released, but still delivering until the successor's LISTEN commits.
+  bool is_draining() const noexcept { return draining_ && options_.client->is_open(); }
 
   // The fencing token of the current tenure: strictly increasing across the
   // lock group (a sequence), 0 when not holding.
@@ -2047,6 +2078,17 @@ class ip_lock {
     }
   }
 
+  static task<void> release_in_background(std::shared_ptr<connection> client, std::string schema,
+                                          std::string lock_channel, std::int64_t key, bool advisory_held) {
+    try {
+      co_await release_row(client, schema, lock_channel, key, advisory_held);
+    } catch (const connection_error&) {
+      // gone with the session
+    }
+  }
+
+  static task<void> close_quietly(std::shared_ptr<connection> c) { co_await c->close(); }
+
   static task<void> unlisten_quietly(std::shared_ptr<connection> client, std::string channel) {
     try {
       co_await client->query("UNLISTEN " + client->quote_identifier(channel));
@@ -2058,16 +2100,25 @@ class ip_lock {
   // One statement. The advisory unlock takes effect at once, the release
   // NOTIFY only at commit, so a standby woken by either finds the lock free
   // (and, if it races the commit, its INSERT waits for it). A data-modifying
-  // CTE always runs, so the row goes even where nothing else reads it.
-  static task<void> release_row(std::shared_ptr<connection> client, std::string schema, std::string lock_channel,
-                                std::int64_t key, bool advisory_held) {
+  // CTE always runs. Yields how many C++ standbys were waiting for the
+  // advisory lock (counted before the unlock): they will announce.
+  static task<int> release_row(std::shared_ptr<connection> client, std::string schema, std::string lock_channel,
+                               std::int64_t key, bool advisory_held) {
     std::string del = "DELETE FROM " + schema + ".lock WHERE channel = $1 AND app = $2";
-    if (advisory_held) {
-      co_await client->query("WITH d AS (" + del + " RETURNING 1) SELECT pg_advisory_unlock($3::bigint)",
-                             lock_channel, client->app_name(), key);
-    } else {
+    if (!advisory_held) {
       co_await client->query(del, lock_channel, client->app_name());
+      co_return 0;
     }
+    auto k = static_cast<std::uint64_t>(key);
+    auto r = co_await client->query(
+        "WITH w AS MATERIALIZED (SELECT count(*) AS n FROM pg_catalog.pg_locks WHERE locktype = 'advisory' "
+        "AND NOT granted AND classid = $4::oid AND objid = $5::oid AND objsubid = 1), "
+        "u AS MATERIALIZED (SELECT pg_advisory_unlock($3::bigint) AS ok FROM w), "
+        "d AS (" + del + " RETURNING 1) "
+        "SELECT (SELECT n FROM w), (SELECT ok FROM u)",
+        lock_channel, client->app_name(), key, static_cast<long long>(k >> 32),
+        static_cast<long long>(k & 0xffffffffULL));
+    co_return std::atoi(std::string(r.get(0, 0)).c_str());
   }
 
   // The DDL the Node package runs, made idempotent and serialised between
@@ -2081,9 +2132,9 @@ class ip_lock {
         "SELECT to_regclass($1) IS NOT NULL "
         "AND EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass($1) AND tgname = 'notify_release_lock_trigger') "
         "AND to_regprocedure($2) IS NOT NULL AND to_regprocedure($3) IS NOT NULL "
-        "AND to_regprocedure($4) IS NOT NULL AND to_regclass($5) IS NOT NULL",
+        "AND to_regprocedure($4) IS NOT NULL AND to_regclass($5) IS NOT NULL AND to_regprocedure($6) IS NOT NULL",
         s + ".lock", s + ".notify_lock()", s + ".deadlock_check(text,text)",
-        s + ".pgiplock_wait_free(bigint,integer)", s + ".pgiplock_tenure");
+        s + ".pgiplock_wait_free(bigint,integer)", s + ".pgiplock_tenure", s + ".pgiplock_listen(text,text)");
     if (present.get(0, 0) == "t") co_return;
     auto regproc = [&](const std::string& sig) { return "to_regprocedure(" + client->quote_literal(s + sig) + ")"; };
     std::string ddl =
@@ -2128,6 +2179,15 @@ class ip_lock {
         "    RETURN false;\n"
         "  END; $f$;\n"
         "END IF;\n"
+        // A new holder's LISTEN and its announcement commit together.
+        "IF " + regproc(".pgiplock_listen(text,text)") + " IS NULL THEN\n"
+        "  CREATE FUNCTION " + s + ".pgiplock_listen(channel text, lock_channel text)\n"
+        "  RETURNS void LANGUAGE plpgsql AS $f$\n"
+        "  BEGIN\n"
+        "    EXECUTE format('LISTEN %I', channel);\n"
+        "    PERFORM pg_notify(lock_channel, '" + std::string(detail::announce_payload) + "');\n"
+        "  END; $f$;\n"
+        "END IF;\n"
         "END $pgiplock$";
     for (int attempt = 1;; ++attempt) {
       std::string failure;
@@ -2151,8 +2211,17 @@ class ip_lock {
   }
 
   void on_lock_channel(const notification& n) {
+    if (n.sender_pid == options_.client->backend_pid()) return;  // our own release or announcement
+    if (n.payload == detail::announce_payload) {
+      // The successor's LISTEN has committed: everything after this in the
+      // stream is its to deliver. Cut here, before the next notification.
+      if (draining_) {
+        draining_ = false;
+        if (announced_) announced_->set();
+      }
+      return;
+    }
     if (n.payload != "1") return;  // not a release event
-    if (n.sender_pid == options_.client->backend_pid()) return;  // our own release
     release_pending_ = true;
     wake_.cancel();
   }
@@ -2299,6 +2368,9 @@ class ip_lock {
   bool waiter_sees_holder_ = false;  // the last wait slice timed out: a live holder holds it
   bool release_pending_ = false;
   bool attempt_in_flight_ = false;
+  bool releasing_ = false;  // release() under way: no longer the holder
+  bool draining_ = false;   // released, delivering until the successor announces
+  std::shared_ptr<async_event> announced_;
   std::shared_ptr<async_event> attempt_done_;
   std::optional<std::int64_t> token_;
   event_loop::clock::time_point passive_until_{};
@@ -2410,6 +2482,8 @@ struct pubsub_options {
   // Crash takeover in milliseconds (see ip_lock_options::fast_failover):
   // costs one extra connection per channel while this instance stands by.
   bool fast_failover = true;
+  // Lossless graceful handover (see ip_lock_options::handover_timeout).
+  std::chrono::milliseconds handover_timeout{500};
   // Dead-link detection and holder self-demotion (see connect_options and
   // ip_lock_options); 0 disables.
   std::chrono::milliseconds liveness_timeout{10000};
@@ -2494,26 +2568,28 @@ class pubsub {
     std::string ch(channel_view);
     auto it = channels_.find(ch);
     if (it == channels_.end()) co_return;
-    auto lock = std::move(it->second.lock);
+    // The lock goes first: while it drains, this instance still delivers.
+    if (it->second.lock) co_await it->second.lock->destroy();
+    it = channels_.find(ch);
+    if (it == channels_.end()) co_return;
     bool was_listening = it->second.listening;
+    auto lock = std::move(it->second.lock);
     channels_.erase(it);
     if (client_ && client_->is_open() && was_listening) {
       co_await client_->query("UNLISTEN " + client_->quote_identifier(ch));
     }
-    if (lock) co_await lock->destroy();
     std::vector<std::string> chs{ch};
     for (auto& h : on_unlisten_) h(chs);
   }
 
   task<void> unlisten_all() {
     std::vector<std::string> chs = all_channels();
-    std::vector<std::unique_ptr<ip_lock>> locks;
-    for (auto& [name, st] : channels_) {
-      if (st.lock) locks.push_back(std::move(st.lock));
+    for (auto& ch : chs) {  // the locks first: each drains while it hands over
+      auto it = channels_.find(ch);
+      if (it != channels_.end() && it->second.lock) co_await it->second.lock->destroy();
     }
     channels_.clear();
     if (client_ && client_->is_open()) co_await client_->query("UNLISTEN *");
-    for (auto& l : locks) co_await l->destroy();
     for (auto& h : on_unlisten_) h(chs);
   }
 
@@ -2630,7 +2706,7 @@ class pubsub {
 
   bool active(const channel_state& st) const {
     if (!client_ || !client_->is_open() || !st.listening) return false;
-    return !st.lock || st.lock->is_acquired();
+    return !st.lock || st.lock->is_acquired() || st.lock->is_draining();
   }
 
   void report(const std::exception& e) {
@@ -2668,6 +2744,7 @@ class pubsub {
         lo.logger = options_.logger;
         lo.acquire_interval = options_.acquire_interval;
         lo.fast_failover = options_.fast_failover;
+        lo.handover_timeout = options_.handover_timeout;
         lo.liveness_timeout = options_.liveness_timeout.count() > 0 ? options_.liveness_timeout
                                                                     : std::chrono::milliseconds(std::chrono::hours(24));
         st.lock = std::make_unique<ip_lock>(ch, std::move(lo));
@@ -2702,8 +2779,14 @@ class pubsub {
     auto settled = std::make_shared<async_event>(*loop_);
     it->second.listened = settled;
     auto c = client_;
+    bool announce = static_cast<bool>(it->second.lock);
     try {
-      co_await c->query("LISTEN " + c->quote_identifier(ch));
+      if (announce) {  // LISTEN and "listening" on the lock channel commit together: the exact cut
+        co_await c->query("SELECT " + c->quote_identifier(ip_lock::schema_name()) + ".pgiplock_listen($1, $2)", ch,
+                          it->second.lock->lock_channel());
+      } else {
+        co_await c->query("LISTEN " + c->quote_identifier(ch));
+      }
     } catch (const std::exception& e) {
       auto again = channels_.find(ch);
       if (again != channels_.end()) again->second.listen_started = false;
@@ -3028,11 +3111,6 @@ inline task<void> release_all_then_set(async_event& done) {
   done.set();
 }
 
-inline task<void> cancel_after(event_loop& loop, cancel_source& cancel, std::chrono::milliseconds d) {
-  co_await loop.sleep(d);
-  cancel.cancel();
-}
-
 inline task<void> die_on_second_signal(event_loop& loop, int fd) {
   for (;;) {
     co_await loop.poll(fd, POLLIN);
@@ -3050,10 +3128,10 @@ inline task<void> await_shutdown_signal(event_loop& loop, int fd) {
               std::string("received ") + ::strsignal(sig) + ": releasing locks before exiting");
   loop.spawn(die_on_second_signal(loop, fd));
   async_event done(loop);
-  cancel_source deadline;
+  auto deadline = std::make_shared<cancel_source>();
   loop.spawn(cancel_after(loop, deadline, shutdown_timeout()));
   loop.spawn(release_all_then_set(done));
-  bool released = co_await done.wait(&deadline);
+  bool released = co_await done.wait(deadline.get());
   if (!released) {
     detail::log(loop.logger(), log_level::warn, "shutdown timeout: exiting with locks not released");
   }
