@@ -1865,6 +1865,9 @@ class ip_lock {
     if (schema_.empty()) schema_ = client->quote_identifier(schema_name());
     bool was = acquired_;
     releasing_ = true;
+    // Keep delivering while the release is in flight; whether to go on
+    // until a successor announces depends on who was waiting.
+    draining_ = was;
     token_.reset();
     // Our own waiter would otherwise grab the lock straight back, before
     // the standby the release was for: stay passive for an interval.
@@ -1878,19 +1881,19 @@ class ip_lock {
         // The session is gone, and its row with it as far as standbys can tell.
       } catch (...) {
         releasing_ = false;
+        draining_ = false;
         throw;
       }
     }
-    if (was && waiting > 0 && options_.handover_timeout.count() > 0 && client->is_open()) {
-      draining_ = true;
+    if (was && waiting > 0 && options_.handover_timeout.count() > 0 && client->is_open() && draining_) {
       auto announced = std::make_shared<async_event>(client->loop());
       announced_ = announced;
       auto deadline = std::make_shared<cancel_source>();
       client->loop().spawn(detail::cancel_after(client->loop(), deadline, options_.handover_timeout));
       co_await announced->wait(deadline.get());
-      draining_ = false;
       announced_.reset();
     }
+    draining_ = false;
     releasing_ = false;
     set_acquired(false);
   }
@@ -1925,6 +1928,13 @@ class ip_lock {
   bool is_acquired() const noexcept { return acquired_ && !releasing_ && options_.client->is_open(); }
   // Released, but still delivering until the successor's LISTEN commits.
   bool is_draining() const noexcept { return draining_ && options_.client->is_open(); }
+
+  // For a holder that announces its LISTEN (pubsub): whether the stream has
+  // passed the cut. A LISTEN can start receiving slightly before its own
+  // commit (PostgreSQL's queue position is set at pre-commit); what comes
+  // before our own announcement is the draining predecessor's to deliver.
+  // Not waited for after a crash takeover: nobody drains then.
+  bool past_handover_cut() const noexcept { return !fresh_tenure_ || own_announcement_seen_; }
 
   // The fencing token of the current tenure: strictly increasing across the
   // lock group (a sequence), 0 when not holding.
@@ -2002,9 +2012,10 @@ class ip_lock {
            "ON CONFLICT (channel) DO UPDATE SET app = EXCLUDED.app "
            "WHERE " + lock + ".app = EXCLUDED.app OR NOT EXISTS ("
            "SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.application_name = " + lock + ".app) "
-           "RETURNING 1) "
+           "RETURNING (xmax = 0) AS fresh) "
            "SELECT (SELECT got FROM me), EXISTS (SELECT 1 FROM taken), "
-           "CASE WHEN EXISTS (SELECT 1 FROM taken) THEN nextval('" + schema_ + ".pgiplock_tenure') END";
+           "CASE WHEN EXISTS (SELECT 1 FROM taken) THEN nextval('" + schema_ + ".pgiplock_tenure') END, "
+           "coalesce((SELECT bool_or(fresh) FROM taken), false)";
   }
 
   // acquire(), with what the waiter needs to know: whether the advisory
@@ -2046,6 +2057,10 @@ class ip_lock {
     if (out.won) {
       advisory_held_ = true;
       token_ = std::strtoll(std::string(r.get(0, 2)).c_str(), nullptr, 10);
+      // A fresh row: the previous holder released it and may be draining
+      // until our announcement. A row taken over: its holder is dead.
+      fresh_tenure_ = r.get(0, 3) == "t";
+      own_announcement_seen_ = false;
       set_acquired(true);
     } else {
       // The advisory lock was free but the row is a live holder's: a Node
@@ -2211,7 +2226,10 @@ class ip_lock {
   }
 
   void on_lock_channel(const notification& n) {
-    if (n.sender_pid == options_.client->backend_pid()) return;  // our own release or announcement
+    if (n.sender_pid == options_.client->backend_pid()) {  // our own release or announcement
+      if (n.payload == detail::announce_payload) own_announcement_seen_ = true;
+      return;
+    }
     if (n.payload == detail::announce_payload) {
       // The successor's LISTEN has committed: everything after this in the
       // stream is its to deliver. Cut here, before the next notification.
@@ -2370,6 +2388,8 @@ class ip_lock {
   bool attempt_in_flight_ = false;
   bool releasing_ = false;  // release() under way: no longer the holder
   bool draining_ = false;   // released, delivering until the successor announces
+  bool fresh_tenure_ = false;            // won a row the predecessor released
+  bool own_announcement_seen_ = false;   // our announcement has come back to us
   std::shared_ptr<async_event> announced_;
   std::shared_ptr<async_event> attempt_done_;
   std::optional<std::int64_t> token_;
@@ -2704,9 +2724,18 @@ class pubsub {
     return o;
   }
 
-  bool active(const channel_state& st) const {
-    if (!client_ || !client_->is_open() || !st.listening) return false;
-    return !st.lock || st.lock->is_acquired() || st.lock->is_draining();
+  bool active(const channel_state& st) const { return st.listening && holding(st); }
+
+  // Whether a notification that reached this connection is ours to deliver.
+  // Once our LISTEN is on its way, whatever arrives for the channel was
+  // committed after it: deliver it even before its result is processed
+  // (both come in one read), or the first messages of a tenure are lost.
+  bool deliverable(const channel_state& st) const { return st.listen_started && holding(st); }
+
+  bool holding(const channel_state& st) const {
+    if (!client_ || !client_->is_open()) return false;
+    if (!st.lock) return true;
+    return (st.lock->is_acquired() && st.lock->past_handover_cut()) || st.lock->is_draining();
   }
 
   void report(const std::exception& e) {
@@ -2826,7 +2855,7 @@ class pubsub {
       return;
     }
     auto it = channels_.find(n.channel);
-    if (it == channels_.end() || !active(it->second)) return;
+    if (it == channels_.end() || !deliverable(it->second)) return;
     deliver(n.channel, n.payload);
   }
 
@@ -2943,7 +2972,7 @@ class pubsub {
 
   void queue_claim(const notification& n) {
     auto it = channels_.find(n.channel);
-    if (it == channels_.end() || !it->second.listening) return;
+    if (it == channels_.end() || !it->second.listen_started) return;
     std::string key = options_.execution_key ? options_.execution_key(n.channel, n.payload)
                                              : detail::message_key(n.sender_pid, n.channel, n.payload);
     claims_.push_back(claim{std::move(key), std::string(n.channel), std::string(n.payload)});

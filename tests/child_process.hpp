@@ -57,6 +57,7 @@ class child_process {
   }
 
   pid_t pid() const { return pid_; }
+  bool at_eof() const { return eof_ && buffer_.find('\n') == std::string::npos; }
   const std::vector<std::string>& lines() const { return lines_; }
 
   void send(const std::string& line) {

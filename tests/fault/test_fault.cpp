@@ -1,0 +1,334 @@
+// The fault suite: three listener processes on one channel, a publisher
+// sending a numbered message every millisecond, and one fault per test.
+// Each test repeats its fault, prints median and worst case, and asserts the
+// targets of the failover issue and that no message is delivered twice.
+#include "../child_process.hpp"
+
+#include <algorithm>
+#include <map>
+#include <sstream>
+
+extern const bool test_needs_database = true;
+
+using namespace test;
+using pgiplock::pubsub;
+
+namespace {
+
+long long now_ns() { return std::chrono::duration_cast<std::chrono::nanoseconds>(clock::now().time_since_epoch()).count(); }
+
+std::string fresh_channel(const std::string& stem) {
+  static int n = 0;
+  return stem + "_" + std::to_string(::getpid()) + "_" + std::to_string(++n);
+}
+
+struct delivery {
+  int member;
+  long n;
+  long long t;
+};
+
+// Members, what they said, and a publisher.
+struct fleet {
+  event_loop& loop;
+  std::string channel;
+  std::vector<std::unique_ptr<child_process>> members;
+  std::vector<int> backend_pid;
+  std::vector<std::vector<long long>> holds;
+  std::vector<delivery> deliveries;
+  std::vector<bool> alive;
+  long sent = 0;
+  bool publishing = false;
+  int readers = 0;
+
+  fleet(event_loop& l, std::string ch) : loop(l), channel(std::move(ch)) {}
+
+  void start(int count, std::vector<std::string> extra) {
+    for (int i = 0; i < count; ++i) {
+      std::vector<std::string> argv{env_or("PGIPLOCK_FAULT_MEMBER"), dsn(), channel};
+      argv.insert(argv.end(), extra.begin(), extra.end());
+      members.push_back(std::make_unique<child_process>(argv));
+      backend_pid.push_back(0);
+      holds.emplace_back();
+      alive.push_back(true);
+      ++readers;
+      loop.spawn(read(i));
+    }
+  }
+
+  task<void> read(int i) {
+    auto& m = *members[static_cast<std::size_t>(i)];
+    for (;;) {
+      auto line = co_await m.read_line(loop, 200ms);
+      if (!line) {
+        if (m.at_eof()) break;
+        continue;
+      }
+      std::istringstream in(*line);
+      std::string kind;
+      in >> kind;
+      if (kind == "READY") in >> backend_pid[static_cast<std::size_t>(i)];
+      if (kind == "HOLD") {
+        long long t = 0;
+        in >> t;
+        holds[static_cast<std::size_t>(i)].push_back(t);
+      }
+      if (kind == "MSG") {
+        delivery d{i, 0, 0};
+        in >> d.n >> d.t;
+        deliveries.push_back(d);
+      }
+    }
+    --readers;
+  }
+
+  task<bool> ready(std::chrono::milliseconds limit) {
+    co_return co_await wait_until(loop, [&] {
+      int ready = 0, holding = 0;
+      for (std::size_t i = 0; i < members.size(); ++i) {
+        ready += backend_pid[i] != 0;
+        holding += !holds[i].empty();
+      }
+      return ready == static_cast<int>(members.size()) && holding >= 1;
+    }, limit);
+  }
+
+  // The member that became the deliverer last and is still alive.
+  int holder() const {
+    int best = -1;
+    long long t = -1;
+    for (std::size_t i = 0; i < members.size(); ++i) {
+      if (alive[i] && !holds[i].empty() && holds[i].back() > t) {
+        t = holds[i].back();
+        best = static_cast<int>(i);
+      }
+    }
+    return best;
+  }
+
+  static task<void> publish(fleet& f, pubsub& pub) {
+    f.publishing = true;
+    while (f.publishing) {
+      try {
+        co_await pub.notify(f.channel, std::to_string(f.sent));
+        ++f.sent;
+      } catch (const std::exception&) {
+        // the server restarts: keep trying
+      }
+      co_await f.loop.sleep(1ms);
+    }
+  }
+
+  // First delivery after `t` by a member other than `victim`.
+  std::optional<long long> first_delivery_after(long long t, int victim) const {
+    std::optional<long long> first;
+    for (auto& d : deliveries) {
+      if (d.member != victim && d.t > t && (!first || d.t < *first)) first = d.t;
+    }
+    return first;
+  }
+
+  struct tally {
+    long lost = 0, duplicated = 0;
+  };
+  tally count() const {
+    std::map<long, int> seen;
+    for (auto& d : deliveries) ++seen[d.n];
+    tally out;
+    for (long n = 0; n < sent; ++n) {
+      auto it = seen.find(n);
+      if (it == seen.end()) ++out.lost;
+      else if (it->second > 1) out.duplicated += it->second - 1;
+    }
+    return out;
+  }
+
+  // Tenures never overlap: once a member has delivered a message sent
+  // after another member's last delivery... simpler and stricter: sorted by
+  // message number, the deliverer changes at most `changes` times.
+  int deliverer_changes() const {
+    std::vector<delivery> d = deliveries;
+    std::sort(d.begin(), d.end(), [](const delivery& a, const delivery& b) { return a.n < b.n; });
+    int changes = 0;
+    for (std::size_t i = 1; i < d.size(); ++i) changes += d[i].member != d[i - 1].member;
+    return changes;
+  }
+
+  task<void> stop() {
+    publishing = false;
+    for (auto& m : members) m->signal(SIGKILL);
+    co_await wait_until(loop, [&] { return readers == 0; }, 5s);
+  }
+};
+
+struct stats {
+  std::vector<double> values;
+  double median() const {
+    auto v = values;
+    std::sort(v.begin(), v.end());
+    return v.empty() ? 0 : v[v.size() / 2];
+  }
+  double worst() const { return values.empty() ? 0 : *std::max_element(values.begin(), values.end()); }
+};
+
+std::string describe(const std::string& what, const stats& s) {
+  std::ostringstream o;
+  o << what << ": median " << s.median() << " ms, worst " << s.worst() << " ms over " << s.values.size() << " runs";
+  return o.str();
+}
+
+struct run_result {
+  double takeover_ms = -1;
+  long lost = 0, duplicated = 0;
+  int changes = 0;
+};
+
+enum class fault { sigkill, sigterm, terminate_backend, delete_row, truncate_table };
+
+task<run_result> one_run(event_loop& loop, fault f) {
+  run_result out;
+  fleet fl(loop, fresh_channel("fault"));
+  std::vector<std::string> extra{"--interval", "30000", "--liveness", "2000"};
+  if (f == fault::sigterm) extra.push_back("--graceful");
+  fl.start(3, extra);
+  bool up = co_await fl.ready(20s);
+  REQUIRE(up);
+  pgiplock::pubsub_options po;
+  po.conninfo = dsn();
+  pubsub pub(loop, po);
+  co_await pub.connect();
+  loop.spawn(fleet::publish(fl, pub));
+  co_await wait_until(loop, [&] { return fl.deliveries.size() >= 100; }, 5s);
+  int victim = fl.holder();
+  REQUIRE(victim >= 0);
+  long long t0 = now_ns();
+  switch (f) {
+    case fault::sigkill:
+      fl.members[static_cast<std::size_t>(victim)]->signal(SIGKILL);
+      fl.alive[static_cast<std::size_t>(victim)] = false;
+      break;
+    case fault::sigterm:
+      fl.members[static_cast<std::size_t>(victim)]->signal(SIGTERM);
+      fl.alive[static_cast<std::size_t>(victim)] = false;
+      break;
+    case fault::terminate_backend:
+      co_await pub.client()->query("SELECT pg_terminate_backend($1)", fl.backend_pid[static_cast<std::size_t>(victim)]);
+      break;
+    case fault::delete_row:
+      co_await pub.client()->query("DELETE FROM " + pgiplock::ip_lock::schema_name() + ".lock WHERE channel = $1",
+                                   "__PgIpLock__:" + fl.channel);
+      break;
+    case fault::truncate_table:
+      co_await pub.client()->query("TRUNCATE " + pgiplock::ip_lock::schema_name() + ".lock");
+      break;
+  }
+  bool moved = co_await wait_until(loop, [&] { return fl.first_delivery_after(t0, victim).has_value(); }, 10s);
+  long long resumed_by_victim = 0;
+  if (!moved && (f == fault::delete_row || f == fault::truncate_table)) {
+    // The holder may legitimately win its own lock back after demoting.
+    for (auto& d : fl.deliveries) {
+      if (d.t > t0 + 1000000LL) resumed_by_victim = d.t;
+    }
+  }
+  if (auto first = fl.first_delivery_after(t0, victim)) out.takeover_ms = static_cast<double>(*first - t0) / 1e6;
+  else if (resumed_by_victim) out.takeover_ms = 0;
+  long target = fl.sent + 200;
+  co_await wait_until(loop, [&] { return fl.sent >= target; }, 5s);
+  fl.publishing = false;
+  long last = fl.sent - 1;
+  co_await wait_until(loop, [&] {
+    for (auto& d : fl.deliveries) {
+      if (d.n == last) return true;
+    }
+    return false;
+  }, 3s);
+  co_await loop.sleep(20ms);  // let the tail drain through the pipes
+  auto t = fl.count();
+  if (std::getenv("PGIPLOCK_FAULT_DEBUG") && (t.lost || t.duplicated)) {
+    std::map<long, std::vector<int>> by;
+    for (auto& d : fl.deliveries) by[d.n].push_back(d.member);
+    for (long n = 0; n < fl.sent; ++n) {
+      auto& v = by[n];
+      if (v.size() != 1 || (n > 0 && by[n - 1].size() == 1 && by[n - 1][0] != (v.empty() ? -1 : v[0]))) {
+        std::fprintf(stderr, "n=%ld delivered by", n);
+        for (int m : v) std::fprintf(stderr, " %d", m);
+        std::fprintf(stderr, " (victim %d)\n", victim);
+      }
+    }
+  }
+  out.lost = t.lost;
+  out.duplicated = t.duplicated;
+  out.changes = fl.deliverer_changes();
+  co_await fl.stop();
+  co_await pub.close();
+  co_return out;
+}
+
+task<std::vector<run_result>> runs(event_loop& loop, fault f, int n) {
+  std::vector<run_result> out;
+  for (int i = 0; i < n; ++i) out.push_back(co_await one_run(loop, f));
+  co_return out;
+}
+
+}  // namespace
+
+TEST_CASE("holder SIGKILLed: a standby delivers within 10 ms median, 50 ms worst; nothing twice", "[fault]") {
+  event_loop loop;
+  auto rs = loop.run(runs(loop, fault::sigkill, 7));
+  stats takeover;
+  long lost = 0;
+  for (auto& r : rs) {
+    CHECK(r.takeover_ms >= 0);
+    CHECK(r.duplicated == 0);
+    CHECK(r.changes == 1);
+    // What is lost is what was sent while nobody listened: about the
+    // takeover time at one message per millisecond.
+    CHECK(r.lost <= static_cast<long>(r.takeover_ms) + 10);
+    takeover.values.push_back(r.takeover_ms);
+    lost += r.lost;
+  }
+  WARN(describe("SIGKILL takeover", takeover) << "; lost " << lost << " in total");
+  CHECK(takeover.median() <= 10);
+  CHECK(takeover.worst() <= 50);
+}
+
+TEST_CASE("holder SIGTERM (graceful): nothing lost, nothing twice", "[fault]") {
+  event_loop loop;
+  auto rs = loop.run(runs(loop, fault::sigterm, 5));
+  stats takeover;
+  for (auto& r : rs) {
+    CHECK(r.lost == 0);
+    CHECK(r.duplicated == 0);
+    CHECK(r.changes == 1);
+    takeover.values.push_back(r.takeover_ms);
+  }
+  WARN(describe("SIGTERM handover", takeover));
+}
+
+TEST_CASE("holder's backend terminated: the new holder delivers within 50 ms, tenures do not overlap", "[fault]") {
+  event_loop loop;
+  auto rs = loop.run(runs(loop, fault::terminate_backend, 5));
+  stats takeover;
+  for (auto& r : rs) {
+    CHECK(r.duplicated == 0);
+    CHECK(r.changes == 1);
+    CHECK(r.takeover_ms >= 0);
+    CHECK(r.takeover_ms <= 50);
+    takeover.values.push_back(r.takeover_ms);
+  }
+  WARN(describe("pg_terminate_backend takeover", takeover));
+}
+
+TEST_CASE("the lock row deleted or the table truncated under a live holder: never two deliver", "[fault]") {
+  event_loop loop;
+  auto rs = loop.run(runs(loop, fault::delete_row, 2));
+  auto rt = loop.run(runs(loop, fault::truncate_table, 2));
+  rs.insert(rs.end(), rt.begin(), rt.end());
+  stats resumed;
+  for (auto& r : rs) {
+    CHECK(r.duplicated == 0);
+    CHECK(r.changes <= 1);
+    resumed.values.push_back(r.takeover_ms);
+  }
+  WARN(describe("row deleted / table truncated, delivery by another member", resumed));
+}
