@@ -126,6 +126,12 @@ inline void log(const log_handler& logger, log_level level, std::string_view mes
   }
 }
 
+// Our sessions' application_name: this prefix and a UUID. A holder whose
+// app carries it always holds its channel's advisory lock, so a standby that
+// got that lock knows the holder is gone without waiting for its session to
+// vanish from pg_stat_activity.
+inline constexpr std::string_view app_prefix = "pgiplock-";
+
 inline std::string random_uuid() {
   unsigned char b[16];
   std::size_t got = 0;
@@ -1135,8 +1141,9 @@ class result {
 struct connect_options {
   // Applies when the conninfo sets no connect_timeout.
   std::chrono::milliseconds timeout{PGIPLOCK_DEFAULT_CONNECT_TIMEOUT_MS};
-  // The session's application_name; empty: a fresh UUID, unique per
-  // connection, which is what the lock protocol identifies holders by.
+  // The session's application_name; empty: "pgiplock-" and a fresh UUID,
+  // unique per connection, which is what the lock protocol identifies
+  // holders by (keep it unique if you set it).
   std::string application_name;
   log_handler logger;
   // Dead-link detection on both ends (0 disables): libpq keepalives and
@@ -1269,7 +1276,8 @@ class connection : public std::enable_shared_from_this<connection> {
   static task<std::shared_ptr<connection>> connect_impl(event_loop& loop, std::string conninfo,
                                                         connect_options options) {
     auto params = detail::parse_conninfo(conninfo);
-    std::string app = options.application_name.empty() ? detail::random_uuid() : options.application_name;
+    std::string app = options.application_name.empty() ? std::string(detail::app_prefix) + detail::random_uuid()
+                                                       : options.application_name;
     params.set("application_name", app);
     auto live = options.liveness_timeout;
     if (live.count() > 0) {
@@ -1698,6 +1706,10 @@ struct ip_lock_options {
   // C++ standbys waiting keeps delivering (is_draining()) until the
   // successor's announcement, or this long. 0: release at once.
   std::chrono::milliseconds handover_timeout{0};
+  // A data channel to LISTEN in the very transaction that wins the lock,
+  // announcing it on the lock channel (what pubsub uses): a new holder
+  // delivers one round trip sooner. Empty: none.
+  std::string listen_on_acquire;
 };
 
 namespace detail {
@@ -1926,6 +1938,10 @@ class ip_lock {
   }
 
   bool is_acquired() const noexcept { return acquired_ && !releasing_ && options_.client->is_open(); }
+  // The holder's LISTEN of options().listen_on_acquire committed with its
+  // win (true from on_acquire on, while holding).
+  bool listens_on_acquire() const noexcept { return acquired_ && !options_.listen_on_acquire.empty(); }
+
   // Released, but still delivering until the successor's LISTEN commits.
   bool is_draining() const noexcept { return draining_ && options_.client->is_open(); }
 
@@ -2000,9 +2016,10 @@ class ip_lock {
   }
 
   // One statement: take the advisory lock if free; only then insert our
-  // row, take over one whose app has no session any more, or keep one that
-  // is already ours; a live holder's row is left alone (0 rows, no error,
-  // unlike the Node package's deadlock_check). Two takers of one dead row
+  // row, take over one whose app has no session any more or is one of ours
+  // (ours hold the advisory lock for their whole tenure: we got it, so that
+  // holder is gone), or keep one that is already ours; a live holder's row
+  // is left alone (0 rows, no error, unlike the Node package's deadlock_check). Two takers of one dead row
   // serialise on its row lock; the second re-checks, finds the new app
   // alive and gets 0. A won tenure draws its fencing token.
   std::string acquire_sql() const {
@@ -2010,12 +2027,14 @@ class ip_lock {
     return "WITH me AS MATERIALIZED (SELECT pg_try_advisory_lock($3::bigint) AS got), "
            "taken AS (INSERT INTO " + lock + " (channel, app) SELECT $1, $2 FROM me WHERE me.got "
            "ON CONFLICT (channel) DO UPDATE SET app = EXCLUDED.app "
-           "WHERE " + lock + ".app = EXCLUDED.app OR NOT EXISTS ("
+           "WHERE " + lock + ".app = EXCLUDED.app "
+           "OR " + lock + ".app LIKE '" + std::string(detail::app_prefix) + "%' OR NOT EXISTS ("
            "SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.application_name = " + lock + ".app) "
            "RETURNING (xmax = 0) AS fresh) "
            "SELECT (SELECT got FROM me), EXISTS (SELECT 1 FROM taken), "
            "CASE WHEN EXISTS (SELECT 1 FROM taken) THEN nextval('" + schema_ + ".pgiplock_tenure') END, "
-           "coalesce((SELECT bool_or(fresh) FROM taken), false)";
+           "coalesce((SELECT bool_or(fresh) FROM taken), false), "
+           "CASE WHEN EXISTS (SELECT 1 FROM taken) AND $4 <> '' THEN " + schema_ + ".pgiplock_listen($4, $1) END";
   }
 
   // acquire(), with what the waiter needs to know: whether the advisory
@@ -2050,7 +2069,11 @@ class ip_lock {
   }
 
   task<outcome> attempt(std::shared_ptr<connection> client) {
-    auto r = co_await client->query(acquire_sql(), lock_channel_, client->app_name(), key_);
+    // Our announcement can be dispatched before this result is processed
+    // (both arrive in one read): forget earlier ones before sending.
+    own_announcement_seen_ = false;
+    auto r = co_await client->query(acquire_sql(), lock_channel_, client->app_name(), key_,
+                                    options_.listen_on_acquire);
     outcome out;
     out.got_advisory = r.get(0, 0) == "t";
     out.won = r.get(0, 1) == "t";
@@ -2060,7 +2083,6 @@ class ip_lock {
       // A fresh row: the previous holder released it and may be draining
       // until our announcement. A row taken over: its holder is dead.
       fresh_tenure_ = r.get(0, 3) == "t";
-      own_announcement_seen_ = false;
       set_acquired(true);
     } else {
       // The advisory lock was free but the row is a live holder's: a Node
@@ -2347,11 +2369,14 @@ class ip_lock {
       }
       waiter_sees_holder_ = !free;
       if (!free || acquired_) continue;
+      detail::log(logger(), log_level::debug, "ip_lock " + channel_ + ": the holder's advisory lock is free");
       bool won = false;
       for (int i = 0; i < 25 && !won && client->is_open(); ++i) {
         try {
           auto o = co_await take();
           won = o.won;
+          detail::log(logger(), log_level::debug,
+                      "ip_lock " + channel_ + ": takeover attempt " + std::to_string(i + 1) + (won ? ": won" : ": lost"));
           if (!o.got_advisory) break;  // another standby holds it now
         } catch (const std::exception& e) {
           detail::log(logger(), log_level::debug, "ip_lock " + channel_ + ": takeover attempt failed: " + e.what());
@@ -2774,15 +2799,15 @@ class pubsub {
         lo.acquire_interval = options_.acquire_interval;
         lo.fast_failover = options_.fast_failover;
         lo.handover_timeout = options_.handover_timeout;
+        lo.listen_on_acquire = ch;
         lo.liveness_timeout = options_.liveness_timeout.count() > 0 ? options_.liveness_timeout
                                                                     : std::chrono::milliseconds(std::chrono::hours(24));
         st.lock = std::make_unique<ip_lock>(ch, std::move(lo));
-        st.lock->on_acquire([this](std::string_view c) { loop_->spawn(start_listening(std::string(c))); });
+        st.lock->on_acquire([this](std::string_view c) { on_lock_won(std::string(c)); });
         st.lock->on_lose([this](std::string_view c) { on_lock_lost(std::string(c)); });
         co_await st.lock->init();
       }
-      bool won = co_await st.lock->acquire();
-      if (won) co_await start_listening(ch);
+      co_await st.lock->acquire();  // a win LISTENs in the same statement (on_lock_won)
     } else {
       co_await start_listening(ch);
     }
@@ -2827,6 +2852,19 @@ class pubsub {
     it = channels_.find(ch);  // the map may have changed while we waited
     if (it == channels_.end() || c != client_) co_return;
     it->second.listening = true;
+    for (auto& h : on_listen_) h(ch);
+  }
+
+  // The winning statement also LISTENed: deliver from now on. Synchronous,
+  // since notifications may follow in the very read that brought the win.
+  void on_lock_won(std::string ch) {
+    auto it = channels_.find(ch);
+    if (it == channels_.end()) return;
+    if (!it->second.lock || !it->second.lock->listens_on_acquire()) {
+      loop_->spawn(start_listening(ch));
+      return;
+    }
+    it->second.listen_started = it->second.listening = true;
     for (auto& h : on_listen_) h(ch);
   }
 

@@ -235,7 +235,8 @@ TEST_CASE("connects, with a unique application_name the server sees", "[connecti
     co_await c->close();
     co_return out;
   }(loop));
-  CHECK(is_uuid_v4(name));
+  REQUIRE(name.rfind("pgiplock-", 0) == 0);
+  CHECK(is_uuid_v4(name.substr(9)));
   CHECK(server_name == name);
   CHECK(server_pid == std::to_string(pid));
 }

@@ -46,12 +46,16 @@ int main(int argc, char** argv) {
     else if (a == "--liveness" && i + 1 < argc) o.liveness_timeout = next_ms();
     else if (a == "--retry" && i + 1 < argc) o.retry_delay = next_ms();
   }
-  o.logger = [](pgiplock::log_level level, std::string_view m) {
-    if (level >= pgiplock::log_level::warn) std::fprintf(stderr, "member: %.*s\n", static_cast<int>(m.size()), m.data());
+  bool trace = std::getenv("PGIPLOCK_MEMBER_TRACE") != nullptr;
+  o.logger = [trace](pgiplock::log_level level, std::string_view m) {
+    if (level >= pgiplock::log_level::warn || trace) {
+      std::fprintf(stderr, "member %lld: %.*s\n", now_ns() / 1000000, static_cast<int>(m.size()), m.data());
+    }
   };
   pgiplock::event_loop loop;
   pgiplock::pubsub ps(loop, o);
-  ps.on_listen([](std::string_view) {
+  ps.on_listen([trace](std::string_view) {
+    if (trace) std::fprintf(stderr, "member %lld: listening\n", now_ns() / 1000000);
     std::printf("HOLD %lld\n", now_ns());
     std::fflush(stdout);
   });

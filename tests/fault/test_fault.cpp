@@ -202,6 +202,7 @@ task<run_result> one_run(event_loop& loop, fault f) {
   int victim = fl.holder();
   REQUIRE(victim >= 0);
   long long t0 = now_ns();
+  if (std::getenv("PGIPLOCK_MEMBER_TRACE")) std::fprintf(stderr, "test %lld: fault\n", t0 / 1000000);
   switch (f) {
     case fault::sigkill:
       fl.members[static_cast<std::size_t>(victim)]->signal(SIGKILL);
