@@ -1541,24 +1541,31 @@ class connection : public std::enable_shared_from_this<connection> {
         continue;
       }
       if (r.revents & POLLOUT) flush_output();
-      if (r.revents & (POLLIN | POLLERR | POLLHUP)) consume_input();
+      if (r.revents & (POLLIN | POLLERR | POLLHUP)) {
+        if (!PQconsumeInput(conn_)) {
+          lose(detail::trim_message(PQerrorMessage(conn_)));
+          break;
+        }
+        // Notifications are dispatched after the coroutines whose queries
+        // just completed have run: a query result comes before what the
+        // server sent after it, so e.g. a LISTEN's first messages find
+        // their handler ready.
+        if (collect_results()) {
+          co_await loop_->yield();
+          if (closing_ || lost_) break;
+        }
+        dispatch_notifications();
+        if (PQstatus(conn_) == CONNECTION_BAD) lose(detail::trim_message(PQerrorMessage(conn_)));
+      }
     }
     pump_done_.set();
   }
 
-  void consume_input() {
-    if (!PQconsumeInput(conn_)) {
-      lose(detail::trim_message(PQerrorMessage(conn_)));
-      return;
-    }
-    collect_results();
-    dispatch_notifications();
-    if (PQstatus(conn_) == CONNECTION_BAD) lose(detail::trim_message(PQerrorMessage(conn_)));
-  }
-
   // In pipeline mode each query yields its results, a NULL, then the
-  // PGRES_PIPELINE_SYNC of its own sync: that marks it complete.
-  void collect_results() {
+  // PGRES_PIPELINE_SYNC of its own sync: that marks it complete. Returns
+  // whether any query completed.
+  bool collect_results() {
+    bool completed = false;
     while (!pending_.empty() && !PQisBusy(conn_)) {
       PGresult* r = PQgetResult(conn_);
       if (!r) continue;
@@ -1569,6 +1576,7 @@ class connection : public std::enable_shared_from_this<connection> {
           PQclear(r);
           if (alive) loop_->complete(q.op, 0);
           pending_.pop_front();
+          completed = true;
           break;
         case PGRES_FATAL_ERROR:
         case PGRES_NONFATAL_ERROR:
@@ -1585,6 +1593,7 @@ class connection : public std::enable_shared_from_this<connection> {
           }
       }
     }
+    return completed;
   }
 
   std::exception_ptr to_error(const PGresult* r) const {
@@ -1897,6 +1906,9 @@ class ip_lock {
         throw;
       }
     }
+    detail::log(logger(), log_level::debug,
+                "ip_lock " + channel_ + ": released; " + std::to_string(waiting) + " standby(s) were waiting" +
+                    (draining_ ? "" : "; the successor has already announced"));
     if (was && waiting > 0 && options_.handover_timeout.count() > 0 && client->is_open() && draining_) {
       auto announced = std::make_shared<async_event>(client->loop());
       announced_ = announced;
@@ -2257,6 +2269,7 @@ class ip_lock {
       // stream is its to deliver. Cut here, before the next notification.
       if (draining_) {
         draining_ = false;
+        detail::log(logger(), log_level::debug, "ip_lock " + channel_ + ": the successor announced; handover done");
         if (announced_) announced_->set();
       }
       return;
@@ -2749,19 +2762,22 @@ class pubsub {
     return o;
   }
 
-  bool active(const channel_state& st) const { return st.listening && holding(st); }
+  bool active(const channel_state& st) const {
+    if (!st.listening || !connected()) return false;
+    return !st.lock || st.lock->is_acquired() || st.lock->is_draining();
+  }
 
   // Whether a notification that reached this connection is ours to deliver.
   // Once our LISTEN is on its way, whatever arrives for the channel was
-  // committed after it: deliver it even before its result is processed
-  // (both come in one read), or the first messages of a tenure are lost.
-  bool deliverable(const channel_state& st) const { return st.listen_started && holding(st); }
-
-  bool holding(const channel_state& st) const {
-    if (!client_ || !client_->is_open()) return false;
+  // committed after it; a fresh tenure leaves what precedes its own
+  // announcement to the draining predecessor (see ip_lock::past_handover_cut).
+  bool deliverable(const channel_state& st) const {
+    if (!st.listen_started || !connected()) return false;
     if (!st.lock) return true;
     return (st.lock->is_acquired() && st.lock->past_handover_cut()) || st.lock->is_draining();
   }
+
+  bool connected() const { return client_ && client_->is_open(); }
 
   void report(const std::exception& e) {
     if (on_error_.empty()) {

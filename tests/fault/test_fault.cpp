@@ -248,9 +248,13 @@ task<run_result> one_run(event_loop& loop, fault f) {
   if (std::getenv("PGIPLOCK_FAULT_DEBUG") && (t.lost || t.duplicated)) {
     std::map<long, std::vector<int>> by;
     for (auto& d : fl.deliveries) by[d.n].push_back(d.member);
-    for (long n = 0; n < fl.sent; ++n) {
+    long first_bad = -1;
+    for (long n = 0; n < fl.sent && first_bad < 0; ++n) {
+      if (by[n].size() != 1) first_bad = n;
+    }
+    for (long n = std::max(0L, first_bad - 3); n < fl.sent; ++n) {
       auto& v = by[n];
-      if (v.size() != 1 || (n > 0 && by[n - 1].size() == 1 && by[n - 1][0] != (v.empty() ? -1 : v[0]))) {
+      if (n <= first_bad + 4) {
         std::fprintf(stderr, "n=%ld delivered by", n);
         for (int m : v) std::fprintf(stderr, " %d", m);
         std::fprintf(stderr, " (victim %d)\n", victim);
