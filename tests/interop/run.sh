@@ -9,7 +9,9 @@ for tool in node npm; do
         exit 77
     fi
 done
-dir="${MESON_BUILD_ROOT:-$(dirname "$exe")/..}/node_interop"
+# Absolute: npm runs in another directory, and node resolves NODE_PATH as given.
+exe="$(cd "$(dirname "$exe")" && pwd)/$(basename "$exe")"
+dir="$(cd "$(dirname "$exe")/.." && pwd)/node_interop"
 pins=("@imqueue/pg-pubsub@1.10.0" "pg@8.23.1")
 stamp="$dir/.installed"  # holds the pins it was installed with
 installed() { [[ -f "$stamp" && "$(cat "$stamp")" == "${pins[*]}" ]]; }
