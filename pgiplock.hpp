@@ -566,7 +566,7 @@ class event_loop {
 
   event_loop() : event_loop(event_loop_options{}) {}
   explicit event_loop(event_loop_options opt)
-      : logger_(opt.logger), backend_(detail::make_backend(opt)) {}
+      : logger_(opt.logger), backend_(detail::make_backend(opt)), serial_(next_serial()) {}
   event_loop(const event_loop&) = delete;
   event_loop& operator=(const event_loop&) = delete;
 
@@ -578,6 +578,9 @@ class event_loop {
   }
 
   const char* backend_name() const noexcept { return backend_->name(); }
+  // Unique per loop in this process, unlike its address, which a later
+  // loop may reuse.
+  std::uint64_t serial() const noexcept { return serial_; }
   const log_handler& logger() const noexcept { return logger_; }
 
   // Runs the loop until `t` finishes; returns its value or rethrows its
@@ -771,6 +774,11 @@ class event_loop {
       return when != o.when ? when > o.when : seq > o.seq;
     }
   };
+
+  static std::uint64_t next_serial() noexcept {
+    static std::uint64_t n = 0;
+    return ++n;
+  }
 
   static event_loop*& current_ref() noexcept {
     thread_local event_loop* loop = nullptr;
@@ -1014,6 +1022,7 @@ class event_loop {
   std::vector<detail::completion> completions_;
   std::map<std::uint64_t, std::coroutine_handle<detail::spawned::promise_type>> spawned_;
   std::uint64_t spawn_seq_ = 0;
+  std::uint64_t serial_;
   bool stopped_ = false;
 };
 
@@ -3177,7 +3186,7 @@ inline sigset_t shutdown_signals() {
 inline std::chrono::milliseconds shutdown_timeout() {
   const char* v = std::getenv("PG_PUBSUB_SHUTDOWN_TIMEOUT");
   long ms = (v && *v) ? std::strtol(v, nullptr, 10) : 1000;
-  return std::chrono::milliseconds(ms > 0 ? ms : 1000);
+  return std::chrono::milliseconds(ms >= 0 ? ms : 1000);  // 0: exit at once, as in the seed
 }
 
 inline int read_signal(int fd) {
@@ -3202,6 +3211,10 @@ inline task<void> die_on_second_signal(event_loop& loop, int fd) {
 }
 
 inline task<void> await_shutdown_signal(event_loop& loop, int fd) {
+  struct closer {  // the loop may end first: its signalfd goes with it
+    int fd;
+    ~closer() { ::close(fd); }
+  } owned{fd};
   int sig = 0;
   while (!sig) {
     co_await loop.poll(fd, POLLIN);
@@ -3221,9 +3234,9 @@ inline task<void> await_shutdown_signal(event_loop& loop, int fd) {
   die_by(sig);
 }
 
-inline std::vector<event_loop*>& shutdown_loops() {
-  static std::vector<event_loop*> loops;
-  return loops;
+inline std::vector<std::uint64_t>& shutdown_loops() {
+  static std::vector<std::uint64_t> serials;
+  return serials;
 }
 
 }  // namespace detail
@@ -3231,14 +3244,14 @@ inline std::vector<event_loop*>& shutdown_loops() {
 // Idempotent per loop. Throws std::system_error if the signalfd cannot be made.
 inline void enable_graceful_shutdown(event_loop& loop) {
   auto& loops = detail::shutdown_loops();
-  if (std::find(loops.begin(), loops.end(), &loop) != loops.end()) return;
+  if (std::find(loops.begin(), loops.end(), loop.serial()) != loops.end()) return;
   sigset_t set = detail::shutdown_signals();
   if (int rc = ::pthread_sigmask(SIG_BLOCK, &set, nullptr); rc != 0) {
     throw std::system_error(rc, std::system_category(), "pgiplock: blocking the shutdown signals");
   }
   int fd = ::signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
   if (fd < 0) throw std::system_error(errno, std::system_category(), "pgiplock: signalfd");
-  loops.push_back(&loop);
+  loops.push_back(loop.serial());
   loop.spawn(detail::await_shutdown_signal(loop, fd));
 }
 
