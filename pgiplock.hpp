@@ -1419,25 +1419,11 @@ class connection : public std::enable_shared_from_this<connection> {
 
   // Quotes a string literal for the few statements that cannot take
   // parameters (DDL, DO blocks).
-  std::string quote_literal(std::string_view text) const {
-    if (!conn_) throw connection_error(closed_message());
-    char* q = PQescapeLiteral(conn_, text.data(), text.size());
-    if (!q) throw std::invalid_argument("pgiplock: cannot quote literal: " +
-                                        detail::trim_message(PQerrorMessage(conn_)));
-    std::string out = q;
-    PQfreemem(q);
-    return out;
-  }
+  std::string quote_literal(std::string_view text) const { return escaped(PQescapeLiteral, text, "literal"); }
 
   // Quotes an identifier (a channel name for LISTEN) as libpq does.
   std::string quote_identifier(std::string_view name) const {
-    if (!conn_) throw connection_error(closed_message());
-    char* q = PQescapeIdentifier(conn_, name.data(), name.size());
-    if (!q) throw std::invalid_argument("pgiplock: cannot quote identifier: " +
-                                        detail::trim_message(PQerrorMessage(conn_)));
-    std::string out = q;
-    PQfreemem(q);
-    return out;
+    return escaped(PQescapeIdentifier, name, "identifier");
   }
 
   // Calls `fn` for each notification on `channel` ("" = every channel).
@@ -1483,6 +1469,20 @@ class connection : public std::enable_shared_from_this<connection> {
 
   std::chrono::milliseconds connect_timeout_default() const {
     return std::chrono::milliseconds(PGIPLOCK_DEFAULT_CONNECT_TIMEOUT_MS);
+  }
+
+  // libpq's escaping needs the connection (its encoding).
+  std::string escaped(char* (*escape)(PGconn*, const char*, std::size_t), std::string_view text,
+                      const char* what) const {
+    if (!conn_) throw connection_error(closed_message());
+    char* q = escape(conn_, text.data(), text.size());
+    if (!q) {
+      throw std::invalid_argument(std::string("pgiplock: cannot quote ") + what + ": " +
+                                  detail::trim_message(PQerrorMessage(conn_)));
+    }
+    std::string out = q;
+    PQfreemem(q);
+    return out;
   }
 
   std::string closed_message() const {

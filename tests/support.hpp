@@ -7,6 +7,7 @@
 #include <catch2/catch.hpp>
 
 #include <dirent.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cstdlib>
@@ -37,6 +38,13 @@ inline constexpr bool rss_is_meaningful = true;
 inline std::string dsn() {
   const char* d = std::getenv("PGIPLOCK_TEST_DSN");
   return d ? d : "";
+}
+
+// A channel name of its own for each test, so rows left by one never meet
+// another (the server is shared by the whole suite).
+inline std::string fresh_channel(const std::string& stem) {
+  static int n = 0;
+  return stem + "_" + std::to_string(::getpid()) + "_" + std::to_string(++n);
 }
 
 inline std::string env_or(const char* name, std::string fallback = {}) {

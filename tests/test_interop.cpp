@@ -11,11 +11,6 @@ using conn_ptr = std::shared_ptr<connection>;
 
 namespace {
 
-std::string fresh_channel(const std::string& stem) {
-  static int n = 0;
-  return stem + "_" + std::to_string(::getpid()) + "_" + std::to_string(++n);
-}
-
 std::unique_ptr<child_process> node_lock(const std::string& channel, const std::string& schema = {}) {
   std::vector<std::string> env;
   if (!schema.empty()) env.push_back("PG_PUBSUB_SCHEMA_NAME=" + schema);

@@ -14,12 +14,6 @@ using conn_ptr = std::shared_ptr<connection>;
 
 namespace {
 
-// Every test works on its own channel, so rows left by one never meet another.
-std::string fresh_channel(const std::string& stem) {
-  static int n = 0;
-  return stem + "_" + std::to_string(::getpid()) + "_" + std::to_string(++n);
-}
-
 ip_lock_options opts(conn_ptr c, std::chrono::milliseconds interval = 30s) {
   ip_lock_options o;
   o.client = std::move(c);

@@ -16,11 +16,6 @@ using pgiplock::pubsub_options;
 
 namespace {
 
-std::string fresh_channel(const std::string& stem) {
-  static int n = 0;
-  return stem + "_" + std::to_string(::getpid()) + "_" + std::to_string(++n);
-}
-
 pubsub_options options(std::chrono::milliseconds interval = 30s) {
   pubsub_options o;
   o.conninfo = dsn();

@@ -17,11 +17,6 @@ namespace {
 
 long long now_ns() { return std::chrono::duration_cast<std::chrono::nanoseconds>(clock::now().time_since_epoch()).count(); }
 
-std::string fresh_channel(const std::string& stem) {
-  static int n = 0;
-  return stem + "_" + std::to_string(::getpid()) + "_" + std::to_string(++n);
-}
-
 struct delivery {
   int member;
   long n;

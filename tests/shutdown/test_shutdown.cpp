@@ -18,11 +18,6 @@ using pgiplock::ip_lock;
 
 namespace {
 
-std::string fresh_channel(const std::string& stem) {
-  static int n = 0;
-  return stem + "_" + std::to_string(::getpid()) + "_" + std::to_string(++n);
-}
-
 std::string lock_holder_path() {
   char self[4096] = "";
   ssize_t n = ::readlink("/proc/self/exe", self, sizeof self - 1);
