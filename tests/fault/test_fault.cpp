@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <map>
+#include <set>
 #include <sstream>
 
 extern const bool test_needs_database = true;
@@ -334,4 +335,81 @@ TEST_CASE("the lock row deleted or the table truncated under a live holder: neve
     resumed.values.push_back(r.takeover_ms);
   }
   WARN(describe("row deleted / table truncated, delivery by another member", resumed));
+}
+
+namespace {
+
+struct restart_result {
+  double resumed_ms = -1;  // first delivery after the server accepts connections again
+  std::set<int> late_deliverers;
+  long duplicated = 0;
+  bool restarted = false;
+};
+
+// Restarts the test server the way a crash would (immediate mode).
+bool restart_server() {
+  std::string bin = env_or("PGIPLOCK_TEST_PGBIN"), data = env_or("PGIPLOCK_TEST_PGDATA");
+  std::string log = env_or("PGIPLOCK_TEST_LOG"), as = env_or("PGIPLOCK_TEST_PGRUNAS");
+  std::string cmd = "'" + bin + "/pg_ctl' -D '" + data + "' -l '" + log + "' -m immediate -w -t 60 restart >/dev/null";
+  if (!as.empty()) cmd = "runuser -u " + as + " -- " + cmd;
+  return std::system(cmd.c_str()) == 0;
+}
+
+task<restart_result> restart_run(event_loop& loop) {
+  restart_result out;
+  fleet fl(loop, fresh_channel("restart"));
+  fl.start(3, {"--interval", "30000", "--liveness", "2000", "--retry", "100"});
+  bool up = co_await fl.ready(20s);
+  REQUIRE(up);
+  pgiplock::pubsub_options po;
+  po.conninfo = dsn();
+  po.retry_delay = 100ms;
+  pubsub pub(loop, po);
+  co_await pub.connect();
+  loop.spawn(fleet::publish(fl, pub));
+  co_await wait_until(loop, [&] { return fl.deliveries.size() >= 100; }, 5s);
+  out.restarted = restart_server();  // blocks this loop for the restart; the members run on
+  long long accepting = now_ns();
+  if (!out.restarted) co_return out;
+  co_await wait_until(loop, [&] {
+    for (auto& d : fl.deliveries) {
+      if (d.t > accepting) return true;
+    }
+    return false;
+  }, 10s);
+  for (auto& d : fl.deliveries) {
+    if (d.t > accepting && (out.resumed_ms < 0 || (d.t - accepting) / 1e6 < out.resumed_ms)) {
+      out.resumed_ms = static_cast<double>(d.t - accepting) / 1e6;
+    }
+  }
+  // Once settled, exactly one member delivers.
+  co_await loop.sleep(2500ms);
+  long long settled = now_ns();
+  co_await loop.sleep(500ms);
+  for (auto& d : fl.deliveries) {
+    if (d.t > settled) out.late_deliverers.insert(d.member);
+  }
+  fl.publishing = false;
+  co_await loop.sleep(100ms);
+  out.duplicated = fl.count().duplicated;
+  co_await fl.stop();
+  co_await pub.close();
+  co_return out;
+}
+
+}  // namespace
+
+TEST_CASE("PostgreSQL restarted (immediate): exactly one holder within retry_delay + 2 s", "[fault][restart]") {
+  if (env_or("PGIPLOCK_TEST_PGDATA").empty() || env_or("PGIPLOCK_TEST_PGBIN").empty()) {
+    WARN("PGIPLOCK_TEST_PGDATA/PGBIN are not set (a server given by DSN): cannot restart it");
+    return;
+  }
+  event_loop loop;
+  auto r = loop.run(restart_run(loop));
+  REQUIRE(r.restarted);
+  WARN("after the restart, delivery resumed " << r.resumed_ms << " ms after the server accepted connections");
+  CHECK(r.resumed_ms >= 0);
+  CHECK(r.resumed_ms <= 2100);
+  CHECK(r.late_deliverers.size() == 1);
+  CHECK(r.duplicated == 0);
 }
