@@ -49,9 +49,10 @@ task<handover_result> handover(event_loop& loop) {
     out.release_seen = true;
     out.released_channel = std::string(c);
   });
+  // b starts after a holds: b's advisory waiter would otherwise race a.
   co_await a.init();
-  co_await b.init();
   out.first_a = co_await a.acquire();
+  co_await b.init();
   out.first_b = co_await b.acquire();
   auto t0 = clock::now();
   co_await a.release();
@@ -78,8 +79,8 @@ task<takeover_result> terminated_holder(event_loop& loop) {
   ip_lock a(ch, opts(ca, 200ms));
   ip_lock b(ch, opts(cb, 200ms));
   co_await a.init();
-  co_await b.init();
   out.a_held = co_await a.acquire();
+  co_await b.init();
   out.b_held_before = co_await b.acquire();
   co_await admin->query("SELECT pg_terminate_backend($1)", ca->backend_pid());
   auto t0 = clock::now();
@@ -228,9 +229,9 @@ task<std::pair<std::string, std::string>> non_holder_release(event_loop& loop) {
   ip_lock a(ch, opts(ca));
   ip_lock b(ch, opts(cb));
   co_await a.init();
-  co_await b.init();
   bool won = co_await a.acquire();
   REQUIRE(won);
+  co_await b.init();
   co_await b.release();  // must not delete a's row
   auto after = co_await holder_app(cb, ch);
   std::string a_app(ca->app_name());
@@ -248,9 +249,9 @@ task<std::pair<bool, double>> dropped_object_releases(event_loop& loop) {
   auto a = std::make_unique<ip_lock>(ch, opts(ca));
   ip_lock b(ch, opts(cb));
   co_await a->init();
-  co_await b.init();
   bool won = co_await a->acquire();
   REQUIRE(won);
+  co_await b.init();
   auto t0 = clock::now();
   a.reset();  // no destroy(): the row is released in the background
   co_await wait_until(loop, [&] { return b.is_acquired(); }, 2s);
