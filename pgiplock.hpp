@@ -1906,7 +1906,10 @@ class ip_lock {
     if (client->is_open()) {
       try {
         bool held = std::exchange(advisory_held_, false);
-        waiting = co_await release_row(client, schema_, lock_channel_, key_, held);
+        // Our own waiter may be queued on the lock we are giving up: it is
+        // no standby that will announce.
+        int own_waiter = waiter_ && waiter_->is_open() ? waiter_->backend_pid() : 0;
+        waiting = co_await release_row(client, schema_, lock_channel_, key_, held, own_waiter);
       } catch (const connection_error&) {
         // The session is gone, and its row with it as far as standbys can tell.
       } catch (...) {
@@ -2098,6 +2101,9 @@ class ip_lock {
     outcome out;
     out.got_advisory = r.get(0, 0) == "t";
     out.won = r.get(0, 1) == "t";
+    detail::log(logger(), log_level::debug,
+                "ip_lock " + channel_ + ": attempt: advisory " + (out.got_advisory ? "got" : "busy") +
+                    (out.won ? ", won" : ", lost"));
     if (out.won) {
       advisory_held_ = true;
       token_ = std::strtoll(std::string(r.get(0, 2)).c_str(), nullptr, 10);
@@ -2161,7 +2167,7 @@ class ip_lock {
   // CTE always runs. Yields how many C++ standbys were waiting for the
   // advisory lock (counted before the unlock): they will announce.
   static task<int> release_row(std::shared_ptr<connection> client, std::string schema, std::string lock_channel,
-                               std::int64_t key, bool advisory_held) {
+                               std::int64_t key, bool advisory_held, int ignored_pid = 0) {
     std::string del = "DELETE FROM " + schema + ".lock WHERE channel = $1 AND app = $2";
     if (!advisory_held) {
       co_await client->query(del, lock_channel, client->app_name());
@@ -2170,12 +2176,12 @@ class ip_lock {
     auto k = static_cast<std::uint64_t>(key);
     auto r = co_await client->query(
         "WITH w AS MATERIALIZED (SELECT count(*) AS n FROM pg_catalog.pg_locks WHERE locktype = 'advisory' "
-        "AND NOT granted AND classid = $4::oid AND objid = $5::oid AND objsubid = 1), "
+        "AND NOT granted AND classid = $4::oid AND objid = $5::oid AND objsubid = 1 AND pid <> $6), "
         "u AS MATERIALIZED (SELECT pg_advisory_unlock($3::bigint) AS ok FROM w), "
         "d AS (" + del + " RETURNING 1) "
         "SELECT (SELECT n FROM w), (SELECT ok FROM u)",
         lock_channel, client->app_name(), key, static_cast<long long>(k >> 32),
-        static_cast<long long>(k & 0xffffffffULL));
+        static_cast<long long>(k & 0xffffffffULL), ignored_pid);
     co_return std::atoi(std::string(r.get(0, 0)).c_str());
   }
 
@@ -2345,8 +2351,11 @@ class ip_lock {
     auto client = options_.client;
     auto& loop = client->loop();
     auto slice = options_.wait_slice.count() > 0 ? options_.wait_slice : options_.acquire_interval;
+    // Re-checked after every await: the connect and the wait take time, in
+    // which this lock may win, or release and turn passive.
+    auto idle = [&] { return acquired_ || !client->is_open() || event_loop::clock::now() < passive_until_; };
     for (;;) {
-      if (acquired_ || !client->is_open() || event_loop::clock::now() < passive_until_) {
+      if (idle()) {
         waiter_sees_holder_ = false;
         if (acquired_ && waiter_) {  // a holder waits for nobody: give the connection back
           auto w = std::move(waiter_);
@@ -2371,8 +2380,8 @@ class ip_lock {
         if (!waiter_) {
           waiter_sees_holder_ = false;
           co_await loop.sleep(options_.acquire_interval);
-          continue;
         }
+        continue;
       }
       bool free = false;
       bool failed = false;
@@ -2390,7 +2399,7 @@ class ip_lock {
         continue;
       }
       waiter_sees_holder_ = !free;
-      if (!free || acquired_) continue;
+      if (!free || idle()) continue;
       detail::log(logger(), log_level::debug, "ip_lock " + channel_ + ": the holder's advisory lock is free");
       bool won = false;
       for (int i = 0; i < 25 && !won && client->is_open(); ++i) {
