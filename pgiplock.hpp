@@ -1838,6 +1838,9 @@ class ip_lock {
     if (acquired_ && options_.client->is_open()) {
       options_.client->loop().spawn(release_in_background(options_.client, schema_, lock_channel_, key_, advisory_held_));
     }
+    if (!destroyed_ && initialized_ && options_.client->is_open()) {
+      options_.client->loop().spawn(leave_quietly(options_.client, lock_channel_, present_, presence_key()));
+    }
   }
 
   const std::string& channel() const noexcept { return channel_; }
@@ -1864,6 +1867,13 @@ class ip_lock {
       set_acquired(false);
     });
     co_await client->query("LISTEN " + client->quote_identifier(lock_channel_));
+    if (announces()) {
+      // Seen by a releasing holder: an announcing successor may take over,
+      // so it drains until the announcement (see release()).
+      co_await client->query("SELECT pg_advisory_lock_shared($1::integer, $2::integer)", presence_key().first,
+                             presence_key().second);
+      present_ = true;
+    }
     initialized_ = true;
     auto& loop = client->loop();
     background_ = retry_loop();
@@ -1906,10 +1916,7 @@ class ip_lock {
     if (client->is_open()) {
       try {
         bool held = std::exchange(advisory_held_, false);
-        // Our own waiter may be queued on the lock we are giving up: it is
-        // no standby that will announce.
-        int own_waiter = waiter_ && waiter_->is_open() ? waiter_->backend_pid() : 0;
-        waiting = co_await release_row(client, schema_, lock_channel_, key_, held, own_waiter);
+        waiting = co_await release_row(client, schema_, lock_channel_, key_, held);
       } catch (const connection_error&) {
         // The session is gone, and its row with it as far as standbys can tell.
       } catch (...) {
@@ -1919,7 +1926,7 @@ class ip_lock {
       }
     }
     detail::log(logger(), log_level::debug,
-                "ip_lock " + channel_ + ": released; " + std::to_string(waiting) + " standby(s) were waiting" +
+                "ip_lock " + channel_ + ": released; " + std::to_string(waiting) + " announcing standby(s)" +
                     (draining_ ? "" : "; the successor has already announced"));
     if (was && waiting > 0 && options_.handover_timeout.count() > 0 && client->is_open() && draining_) {
       auto announced = std::make_shared<async_event>(client->loop());
@@ -1958,7 +1965,9 @@ class ip_lock {
       detail::log(logger(), log_level::warn, "ip_lock " + channel_ + ": destroy: " + e.what());
     }
     detach_from_client();
-    if (listening) client->loop().spawn(unlisten_quietly(client, lock_channel_));
+    if (listening) {
+      client->loop().spawn(leave_quietly(client, lock_channel_, std::exchange(present_, false), presence_key()));
+    }
   }
 
   bool is_acquired() const noexcept { return acquired_ && !releasing_ && options_.client->is_open(); }
@@ -2031,6 +2040,16 @@ class ip_lock {
 
   const log_handler& logger() const {
     return options_.logger ? options_.logger : options_.client->logger();
+  }
+
+  // Members that announce their LISTEN when they win (options().
+  // listen_on_acquire) hold a shared advisory lock on this pair for as long
+  // as they take part, so a releasing holder knows whether to drain.
+  bool announces() const noexcept { return !options_.listen_on_acquire.empty(); }
+  std::pair<std::int32_t, std::int32_t> presence_key() const noexcept {
+    auto k = static_cast<std::uint64_t>(key_);
+    return {static_cast<std::int32_t>(static_cast<std::uint32_t>(k >> 32)),
+            static_cast<std::int32_t>(static_cast<std::uint32_t>(k & 0xffffffffULL))};
   }
 
   void detach_from_client() {
@@ -2153,21 +2172,32 @@ class ip_lock {
 
   static task<void> close_quietly(std::shared_ptr<connection> c) { co_await c->close(); }
 
-  static task<void> unlisten_quietly(std::shared_ptr<connection> client, std::string channel) {
+  // Stops listening for release events and leaves the presence group.
+  static task<void> leave_quietly(std::shared_ptr<connection> client, std::string lock_channel, bool present,
+                                  std::pair<std::int32_t, std::int32_t> presence) {
     try {
-      co_await client->query("UNLISTEN " + client->quote_identifier(channel));
+      co_await client->query("UNLISTEN " + client->quote_identifier(lock_channel));
+      if (present) {
+        co_await client->query("SELECT pg_advisory_unlock_shared($1::integer, $2::integer)", presence.first,
+                               presence.second);
+      }
     } catch (const std::exception&) {
-      // a dead session listens to nothing
+      // a dead session listens to nothing and holds no lock
     }
   }
 
   // One statement. The advisory unlock takes effect at once, the release
   // NOTIFY only at commit, so a standby woken by either finds the lock free
-  // (and, if it races the commit, its INSERT waits for it). A data-modifying
-  // CTE always runs. Yields how many C++ standbys were waiting for the
-  // advisory lock (counted before the unlock): they will announce.
+  // (and, if it races the commit, its INSERT waits for it). The unlock reads
+  // the DELETE's result, so it runs after it: a waiter woken by the unlock
+  // must find the row deleted (its INSERT then waits for our commit and
+  // starts a fresh tenure), never still ours to take over as if we had died
+  // (it would then deliver at once, beside our drain). A data-modifying
+  // CTE always runs. Yields how many other members hold the presence lock:
+  // announcing C++ standbys, whether or not they wait right now (a waiter
+  // between two slices, or one without fast failover, takes over too).
   static task<int> release_row(std::shared_ptr<connection> client, std::string schema, std::string lock_channel,
-                               std::int64_t key, bool advisory_held, int ignored_pid = 0) {
+                               std::int64_t key, bool advisory_held) {
     std::string del = "DELETE FROM " + schema + ".lock WHERE channel = $1 AND app = $2";
     if (!advisory_held) {
       co_await client->query(del, lock_channel, client->app_name());
@@ -2176,12 +2206,12 @@ class ip_lock {
     auto k = static_cast<std::uint64_t>(key);
     auto r = co_await client->query(
         "WITH w AS MATERIALIZED (SELECT count(*) AS n FROM pg_catalog.pg_locks WHERE locktype = 'advisory' "
-        "AND NOT granted AND classid = $4::oid AND objid = $5::oid AND objsubid = 1 AND pid <> $6), "
-        "u AS MATERIALIZED (SELECT pg_advisory_unlock($3::bigint) AS ok FROM w), "
-        "d AS (" + del + " RETURNING 1) "
+        "AND granted AND classid = $4::oid AND objid = $5::oid AND objsubid = 2 AND pid <> pg_backend_pid()), "
+        "d AS (" + del + " RETURNING 1), "
+        "u AS MATERIALIZED (SELECT pg_advisory_unlock($3::bigint) AS ok FROM w, (SELECT count(*) FROM d) gone) "
         "SELECT (SELECT n FROM w), (SELECT ok FROM u)",
         lock_channel, client->app_name(), key, static_cast<long long>(k >> 32),
-        static_cast<long long>(k & 0xffffffffULL), ignored_pid);
+        static_cast<long long>(k & 0xffffffffULL));
     co_return std::atoi(std::string(r.get(0, 0)).c_str());
   }
 
@@ -2439,6 +2469,7 @@ class ip_lock {
   bool destroyed_ = false;
   bool acquired_ = false;
   bool advisory_held_ = false;     // a session advisory lock on the client connection
+  bool present_ = false;           // holds the shared presence lock (announces())
   bool waiter_sees_holder_ = false;  // the last wait slice timed out: a live holder holds it
   bool release_pending_ = false;
   bool attempt_in_flight_ = false;

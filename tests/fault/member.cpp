@@ -8,6 +8,7 @@
 #include "pgiplock.hpp"
 
 #include <time.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <cstring>
@@ -49,13 +50,14 @@ int main(int argc, char** argv) {
   bool trace = std::getenv("PGIPLOCK_MEMBER_TRACE") != nullptr;
   o.logger = [trace](pgiplock::log_level level, std::string_view m) {
     if (level >= pgiplock::log_level::warn || trace) {
-      std::fprintf(stderr, "member %lld: %.*s\n", now_ns() / 1000000, static_cast<int>(m.size()), m.data());
+      std::fprintf(stderr, "member %d %lld: %.*s\n", ::getpid(), now_ns() / 1000000, static_cast<int>(m.size()),
+                   m.data());
     }
   };
   pgiplock::event_loop loop;
   pgiplock::pubsub ps(loop, o);
   ps.on_listen([trace](std::string_view) {
-    if (trace) std::fprintf(stderr, "member %lld: listening\n", now_ns() / 1000000);
+    if (trace) std::fprintf(stderr, "member %d %lld: listening\n", ::getpid(), now_ns() / 1000000);
     std::printf("HOLD %lld\n", now_ns());
     std::fflush(stdout);
   });
