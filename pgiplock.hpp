@@ -1084,6 +1084,36 @@ inline task<void> cancel_after(event_loop& loop, std::shared_ptr<cancel_source> 
   cancel->cancel();
 }
 
+// Runs `t`; yields false if it has not finished within `limit` (it is then
+// abandoned, and any answer that comes later is dropped).
+template <class T>
+task<std::optional<T>> within(event_loop& loop, task<T> t, std::chrono::milliseconds limit) {
+  struct state {
+    explicit state(event_loop& l) : done(l) {}
+    std::optional<T> value;
+    std::exception_ptr failure;
+    async_event done;
+  };
+  auto st = std::make_shared<state>(loop);
+  struct runner {
+    static task<void> run(std::shared_ptr<state> s, task<T> t) {
+      try {
+        s->value.emplace(co_await std::move(t));
+      } catch (...) {
+        s->failure = std::current_exception();
+      }
+      s->done.set();
+    }
+  };
+  auto deadline = std::make_shared<cancel_source>();
+  loop.spawn(runner::run(st, std::move(t)));
+  loop.spawn(cancel_after(loop, deadline, limit));
+  bool finished = co_await st->done.wait(deadline.get());
+  if (!finished) co_return std::nullopt;
+  if (st->failure) std::rethrow_exception(st->failure);
+  co_return std::move(st->value);
+}
+
 }  // namespace detail
 
 // ==== 5. connection =========================================================
@@ -1163,6 +1193,12 @@ struct connect_options {
   // tcp_user_timeout alone never fires on an idle link: both are set.
   // Conninfo keywords the user gave win. TCP only.
   std::chrono::milliseconds liveness_timeout{10000};
+  // At connect, LISTEN a private channel and NOTIFY it; no delivery within
+  // this long fails connect(). A transaction-pooling PgBouncer passes every
+  // query but hands each transaction to any server session, so a LISTEN
+  // there silently hears nothing: better to refuse at once. 0: no probe
+  // (one round trip saved, for connections that never LISTEN).
+  std::chrono::milliseconds notify_probe_timeout{2000};
 };
 
 namespace detail {
@@ -1342,6 +1378,16 @@ class connection : public std::enable_shared_from_this<connection> {
     }
     conn->finish_setup();
     if (live.count() > 0) co_await conn->apply_server_liveness(live);
+    if (options.notify_probe_timeout.count() > 0) {
+      auto problem = co_await conn->check_notify_works(options);
+      if (!problem.empty()) {
+        auto error = failed("LISTEN/NOTIFY does not work on this connection: " + problem +
+                            ". A transaction-pooling PgBouncer (pool_mode = transaction or statement) does this; "
+                            "connect to PostgreSQL directly or through a session-pooling pool");
+        co_await conn->close();
+        throw error;
+      }
+    }
     co_return conn;
   }
 
@@ -1352,6 +1398,9 @@ class connection : public std::enable_shared_from_this<connection> {
     pump_ = task<void>{};
     if (conn_) PQfinish(conn_);
   }
+
+  // close() for loop.spawn(), when nobody waits for it.
+  static task<void> close_quietly(std::shared_ptr<connection> c) { co_await c->close(); }
 
   // Ends the session. Queries still pending fail with connection_error.
   task<void> close() {
@@ -1504,6 +1553,68 @@ class connection : public std::enable_shared_from_this<connection> {
 
   // The server's side of dead-link detection; settings it does not have
   // (tcp_user_timeout before PostgreSQL 12) are left out.
+  // See connect_options::notify_probe_timeout. Yields what is wrong, or
+  // nothing. Through a proxy the session must also be pinned to one server
+  // backend: a quiet transaction pool reuses the same backend, so the
+  // self-notification alone passes there.
+  task<std::string> check_notify_works(connect_options options) {
+    auto limit = options.notify_probe_timeout;
+    std::string channel = "pgiplock-probe-" + detail::random_uuid();
+    auto heard = std::make_shared<cancel_source>();  // the handler may outlive a failed probe
+    auto id = subscribe(channel, [heard](const notification&) { heard->cancel(); });
+    struct unsubscribe_at_exit {
+      connection* self;
+      std::uint64_t id;
+      ~unsubscribe_at_exit() { self->unsubscribe(id); }
+    } guard{this, id};
+    co_await query("LISTEN " + quote_identifier(channel));
+    auto r = co_await query("SELECT pg_backend_pid(), pg_notify($1, '')", channel);
+    int server_pid = std::atoi(std::string(r.get(0, 0)).c_str());
+    if (co_await loop_->sleep(limit, heard.get())) {
+      co_return "a notification to itself did not arrive within " + std::to_string(limit.count()) + " ms";
+    }
+    std::string problem;
+    if (server_pid != backend_pid_) {  // PQbackendPID() is a proxy's own key
+      auto pinned = co_await detail::within(*loop_, pinned_to(shared_from_this(), server_pid, channel, options), limit);
+      if (pinned && !*pinned) {
+        problem = "a second connection was served by this session's server backend (pid " +
+                  std::to_string(server_pid) + "), so this session's LISTEN is not its own";
+      } else if (!pinned) {
+        detail::log(logger_, log_level::debug, "could not tell within " + std::to_string(limit.count()) +
+                                                   " ms whether the pool in front of the server pins sessions");
+      }
+      // Our own notifications carry the server's pid, which the locks
+      // compare against.
+      if (problem.empty()) backend_pid_ = server_pid;
+    }
+    co_await query("UNLISTEN " + quote_identifier(channel));
+    co_return problem;
+  }
+
+  // Whether this session keeps its server backend while another session of
+  // the same pool holds a transaction open (a session pool: yes; a
+  // transaction pool hands the idle backend to the other session). Static:
+  // an abandoned check keeps the connection alive until it ends.
+  static task<bool> pinned_to(std::shared_ptr<connection> self, int server_pid, std::string channel,
+                              connect_options options) {
+    options.notify_probe_timeout = std::chrono::milliseconds(0);
+    options.application_name.clear();
+    auto other = co_await connect(*self->loop_, self->conninfo_, options);
+    bool pinned = true;
+    try {
+      co_await other->query("BEGIN");
+      auto theirs = co_await other->query("SELECT pg_backend_pid()");
+      auto mine = co_await self->query("SELECT pg_backend_pid(), EXISTS (SELECT FROM pg_listening_channels() c WHERE c = $1)", channel);
+      pinned = std::atoi(std::string(theirs.get(0, 0)).c_str()) != server_pid &&
+               std::atoi(std::string(mine.get(0, 0)).c_str()) == server_pid && mine.get(0, 1) == "t";
+    } catch (...) {
+      self->loop_->spawn(close_quietly(other));
+      throw;
+    }
+    co_await other->close();
+    co_return pinned;
+  }
+
   task<void> apply_server_liveness(std::chrono::milliseconds live) {
     const char* host = PQhost(conn_);
     if (!host || host[0] == '/' || host[0] == '@') co_return;  // unix socket: nothing to probe
@@ -1773,36 +1884,6 @@ inline std::int64_t advisory_key(std::string_view lock_channel) {
   return static_cast<std::int64_t>(h);
 }
 
-// Runs `t`; yields false if it has not finished within `limit` (it is then
-// abandoned, and any answer that comes later is dropped).
-template <class T>
-task<std::optional<T>> within(event_loop& loop, task<T> t, std::chrono::milliseconds limit) {
-  struct state {
-    explicit state(event_loop& l) : done(l) {}
-    std::optional<T> value;
-    std::exception_ptr failure;
-    async_event done;
-  };
-  auto st = std::make_shared<state>(loop);
-  struct runner {
-    static task<void> run(std::shared_ptr<state> s, task<T> t) {
-      try {
-        s->value.emplace(co_await std::move(t));
-      } catch (...) {
-        s->failure = std::current_exception();
-      }
-      s->done.set();
-    }
-  };
-  auto deadline = std::make_shared<cancel_source>();
-  loop.spawn(runner::run(st, std::move(t)));
-  loop.spawn(cancel_after(loop, deadline, limit));
-  bool finished = co_await st->done.wait(deadline.get());
-  if (!finished) co_return std::nullopt;
-  if (st->failure) std::rethrow_exception(st->failure);
-  co_return std::move(st->value);
-}
-
 }  // namespace detail
 
 class ip_lock {
@@ -1953,7 +2034,7 @@ class ip_lock {
     auto client = options_.client;
     auto waiter = std::move(waiter_);
     bool listening = initialized_;
-    if (waiter) client->loop().spawn(close_quietly(waiter));
+    if (waiter) client->loop().spawn(connection::close_quietly(waiter));
     if (!client->is_open()) {
       detach_from_client();
       set_acquired(false);
@@ -2170,7 +2251,6 @@ class ip_lock {
     }
   }
 
-  static task<void> close_quietly(std::shared_ptr<connection> c) { co_await c->close(); }
 
   // Stops listening for release events and leaves the presence group.
   static task<void> leave_quietly(std::shared_ptr<connection> client, std::string lock_channel, bool present,
@@ -2401,6 +2481,7 @@ class ip_lock {
           connect_options co;
           co.logger = client->logger();
           co.liveness_timeout = options_.liveness_timeout;
+          co.notify_probe_timeout = std::chrono::milliseconds(0);  // it never listens
           waiter_ = co_await connection::connect(loop, client->conninfo(), co);
         } catch (const std::exception& e) {
           detail::log(logger(), log_level::warn,
