@@ -15,11 +15,14 @@
 // sets that up, see tools/lib/common.sh); otherwise it skips (77) and says why.
 #include "fleet.hpp"
 
+#include <signal.h>
 #include <stdio.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdlib>
+#include <sstream>
 #include <string>
 
 extern const bool test_needs_database = true;
@@ -188,6 +191,23 @@ class test_network {
   bool created_ = false;
 };
 
+// A run killed outright (a meson timeout, SIGKILL) leaves its namespace and
+// veth behind: remove those whose test process is gone before building ours.
+void remove_stale_networks() {
+  std::string ip = find_tool("ip");
+  auto list = run_command(ip + " netns list");
+  std::istringstream in(list.output);
+  std::string line;
+  while (std::getline(in, line)) {
+    int pid = 0, run = 0;
+    char tail = 0;
+    if (std::sscanf(line.c_str(), "pgipl-%d-%d%c", &pid, &run, &tail) < 2 || pid <= 0) continue;
+    if (::kill(pid, 0) == 0 || errno != ESRCH) continue;  // its test still runs
+    run_command(ip + " link del pgph" + std::to_string(pid) + "x" + std::to_string(run));
+    run_command(ip + " netns del pgipl-" + std::to_string(pid) + "-" + std::to_string(run));
+  }
+}
+
 struct run_result {
   double demote_ms = -1;    // the drop .. the holder's LOSE (is_active() false)
   double error_ms = -1;     // the drop .. the holder's first on_error
@@ -315,6 +335,7 @@ std::string test_skip_reason() {
   if (find_tool("ip").empty()) return "`ip` (iproute2) is not installed; tools/check installs it when root";
   if (find_tool("nft").empty()) return "`nft` (nftables) is not installed; tools/check installs it when root";
   if (env_or("PGIPLOCK_FAULT_MEMBER").empty()) return "PGIPLOCK_FAULT_MEMBER is not set (meson test sets it)";
+  remove_stale_networks();
   test_network net(99);
   if (!net.failure().empty()) return "cannot build the test network: " + net.failure();
   auto probe = run_command(shell_quote(net.exec_prefix()[0]) + " netns exec " + net.name() + " " +
