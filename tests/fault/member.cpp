@@ -3,13 +3,21 @@
 //   READY <backend pid>      connected and subscribed
 //   HOLD <t>                 became the deliverer (on_listen)
 //   MSG <payload> <t>        delivered a message
+//   LOSE <t>                 is_active() went false (with --watch-active)
+//   ERROR <t> <what>         on_error fired
 // <t> is CLOCK_MONOTONIC in nanoseconds, comparable with the test's clock.
-// Usage: member DSN CHANNEL [--graceful] [--interval MS] [--liveness MS] [--retry MS]
+// Usage: member DSN CHANNEL [--graceful] [--interval MS] [--liveness MS] [--retry MS] [--watch-active]
+//        member DSN --probe  connects once; prints PROBE OK, or PROBE FAIL <why>
+//                            and exits 1 (can this network reach the server?)
+// pubsub has no event for "stopped delivering" (a lock demoted by its
+// liveness check says nothing to pubsub's handlers), so --watch-active polls
+// is_active() every millisecond: the stamp is at most ~1 ms late.
 #include "pgiplock.hpp"
 
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -29,16 +37,60 @@ pgiplock::task<void> run(pgiplock::pubsub& ps, std::string channel) {
   std::fflush(stdout);
 }
 
+// The LOSE line: polls the public state a user would look at.
+pgiplock::task<void> watch_active(pgiplock::event_loop& loop, pgiplock::pubsub& ps, std::string channel) {
+  bool was = false;
+  for (;;) {
+    bool now = ps.is_active(channel);
+    if (was && !now) {
+      std::printf("LOSE %lld\n", now_ns());
+      std::fflush(stdout);
+    }
+    was = now;
+    co_await loop.sleep(std::chrono::milliseconds(1));
+  }
+}
+
+int probe(const char* conninfo) {
+  pgiplock::event_loop loop;
+  pgiplock::connect_options co;
+  co.timeout = std::chrono::milliseconds(3000);
+  struct attempt {
+    static pgiplock::task<std::string> run(pgiplock::event_loop& loop, std::string conninfo,
+                                           pgiplock::connect_options co) {
+      std::string failure;
+      try {
+        auto c = co_await pgiplock::connection::connect(loop, conninfo, co);
+        co_await c->close();
+      } catch (const std::exception& e) {
+        failure = e.what();
+      }
+      co_return failure;
+    }
+  };
+  std::string failure = loop.run(attempt::run(loop, conninfo, co));
+  if (failure.empty()) {
+    std::printf("PROBE OK\n");
+    return 0;
+  }
+  std::printf("PROBE FAIL %s\n", failure.c_str());
+  return 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc < 3) {
-    std::fprintf(stderr, "usage: member DSN CHANNEL [--graceful] [--interval MS] [--liveness MS] [--retry MS]\n");
+    std::fprintf(stderr,
+                 "usage: member DSN CHANNEL [--graceful] [--interval MS] [--liveness MS] [--retry MS] "
+                 "[--watch-active]\n       member DSN --probe\n");
     return 2;
   }
+  if (std::strcmp(argv[2], "--probe") == 0) return probe(argv[1]);
   pgiplock::pubsub_options o;
   o.conninfo = argv[1];
   std::string channel = argv[2];
+  bool watch = false;
   for (int i = 3; i < argc; ++i) {
     std::string a = argv[i];
     auto next_ms = [&] { return std::chrono::milliseconds(std::atol(argv[++i])); };
@@ -46,6 +98,7 @@ int main(int argc, char** argv) {
     else if (a == "--interval" && i + 1 < argc) o.acquire_interval = next_ms();
     else if (a == "--liveness" && i + 1 < argc) o.liveness_timeout = next_ms();
     else if (a == "--retry" && i + 1 < argc) o.retry_delay = next_ms();
+    else if (a == "--watch-active") watch = true;
   }
   bool trace = std::getenv("PGIPLOCK_MEMBER_TRACE") != nullptr;
   o.logger = [trace](pgiplock::log_level level, std::string_view m) {
@@ -65,7 +118,14 @@ int main(int argc, char** argv) {
     std::printf("MSG %.*s %lld\n", static_cast<int>(payload.size()), payload.data(), now_ns());
     std::fflush(stdout);
   });
-  ps.on_error([](const std::exception& e) { std::fprintf(stderr, "member error: %s\n", e.what()); });
+  ps.on_error([](const std::exception& e) {
+    std::string what = e.what();
+    std::replace(what.begin(), what.end(), '\n', ' ');  // one line each
+    std::printf("ERROR %lld %s\n", now_ns(), what.c_str());
+    std::fflush(stdout);
+    std::fprintf(stderr, "member error: %s\n", e.what());
+  });
   loop.spawn(run(ps, channel));
+  if (watch) loop.spawn(watch_active(loop, ps, channel));
   loop.run();
 }

@@ -339,7 +339,7 @@ pgiplock_start_pg() {
     cat >>"$data/postgresql.conf" <<CONF
 
 # --- pgiplock throwaway test server ---
-listen_addresses = '127.0.0.1'
+listen_addresses = '*'
 unix_socket_directories = '$sock'
 fsync = off
 max_connections = 300
@@ -349,9 +349,17 @@ CONF
 
     # Trust for everyone but the role pgiplock_pw, which must give a
     # password: the tests need one role where a wrong password is refused.
+    # The partition test (tests/fault/test_partition.cpp) runs a member in a
+    # network namespace joined by a veth pair whose host side gets an
+    # address in 10.213.0.0/16, created while the server runs; hence
+    # listen_addresses = '*' above (the address does not exist at start).
+    # Only loopback and that private range, which nothing else here uses,
+    # may connect: every other address finds no pg_hba line and is refused.
     { printf 'local all all trust\n'
       printf 'host all pgiplock_pw 127.0.0.1/32 scram-sha-256\n'
+      printf 'host all pgiplock_pw 10.213.0.0/16 scram-sha-256\n'
       printf 'host all all 127.0.0.1/32 trust\n'
+      printf 'host all all 10.213.0.0/16 trust\n'
     } >"$data/pg_hba.conf"
 
     for _ in 1 2 3 4 5; do

@@ -1,0 +1,206 @@
+// What the fault tests share: a fleet of member processes (member.cpp) on
+// one channel, what each said, a publisher sending a numbered message every
+// millisecond, and median / worst-case figures for the WARN lines.
+#pragma once
+
+#include "../child_process.hpp"
+
+#include <algorithm>
+#include <map>
+#include <memory>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace test {
+
+using pgiplock::pubsub;
+
+// CLOCK_MONOTONIC in nanoseconds, the clock the members stamp their lines with.
+inline long long now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(clock::now().time_since_epoch()).count();
+}
+
+struct delivery {
+  int member;
+  long n;
+  long long t;
+};
+
+// Members, what they said, and a publisher.
+struct fleet {
+  event_loop& loop;
+  std::string channel;
+  std::vector<std::unique_ptr<child_process>> members;
+  std::vector<int> backend_pid;
+  std::vector<std::vector<long long>> holds;
+  std::vector<std::vector<long long>> loses;   // LOSE: is_active() went false (--watch-active)
+  std::vector<std::vector<long long>> errors;  // ERROR: on_error fired
+  std::vector<delivery> deliveries;
+  std::vector<bool> alive;
+  long sent = 0;
+  bool publishing = false;
+  int readers = 0;
+
+  fleet(event_loop& l, std::string ch) : loop(l), channel(std::move(ch)) {}
+
+  // Starts `count` more members connecting to `conninfo`; `prefix` goes in
+  // front of the member's command line (e.g. `ip netns exec NS`).
+  void start(int count, std::vector<std::string> extra, std::vector<std::string> prefix = {},
+             std::string conninfo = dsn()) {
+    for (int k = 0; k < count; ++k) {
+      int i = static_cast<int>(members.size());
+      std::vector<std::string> argv = prefix;
+      argv.insert(argv.end(), {env_or("PGIPLOCK_FAULT_MEMBER"), conninfo, channel});
+      argv.insert(argv.end(), extra.begin(), extra.end());
+      members.push_back(std::make_unique<child_process>(argv));
+      backend_pid.push_back(0);
+      holds.emplace_back();
+      loses.emplace_back();
+      errors.emplace_back();
+      alive.push_back(true);
+      ++readers;
+      loop.spawn(read(i));
+    }
+  }
+
+  task<void> read(int i) {
+    auto& m = *members[static_cast<std::size_t>(i)];
+    auto at = static_cast<std::size_t>(i);
+    for (;;) {
+      auto line = co_await m.read_line(loop, 200ms);
+      if (!line) {
+        if (m.at_eof()) break;
+        continue;
+      }
+      std::istringstream in(*line);
+      std::string kind;
+      in >> kind;
+      long long t = 0;
+      if (kind == "READY") in >> backend_pid[at];
+      if (kind == "HOLD" && in >> t) holds[at].push_back(t);
+      if (kind == "LOSE" && in >> t) loses[at].push_back(t);
+      if (kind == "ERROR" && in >> t) errors[at].push_back(t);
+      if (kind == "MSG") {
+        delivery d{i, 0, 0};
+        in >> d.n >> d.t;
+        deliveries.push_back(d);
+      }
+    }
+    --readers;
+  }
+
+  task<bool> ready(std::chrono::milliseconds limit) {
+    co_return co_await wait_until(loop, [&] {
+      int ready = 0, holding = 0;
+      for (std::size_t i = 0; i < members.size(); ++i) {
+        ready += backend_pid[i] != 0;
+        holding += !holds[i].empty();
+      }
+      return ready == static_cast<int>(members.size()) && holding >= 1;
+    }, limit);
+  }
+
+  // The member that became the deliverer last and is still alive.
+  int holder() const {
+    int best = -1;
+    long long t = -1;
+    for (std::size_t i = 0; i < members.size(); ++i) {
+      if (alive[i] && !holds[i].empty() && holds[i].back() > t) {
+        t = holds[i].back();
+        best = static_cast<int>(i);
+      }
+    }
+    return best;
+  }
+
+  static task<void> publish(fleet& f, pubsub& pub) {
+    f.publishing = true;
+    while (f.publishing) {
+      try {
+        co_await pub.notify(f.channel, std::to_string(f.sent));
+        ++f.sent;
+      } catch (const std::exception&) {
+        // the server restarts: keep trying
+      }
+      co_await f.loop.sleep(1ms);
+    }
+  }
+
+  // First delivery after `t` by a member other than `victim`.
+  std::optional<long long> first_delivery_after(long long t, int victim) const {
+    std::optional<long long> first;
+    for (auto& d : deliveries) {
+      if (d.member != victim && d.t > t && (!first || d.t < *first)) first = d.t;
+    }
+    return first;
+  }
+
+  // Last delivery by `member`, if any.
+  std::optional<long long> last_delivery_by(int member) const {
+    std::optional<long long> last;
+    for (auto& d : deliveries) {
+      if (d.member == member && (!last || d.t > *last)) last = d.t;
+    }
+    return last;
+  }
+
+  // Whether message `n` has been delivered by anyone.
+  bool delivered(long n) const {
+    for (auto& d : deliveries) {
+      if (d.n == n) return true;
+    }
+    return false;
+  }
+
+  struct tally {
+    long lost = 0, duplicated = 0;
+  };
+  tally count() const {
+    std::map<long, int> seen;
+    for (auto& d : deliveries) ++seen[d.n];
+    tally out;
+    for (long n = 0; n < sent; ++n) {
+      auto it = seen.find(n);
+      if (it == seen.end()) ++out.lost;
+      else if (it->second > 1) out.duplicated += it->second - 1;
+    }
+    return out;
+  }
+
+  // Tenures never overlap: once a member has delivered a message sent
+  // after another member's last delivery... simpler and stricter: sorted by
+  // message number, the deliverer changes at most `changes` times.
+  int deliverer_changes() const {
+    std::vector<delivery> d = deliveries;
+    std::sort(d.begin(), d.end(), [](const delivery& a, const delivery& b) { return a.n < b.n; });
+    int changes = 0;
+    for (std::size_t i = 1; i < d.size(); ++i) changes += d[i].member != d[i - 1].member;
+    return changes;
+  }
+
+  task<void> stop() {
+    publishing = false;
+    for (auto& m : members) m->signal(SIGKILL);
+    co_await wait_until(loop, [&] { return readers == 0; }, 5s);
+  }
+};
+
+struct stats {
+  std::vector<double> values;
+  double median() const {
+    auto v = values;
+    std::sort(v.begin(), v.end());
+    return v.empty() ? 0 : v[v.size() / 2];
+  }
+  double worst() const { return values.empty() ? 0 : *std::max_element(values.begin(), values.end()); }
+};
+
+inline std::string describe(const std::string& what, const stats& s) {
+  std::ostringstream o;
+  o << what << ": median " << s.median() << " ms, worst " << s.worst() << " ms over " << s.values.size() << " runs";
+  return o.str();
+}
+
+}  // namespace test
