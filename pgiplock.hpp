@@ -2082,6 +2082,10 @@ class ip_lock {
   void on_acquire(channel_handler fn) { on_acquire_.push_back(std::move(fn)); }
   // Whenever it stops being the holder (release, lost link, lost row).
   void on_lose(channel_handler fn) { on_lose_.push_back(std::move(fn)); }
+  // Why the last tenure ended without a release (the liveness check failed,
+  // the row was deleted); empty after a release or a new win. Set before
+  // on_lose runs.
+  const std::string& demotion_reason() const noexcept { return demotion_reason_; }
 
   // Destroys every lock of this process that runs on the calling thread's
   // event loop (all of them when called outside a loop).
@@ -2231,6 +2235,7 @@ class ip_lock {
   task<void> demote(std::string why) {
     if (!acquired_) co_return;
     detail::log(logger(), log_level::warn, "ip_lock " + channel_ + ": giving up the lock: " + why);
+    demotion_reason_ = std::move(why);
     set_acquired(false);
     token_.reset();
     auto client = options_.client;
@@ -2536,6 +2541,7 @@ class ip_lock {
   void set_acquired(bool now) {
     if (now == acquired_) return;
     acquired_ = now;
+    if (now) demotion_reason_.clear();
     if (!now) standby_wake_.cancel();  // the waiter has work again
     auto& handlers = now ? on_acquire_ : on_lose_;
     for (std::size_t i = 0; i < handlers.size(); ++i) handlers[i](channel_);
@@ -2565,6 +2571,7 @@ class ip_lock {
   std::uint64_t notify_sub_ = 0, lost_sub_ = 0;
   channel_handler on_release_;
   std::vector<channel_handler> on_acquire_, on_lose_;
+  std::string demotion_reason_;
   cancel_source wake_;          // release events wake the retry loop
   cancel_source standby_wake_;  // losing the lock wakes the waiter loop
   std::shared_ptr<connection> waiter_;
@@ -3021,6 +3028,10 @@ class pubsub {
     it->second.listening = false;
     it->second.listen_started = false;
     if (was && client_ && client_->is_open()) loop_->spawn(unlisten_quietly(client_, ch));
+    // A demotion is a fault the application should hear of; a release is not.
+    if (was && it->second.lock && !it->second.lock->demotion_reason().empty()) {
+      report(error("pgiplock: stopped delivering channel " + ch + ": " + it->second.lock->demotion_reason()));
+    }
   }
 
   static task<void> unlisten_quietly(std::shared_ptr<connection> c, std::string ch) {

@@ -14,6 +14,7 @@ namespace {
 
 struct run_result {
   double takeover_ms = -1;
+  double victim_told_ms = -1;  // the victim's first on_error after the fault
   long lost = 0, duplicated = 0;
   int changes = 0;
 };
@@ -96,6 +97,9 @@ task<run_result> one_run(event_loop& loop, fault f) {
       }
     }
   }
+  for (long long e : fl.errors[static_cast<std::size_t>(victim)]) {
+    if (e > t0 && out.victim_told_ms < 0) out.victim_told_ms = static_cast<double>(e - t0) / 1e6;
+  }
   out.lost = t.lost;
   out.duplicated = t.duplicated;
   out.changes = fl.deliverer_changes();
@@ -167,12 +171,18 @@ TEST_CASE("the lock row deleted or the table truncated under a live holder: neve
   auto rs = loop.run(runs(loop, fault::delete_row, 2));
   auto rt = loop.run(runs(loop, fault::truncate_table, 2));
   rs.insert(rs.end(), rt.begin(), rt.end());
-  stats resumed;
+  stats resumed, told;
   for (auto& r : rs) {
     CHECK(r.duplicated == 0);
     CHECK(r.changes <= 1);
+    // The holder notices within one heartbeat (liveness 2000 ms: every
+    // 500 ms) and tells the application through on_error.
+    CHECK(r.victim_told_ms >= 0);
+    CHECK(r.victim_told_ms <= 750);
     resumed.values.push_back(r.takeover_ms);
+    told.values.push_back(r.victim_told_ms);
   }
+  WARN(describe("row deleted / table truncated, holder's on_error", told));
   WARN(describe("row deleted / table truncated, delivery by another member", resumed));
 }
 
