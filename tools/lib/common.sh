@@ -33,9 +33,10 @@ PGIPLOCK_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)"
 PGIPLOCK_SRC="${PGIPLOCK_SRC:-$PGIPLOCK_ROOT}"
 
 # The one place that lists what the project needs from Debian.
-# nodejs/npm are optional (interop tests skip without node), see below.
-PGIPLOCK_PACKAGES="libpq-dev liburing-dev catch2 meson ninja-build postgresql nftables iproute2 g++ clang nodejs npm pkg-config"
-PGIPLOCK_OPTIONAL_PACKAGES="nodejs npm"
+# nodejs/npm and pgbouncer are optional test tools (the interop and PgBouncer
+# tests skip without them), see below.
+PGIPLOCK_PACKAGES="libpq-dev liburing-dev catch2 meson ninja-build postgresql nftables iproute2 g++ clang nodejs npm pgbouncer pkg-config"
+PGIPLOCK_OPTIONAL_PACKAGES="nodejs npm pgbouncer"
 
 # Internal state (double underscore = private).
 PGIPLOCK__APT_UPDATED=""      # apt-get update only once per script run
@@ -70,6 +71,7 @@ pgiplock__optional_present() {
     case "$1" in
         nodejs) command -v node >/dev/null 2>&1 ;;
         npm)    command -v npm  >/dev/null 2>&1 ;;
+        pgbouncer) command -v pgbouncer >/dev/null 2>&1 || [[ -x /usr/sbin/pgbouncer ]] ;;
         *)      return 1 ;;
     esac
 }
