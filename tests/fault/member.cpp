@@ -7,6 +7,7 @@
 //   ERROR <t> <what>         on_error fired
 // <t> is CLOCK_MONOTONIC in nanoseconds, comparable with the test's clock.
 // Usage: member DSN CHANNEL [--graceful] [--interval MS] [--liveness MS] [--retry MS] [--watch-active]
+//                           [--no-fast-failover]
 //        member DSN --probe  connects once; prints PROBE OK, or PROBE FAIL <why>
 //                            and exits 1 (can this network reach the server?)
 // pubsub has no event for "stopped delivering" (a lock demoted by its
@@ -83,7 +84,7 @@ int main(int argc, char** argv) {
   if (argc < 3) {
     std::fprintf(stderr,
                  "usage: member DSN CHANNEL [--graceful] [--interval MS] [--liveness MS] [--retry MS] "
-                 "[--watch-active]\n       member DSN --probe\n");
+                 "[--watch-active] [--no-fast-failover]\n       member DSN --probe\n");
     return 2;
   }
   if (std::strcmp(argv[2], "--probe") == 0) return probe(argv[1]);
@@ -99,6 +100,7 @@ int main(int argc, char** argv) {
     else if (a == "--liveness" && i + 1 < argc) o.liveness_timeout = next_ms();
     else if (a == "--retry" && i + 1 < argc) o.retry_delay = next_ms();
     else if (a == "--watch-active") watch = true;
+    else if (a == "--no-fast-failover") o.fast_failover = false;
   }
   bool trace = std::getenv("PGIPLOCK_MEMBER_TRACE") != nullptr;
   o.logger = [trace](pgiplock::log_level level, std::string_view m) {
