@@ -21,19 +21,22 @@ using pgiplock::event_loop;
 using pgiplock::task;
 using clock = std::chrono::steady_clock;
 
-// AddressSanitizer keeps freed memory in quarantine, so RSS says nothing
-// there; LeakSanitizer checks for leaks in that build instead.
+// Built with AddressSanitizer (GCC defines the macro, clang the feature).
 #if defined(__SANITIZE_ADDRESS__)
-inline constexpr bool rss_is_meaningful = false;
+inline constexpr bool sanitized = true;
 #elif defined(__has_feature)
 #if __has_feature(address_sanitizer)
-inline constexpr bool rss_is_meaningful = false;
+inline constexpr bool sanitized = true;
 #else
-inline constexpr bool rss_is_meaningful = true;
+inline constexpr bool sanitized = false;
 #endif
 #else
-inline constexpr bool rss_is_meaningful = true;
+inline constexpr bool sanitized = false;
 #endif
+
+// AddressSanitizer keeps freed memory in quarantine, so RSS says nothing
+// there; LeakSanitizer checks for leaks in that build instead.
+inline constexpr bool rss_is_meaningful = !sanitized;
 
 inline std::string dsn() {
   const char* d = std::getenv("PGIPLOCK_TEST_DSN");

@@ -223,6 +223,33 @@ task<std::pair<int, std::string>> close_with_pending(event_loop& loop) {
   co_return std::make_pair(t.failed_with_connection_error, std::to_string(ms_since(t0)));
 }
 
+struct prepared_result {
+  std::string first, second, named;
+  std::string bad_first, bad_again;
+};
+// The same statement twice (the second run uses the statement the first
+// prepared: the server lists it), and a statement that cannot be prepared:
+// its own error, both times.
+task<prepared_result> prepared_statements(event_loop& loop) {
+  prepared_result out;
+  auto c = co_await open(loop);
+  auto a = co_await c->query_prepared("SELECT $1::integer + 1", 41);
+  out.first = std::string(a.get(0, 0));
+  auto b = co_await c->query_prepared("SELECT $1::integer + 1", 1);
+  out.second = std::string(b.get(0, 0));
+  auto names = co_await c->query("SELECT string_agg(statement, ';') FROM pg_prepared_statements");
+  out.named = std::string(names.get(0, 0));
+  for (std::string* into : {&out.bad_first, &out.bad_again}) {
+    try {
+      co_await c->query_prepared("SELEC $1::integer", 1);
+    } catch (const pgiplock::sql_error& e) {
+      *into = e.what();
+    }
+  }
+  co_await c->close();
+  co_return out;
+}
+
 }  // namespace
 
 TEST_CASE("connects, with a unique application_name the server sees", "[connection]") {
@@ -350,4 +377,14 @@ TEST_CASE("1,000 connect/close cycles leak no file descriptors", "[connection][l
   CHECK(open_fd_count() == before);
   INFO("RSS before " << rss_before << " KiB, after " << rss_kib() << " KiB");
   if (rss_is_meaningful) CHECK(rss_kib() - rss_before < 4096);
+}
+
+TEST_CASE("query_prepared: prepared once per connection, a bad statement fails with its own error", "[connection]") {
+  event_loop loop;
+  auto r = loop.run(prepared_statements(loop));
+  CHECK(r.first == "42");
+  CHECK(r.second == "2");
+  CHECK(r.named == "SELECT $1::integer + 1");
+  CHECK_THAT(r.bad_first, Catch::Contains("syntax error"));
+  CHECK_THAT(r.bad_again, Catch::Contains("syntax error"));
 }

@@ -116,10 +116,12 @@ task<std::vector<run_result>> runs(event_loop& loop, fault f, int n) {
 
 }  // namespace
 
-// The issue's target is 10 ms median; on these 2-core machines, loaded by
-// the fleet itself, the server alone takes 5-9 ms to notice the killed
-// client (see docs/failover.md), so the median asserted is 25 ms.
-TEST_CASE("holder SIGKILLed: a standby delivers within 25 ms median, 50 ms worst; nothing twice", "[fault]") {
+// The sanitizers slow every member's own work (the waiter's wake-up, the
+// takeover statement, the delivery) two- to threefold; the kernel's and the
+// server's part is unchanged.
+constexpr double sigkill_median_ms = sanitized ? 20 : 10;
+
+TEST_CASE("holder SIGKILLed: a standby delivers within 10 ms median, 50 ms worst; nothing twice", "[fault]") {
   event_loop loop;
   auto rs = loop.run(runs(loop, fault::sigkill, 7));
   stats takeover;
@@ -135,7 +137,7 @@ TEST_CASE("holder SIGKILLed: a standby delivers within 25 ms median, 50 ms worst
     lost += r.lost;
   }
   WARN(describe("SIGKILL takeover", takeover) << "; lost " << lost << " in total");
-  CHECK(takeover.median() <= 25);
+  CHECK(takeover.median() <= sigkill_median_ms);
   CHECK(takeover.worst() <= 50);
 }
 
