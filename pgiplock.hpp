@@ -1487,7 +1487,9 @@ class connection : public std::enable_shared_from_this<connection> {
     if (prepare) {
       auto it = prepared_.find(sql);
       if (it == prepared_.end()) {
-        name = "pgiplock_" + std::to_string(prepared_.size() + 1);
+        // Never reused: a statement whose first run failed after its
+        // PREPARE succeeded still exists on the server.
+        name = "pgiplock_" + std::to_string(++statements_made_);
         if (PQsendPrepare(conn_, name.c_str(), sql.c_str(), n, nullptr)) {
           discard = 1;
           prepared_.emplace(sql, name);
@@ -1504,19 +1506,22 @@ class connection : public std::enable_shared_from_this<connection> {
                                             formats.data(), 0);
     if (!sent || !PQpipelineSync(conn_)) {
       std::string why = detail::trim_message(PQerrorMessage(conn_));
-      if (PQstatus(conn_) == CONNECTION_BAD) {
+      // A PREPARE already queued would go out with the next segment and be
+      // taken for that query's result: the pipeline is beyond repair.
+      if (PQstatus(conn_) == CONNECTION_BAD || discard) {
         lose(why);
         throw connection_error(closed_message());
       }
       throw error("pgiplock: cannot send query: " + why);
     }
     outcome out;
-    pending_.push_back(pending_query{0, &out, discard});
+    pending_.push_back(pending_query{0, &out, discard, discard ? sql : std::string()});
     std::uint64_t* slot = &pending_.back().op;
     flush_output();
     co_await loop_->wait_for_completion(slot);
     if (out.failure) {
-      if (discard) prepared_.erase(sql);  // the PREPARE may be what failed
+      // Gone from the server (DISCARD ALL, DEALLOCATE): prepare it anew next time.
+      if (prepare && out.sqlstate == "26000") prepared_.erase(sql);
       std::rethrow_exception(out.failure);
     }
     co_return std::move(out.value);
@@ -1563,11 +1568,13 @@ class connection : public std::enable_shared_from_this<connection> {
   struct outcome {
     result value;
     std::exception_ptr failure;
+    std::string sqlstate;  // of the failure
   };
   struct pending_query {
     std::uint64_t op;  // the waiter's operation; stale once its frame is gone
     outcome* out;
     int discard = 0;   // leading results that are not the query's (a PREPARE's)
+    std::string prepared_sql;  // that PREPARE's statement: forgotten if it fails
   };
   struct subscriber {
     std::uint64_t id;
@@ -1626,21 +1633,29 @@ class connection : public std::enable_shared_from_this<connection> {
       std::uint64_t id;
       ~unsubscribe_at_exit() { self->unsubscribe(id); }
     } guard{this, id};
-    co_await query("LISTEN " + quote_identifier(channel));
+    bool read_only = false;
+    try {
+      co_await query("LISTEN " + quote_identifier(channel));
+    } catch (const sql_error& e) {
+      if (e.sqlstate() != "25006") throw;
+      read_only = true;
+    }
+    if (read_only) {  // a hot standby: nothing can LISTEN here, and nothing pretends to
+      detail::log(logger_, log_level::debug, "read-only session (a hot standby?): LISTEN not possible, no probe");
+      co_return std::string();
+    }
     auto r = co_await query("SELECT pg_backend_pid(), pg_notify($1, '')", channel);
     int server_pid = std::atoi(std::string(r.get(0, 0)).c_str());
     if (co_await loop_->sleep(limit, heard.get())) {
+      if (!is_open()) throw connection_error(closed_message());
       co_return "a notification to itself did not arrive within " + std::to_string(limit.count()) + " ms";
     }
     std::string problem;
     if (server_pid != backend_pid_) {  // PQbackendPID() is a proxy's own key
-      auto pinned = co_await detail::within(*loop_, pinned_to(shared_from_this(), server_pid, channel, options), limit);
+      auto pinned = co_await pinned_to(shared_from_this(), server_pid, channel, options);
       if (pinned && !*pinned) {
         problem = "a second connection was served by this session's server backend (pid " +
                   std::to_string(server_pid) + "), so this session's LISTEN is not its own";
-      } else if (!pinned) {
-        detail::log(logger_, log_level::debug, "could not tell within " + std::to_string(limit.count()) +
-                                                   " ms whether the pool in front of the server pins sessions");
       }
       // Our own notifications carry the server's pid, which the locks
       // compare against.
@@ -1652,25 +1667,38 @@ class connection : public std::enable_shared_from_this<connection> {
 
   // Whether this session keeps its server backend while another session of
   // the same pool holds a transaction open (a session pool: yes; a
-  // transaction pool hands the idle backend to the other session). Static:
-  // an abandoned check keeps the connection alive until it ends.
-  static task<bool> pinned_to(std::shared_ptr<connection> self, int server_pid, std::string channel,
-                              connect_options options) {
+  // transaction pool hands the idle backend to the other session). Nothing
+  // when it cannot tell within the probe's time (a full pool, a refused
+  // second login): connect() then goes on, as without a proxy.
+  static task<std::optional<bool>> pinned_to(std::shared_ptr<connection> self, int server_pid, std::string channel,
+                                             connect_options options) {
+    auto limit = options.notify_probe_timeout;
     options.notify_probe_timeout = std::chrono::milliseconds(0);
     options.application_name.clear();
-    auto other = co_await connect(*self->loop_, self->conninfo_, options);
-    bool pinned = true;
+    options.timeout = limit;
+    std::shared_ptr<connection> other;
+    std::optional<bool> pinned;
+    std::string failure;
     try {
-      co_await other->query("BEGIN");
-      auto theirs = co_await other->query("SELECT pg_backend_pid()");
-      auto mine = co_await self->query("SELECT pg_backend_pid(), EXISTS (SELECT FROM pg_listening_channels() c WHERE c = $1)", channel);
-      pinned = std::atoi(std::string(theirs.get(0, 0)).c_str()) != server_pid &&
-               std::atoi(std::string(mine.get(0, 0)).c_str()) == server_pid && mine.get(0, 1) == "t";
-    } catch (...) {
-      self->loop_->spawn(close_quietly(other));
-      throw;
+      other = co_await connect(*self->loop_, self->conninfo_, options);
+      auto began = co_await detail::within(*self->loop_, other->query("BEGIN"), limit);
+      if (began) {
+        auto theirs = co_await other->query("SELECT pg_backend_pid()");
+        auto mine = co_await self->query(
+            "SELECT pg_backend_pid(), EXISTS (SELECT FROM pg_listening_channels() c WHERE c = $1)", channel);
+        pinned = std::atoi(std::string(theirs.get(0, 0)).c_str()) != server_pid &&
+                 std::atoi(std::string(mine.get(0, 0)).c_str()) == server_pid && mine.get(0, 1) == "t";
+      } else {
+        failure = "a second connection got no server session within " + std::to_string(limit.count()) + " ms";
+      }
+    } catch (const std::exception& e) {
+      failure = e.what();
     }
-    co_await other->close();
+    if (other) co_await other->close();  // also ends an abandoned BEGIN
+    if (!failure.empty()) {
+      detail::log(self->logger_, log_level::debug,
+                  "could not tell whether the pool in front of the server pins sessions: " + failure);
+    }
     co_return pinned;
   }
 
@@ -1761,8 +1789,14 @@ class connection : public std::enable_shared_from_this<connection> {
         case PGRES_NONFATAL_ERROR:
         case PGRES_BAD_RESPONSE:
         case PGRES_PIPELINE_ABORTED:
-          if (q.discard > 0) --q.discard;
-          if (alive && !q.out->failure) q.out->failure = to_error(r);
+          if (q.discard > 0) {  // the PREPARE failed: no such statement on the server
+            --q.discard;
+            prepared_.erase(q.prepared_sql);
+          }
+          if (alive && !q.out->failure) {
+            q.out->failure = to_error(r);
+            if (const char* state = PQresultErrorField(r, PG_DIAG_SQLSTATE)) q.out->sqlstate = state;
+          }
           PQclear(r);
           break;
         default:
@@ -1851,6 +1885,7 @@ class connection : public std::enable_shared_from_this<connection> {
   std::string lost_reason_;
   std::deque<pending_query> pending_;  // deque: slots stay put while others are added
   std::unordered_map<std::string, std::string> prepared_;  // SQL -> statement name
+  std::uint64_t statements_made_ = 0;
   std::vector<subscriber> subs_;
   std::vector<std::pair<std::uint64_t, lost_handler>> lost_handlers_;
   std::uint64_t next_sub_ = 0;
@@ -2050,6 +2085,7 @@ class ip_lock {
     if (schema_.empty()) schema_ = client->quote_identifier(schema_name());
     bool was = acquired_;
     releasing_ = true;
+    demotion_reason_.clear();
     // Keep delivering while the release is in flight; whether to go on
     // until a successor announces depends on who was waiting.
     draining_ = was;
@@ -2356,7 +2392,8 @@ class ip_lock {
     auto k = static_cast<std::uint64_t>(key);
     auto r = co_await client->query(
         "WITH w AS MATERIALIZED (SELECT count(*) AS n FROM pg_catalog.pg_locks WHERE locktype = 'advisory' "
-        "AND granted AND classid = $4::oid AND objid = $5::oid AND objsubid = 2 AND pid <> pg_backend_pid()), "
+        "AND granted AND classid = $4::oid AND objid = $5::oid AND objsubid = 2 AND pid <> pg_backend_pid() "
+        "AND database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())), "
         "d AS (" + del + " RETURNING 1), "
         "u AS MATERIALIZED (SELECT pg_advisory_unlock($3::bigint) AS ok FROM w, (SELECT count(*) FROM d) gone) "
         "SELECT (SELECT n FROM w), (SELECT ok FROM u)",
@@ -2505,7 +2542,9 @@ class ip_lock {
     for (;;) {
       co_await loop.sleep(every);
       auto client = options_.client;
-      if (!acquired_ || !client->is_open() || attempt_in_flight_) continue;
+      // A release deletes the row while still draining: not a fault.
+      auto holding = [&] { return acquired_ && !releasing_ && client->is_open() && !attempt_in_flight_; };
+      if (!holding()) continue;
       std::optional<bool> held;
       std::string failure;  // co_await is not allowed inside a handler
       try {
@@ -2513,6 +2552,7 @@ class ip_lock {
       } catch (const std::exception& e) {
         failure = e.what();
       }
+      if (!holding()) continue;  // released or lost meanwhile
       if (!failure.empty()) {
         co_await demote("the liveness check failed: " + failure);
       } else if (!held) {
