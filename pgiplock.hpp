@@ -1100,8 +1100,8 @@ inline task<void> cancel_after(event_loop& loop, std::shared_ptr<cancel_source> 
   cancel->cancel();
 }
 
-// Runs `t`; yields false if it has not finished within `limit` (it is then
-// abandoned, and any answer that comes later is dropped).
+// Runs `t`; yields nothing if it has not finished within `limit` (it is
+// then abandoned, and any answer that comes later is dropped).
 template <class T>
 task<std::optional<T>> within(event_loop& loop, task<T> t, std::chrono::milliseconds limit) {
   struct state {
@@ -1448,10 +1448,7 @@ class connection : public std::enable_shared_from_this<connection> {
   // copied before the first suspension, so temporaries are safe.
   template <class... Args>
   task<result> query(std::string sql, Args&&... args) {
-    std::vector<detail::param> params;
-    params.reserve(sizeof...(Args));
-    (params.push_back(detail::to_param(std::forward<Args>(args))), ...);
-    return execute(std::move(sql), std::move(params));
+    return run(std::move(sql), params_of(std::forward<Args>(args)...), false);
   }
 
   task<result> execute(std::string sql, std::vector<detail::param> params) {
@@ -1463,13 +1460,18 @@ class connection : public std::enable_shared_from_this<connection> {
   // heartbeat, whose planning would otherwise cost more than their execution.
   template <class... Args>
   task<result> query_prepared(std::string sql, Args&&... args) {
-    std::vector<detail::param> params;
-    params.reserve(sizeof...(Args));
-    (params.push_back(detail::to_param(std::forward<Args>(args))), ...);
-    return run(std::move(sql), std::move(params), true);
+    return run(std::move(sql), params_of(std::forward<Args>(args)...), true);
   }
 
  private:
+  template <class... Args>
+  static std::vector<detail::param> params_of(Args&&... args) {
+    std::vector<detail::param> params;
+    params.reserve(sizeof...(Args));
+    (params.push_back(detail::to_param(std::forward<Args>(args))), ...);
+    return params;
+  }
+
   task<result> run(std::string sql, std::vector<detail::param> params, bool prepare) {
     auto self = shared_from_this();
     if (!is_open()) throw connection_error(closed_message());

@@ -19,15 +19,7 @@ using conn_ptr = std::shared_ptr<connection>;
 
 namespace {
 
-// The test server's port, from the DSN tools/check exports.
-std::string server_port() {
-  std::string d = dsn();
-  auto at = d.find("port=");
-  if (at == std::string::npos) return "5432";
-  auto end = d.find(' ', at);
-  return d.substr(at + 5, end == std::string::npos ? std::string::npos : end - at - 5);
-}
-
+// A field of the test server's DSN (tools/check exports it).
 std::string server_field(const std::string& key, std::string fallback) {
   std::string d = dsn();
   auto at = d.find(key + "=");
@@ -74,7 +66,7 @@ class bouncer {
     dir_ = dir_template;
     port_ = free_port();
     REQUIRE(port_ > 0);
-    std::string target = "host=" + server_field("host", "127.0.0.1") + " port=" + server_port() +
+    std::string target = "host=" + server_field("host", "127.0.0.1") + " port=" + server_field("port", "5432") +
                          " dbname=" + server_field("dbname", "postgres") + " user=" + server_field("user", "postgres");
     std::ofstream ini(dir_ + "/pgbouncer.ini");
     ini << "[databases]\n"
