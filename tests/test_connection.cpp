@@ -152,7 +152,7 @@ task<int> notify_during_pipeline(event_loop& loop) {
   auto sender = co_await open(loop);
   int received = 0;
   std::string payload;
-  listener->subscribe("conn_test_ch", [&](const pgiplock::notification& n) {
+  (void)listener->subscribe("conn_test_ch", [&](const pgiplock::notification& n) {
     ++received;
     payload = std::string(n.payload);
     CHECK(n.sender_pid == sender->backend_pid());
@@ -192,7 +192,7 @@ task<termination> terminated(event_loop& loop) {
   termination t;
   auto victim = co_await open(loop);
   auto admin = co_await open(loop);
-  victim->on_lost([&](const connection_error&) { t.lost_seen = true; });
+  (void)victim->on_lost([&](const connection_error&) { t.lost_seen = true; });
   for (int i = 0; i < 100; ++i) loop.spawn(pending_sleep(victim, t));
   co_await loop.sleep(50ms);  // the first pg_sleep is running
   auto t0 = clock::now();

@@ -149,7 +149,7 @@ task<session_result> through_session_pool(event_loop& loop, std::string conninfo
   co_await lock.init();
   out.acquired = co_await lock.acquire();
   bool heard = false;
-  c->subscribe(ch, [&](const pgiplock::notification&) { heard = true; });
+  (void)c->subscribe(ch, [&](const pgiplock::notification&) { heard = true; });
   co_await c->query("LISTEN " + c->quote_identifier(ch));
   co_await direct->query("SELECT pg_notify($1, 'hello')", ch);
   out.heard = co_await wait_until(loop, [&] { return heard; }, 2s);

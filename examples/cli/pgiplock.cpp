@@ -253,7 +253,7 @@ task<int> run_listen(event_loop& loop, command_line cl) {
   listen_state st;
   ps.on_message([&st](std::string_view, std::string_view) { st.delivered = true; });
   ps.on_connect([&ps, &st] {
-    ps.client()->subscribe("", [&st](const pgiplock::notification& n) {
+    (void)ps.client()->subscribe("", [&st](const pgiplock::notification& n) {
       if (std::exchange(st.delivered, false)) print_notification(n);
     });
   });

@@ -1,0 +1,242 @@
+// ==== detail: every statement the library sends, and the SQLSTATEs it reads ==
+//
+// SQL is protocol: each statement is here once, with the reason it is written
+// the way it is. Values are always bound parameters ($1...); identifiers are
+// quoted by libpq (connection::quote_identifier) and spliced where a
+// statement says @schema@ (the lock schema) or @claims@ (the execution-lock
+// schema), by in_schema(). DDL cannot take parameters, so the bootstrap
+// blocks read the schema name from a session setting that a bound parameter
+// set, and quote it with format('%I').
+#pragma once
+
+#include "../errors.hpp"
+
+namespace pgiplock::detail {
+
+namespace sqlstate {
+inline constexpr std::string_view invalid_statement_name = "26000";  // prepared statement gone (DISCARD ALL)
+inline constexpr std::string_view read_only_transaction = "25006";   // a hot standby
+inline constexpr std::string_view insufficient_privilege = "42501";
+// Class 08 (connection exception) and 57P0x (admin shutdown, crash, cannot
+// connect now): the session is over, whatever the statement was.
+inline constexpr std::string_view connection_exception_class = "08";
+inline constexpr std::string_view operator_intervention_prefix = "57P0";
+// What a concurrent bootstrap by another process can raise (a Node peer
+// does not take our bootstrap lock, so these still happen).
+inline constexpr std::string_view bootstrap_races[] = {
+    "23505",  // unique_violation: two CREATEs of one catalog row
+    "42P07",  // duplicate_table
+    "42710",  // duplicate_object (the trigger)
+    "42P06",  // duplicate_schema
+    "42723",  // duplicate_function
+    "40P01",  // deadlock_detected
+    "XX000",  // "tuple concurrently updated" on catalog rows
+};
+inline bool is_bootstrap_race(std::string_view code) {
+  return std::find(std::begin(bootstrap_races), std::end(bootstrap_races), code) != std::end(bootstrap_races);
+}
+inline bool ends_session(std::string_view code) {
+  return code.substr(0, 2) == connection_exception_class || code.substr(0, 4) == operator_intervention_prefix;
+}
+}  // namespace sqlstate
+
+namespace sql {
+
+// ---- connection ----
+
+// LISTEN and UNLISTEN take no parameters: the channel is a quoted identifier.
+inline constexpr std::string_view listen = "LISTEN ";
+inline constexpr std::string_view unlisten = "UNLISTEN ";
+inline constexpr std::string_view unlisten_all = "UNLISTEN *";
+// The probe's self-notification, with the pid of the server backend that
+// serves us (through a proxy, PQbackendPID() is the proxy's own key).
+inline constexpr std::string_view probe_notify = "SELECT pg_backend_pid(), pg_notify($1, '')";
+// Whether a second session of a pool gets our backend while we hold it.
+inline constexpr std::string_view begin = "BEGIN";
+inline constexpr std::string_view backend_pid = "SELECT pg_backend_pid()";
+inline constexpr std::string_view backend_pid_and_listening =
+    "SELECT pg_backend_pid(), EXISTS (SELECT FROM pg_listening_channels() c WHERE c = $1)";
+// The server's side of dead-link detection, per session (no restart, no
+// superuser). tcp_user_timeout exists from PostgreSQL 12 on.
+inline constexpr std::string_view server_keepalives =
+    "SELECT set_config('tcp_keepalives_idle', $1, false), set_config('tcp_keepalives_interval', $1, false), "
+    "set_config('tcp_keepalives_count', '3', false)";
+inline constexpr std::string_view server_keepalives_and_user_timeout =
+    "SELECT set_config('tcp_keepalives_idle', $1, false), set_config('tcp_keepalives_interval', $1, false), "
+    "set_config('tcp_keepalives_count', '3', false), set_config('tcp_user_timeout', $2, false)";
+
+// ---- lock schema bootstrap ----
+
+// Everything init() needs, checked in one round trip before any DDL runs
+// (the common case: another process made it). $1 .. $6: the quoted names.
+inline constexpr std::string_view lock_schema_present =
+    "SELECT to_regclass($1) IS NOT NULL "
+    "AND EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass($1) "
+    "AND tgname = 'notify_release_lock_trigger') "
+    "AND to_regprocedure($2) IS NOT NULL AND to_regprocedure($3) IS NOT NULL "
+    "AND to_regprocedure($4) IS NOT NULL AND to_regclass($5) IS NOT NULL AND to_regprocedure($6) IS NOT NULL";
+// The DO block below reads the schema name from here (it cannot take a
+// parameter); a separate setting per block, as both may run at once.
+inline constexpr std::string_view set_bootstrap_schema = "SELECT set_config($1, $2, false)";
+inline constexpr std::string_view lock_schema_setting = "pgiplock.lock_schema";
+// The Node package's DDL, made idempotent (it never drops) and serialised
+// between our processes by a transaction-level advisory lock, plus what the
+// fast failover needs: the tenure sequence, the bounded waiter and the
+// LISTEN that commits together with its announcement. The advisory key is
+// the one earlier versions used, so old and new bootstraps exclude each other.
+inline constexpr std::string_view lock_schema_ddl = R"sql(DO $pgiplock$
+DECLARE s text := current_setting('pgiplock.lock_schema');
+BEGIN
+PERFORM pg_advisory_xact_lock(hashtext('pgiplock bootstrap ' || s));
+EXECUTE format('CREATE SCHEMA IF NOT EXISTS %I', s);
+EXECUTE format('CREATE TABLE IF NOT EXISTS %I."lock" ('
+  '"channel" CHARACTER VARYING NOT NULL PRIMARY KEY, "app" CHARACTER VARYING NOT NULL)', s);
+IF to_regprocedure(format('%I.notify_lock()', s)) IS NULL THEN
+  EXECUTE format($q$CREATE FUNCTION %I.notify_lock() RETURNS TRIGGER LANGUAGE PLPGSQL AS $f$
+  BEGIN PERFORM PG_NOTIFY(OLD.channel, '1'); RETURN OLD; END; $f$$q$, s);
+END IF;
+IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = format('%I.lock', s)::regclass
+               AND tgname = 'notify_release_lock_trigger') THEN
+  EXECUTE format('CREATE CONSTRAINT TRIGGER notify_release_lock_trigger AFTER DELETE ON %I.lock '
+    'DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE PROCEDURE %I.notify_lock()', s, s);
+END IF;
+IF to_regprocedure(format('%I.deadlock_check(text,text)', s)) IS NULL THEN
+  EXECUTE format($q$CREATE FUNCTION %I.deadlock_check(old_app TEXT, new_app TEXT)
+  RETURNS TEXT LANGUAGE PLPGSQL AS $f$
+  DECLARE num_apps INTEGER;
+  BEGIN
+    SELECT count(query) INTO num_apps FROM pg_stat_activity WHERE application_name = old_app;
+    IF num_apps > 0 THEN
+      RAISE EXCEPTION 'Duplicate channel for app %%', new_app USING DETAIL = 'LOCKED';
+    END IF;
+    RETURN new_app;
+  END; $f$$q$, s);
+END IF;
+EXECUTE format('CREATE SEQUENCE IF NOT EXISTS %I.pgiplock_tenure', s);
+-- Waits for a holder's advisory lock for at most timeout_ms; the timeout is
+-- caught here, so it never reaches the server log as an ERROR.
+IF to_regprocedure(format('%I.pgiplock_wait_free(bigint,integer)', s)) IS NULL THEN
+  EXECUTE format($q$CREATE FUNCTION %I.pgiplock_wait_free(key bigint, timeout_ms integer)
+  RETURNS boolean LANGUAGE plpgsql AS $f$
+  BEGIN
+    PERFORM set_config('lock_timeout', timeout_ms::text, true);
+    PERFORM pg_advisory_xact_lock(key);
+    RETURN true;
+  EXCEPTION WHEN lock_not_available THEN
+    RETURN false;
+  END; $f$$q$, s);
+END IF;
+-- A new holder's LISTEN and its announcement commit together: the exact cut
+-- of a graceful handover.
+IF to_regprocedure(format('%I.pgiplock_listen(text,text)', s)) IS NULL THEN
+  EXECUTE format($q$CREATE FUNCTION %I.pgiplock_listen(channel text, lock_channel text)
+  RETURNS void LANGUAGE plpgsql AS $f$
+  BEGIN
+    EXECUTE format('LISTEN %%I', channel);
+    PERFORM pg_notify(lock_channel, 'listening');
+  END; $f$$q$, s);
+END IF;
+END $pgiplock$)sql";
+
+// ---- ip_lock ----
+
+// One statement: take the advisory lock if free; only then insert our row,
+// take over one whose app has no session any more or is one of ours (ours
+// hold the advisory lock for their whole tenure: we got it, so that holder
+// is gone), or keep one that is already ours; a live holder's row is left
+// alone (0 rows and no error, unlike the Node package's deadlock_check, which
+// logs an ERROR per standby per interval). Two takers of one dead row
+// serialise on its row lock; the second re-checks, finds the new app alive
+// and gets 0. A won tenure draws its fencing token, and LISTENs $4 in the
+// same transaction when given. $1 lock channel, $2 our app, $3 advisory
+// key, $4 data channel or '', $5 the tenure sequence, $6 our app prefix || '%'.
+// Yields: advisory got, won, token, fresh row (the predecessor released it).
+inline constexpr std::string_view acquire =
+    "WITH me AS MATERIALIZED (SELECT pg_try_advisory_lock($3::bigint) AS got), "
+    "taken AS (INSERT INTO @schema@.lock AS l (channel, app) SELECT $1, $2 FROM me WHERE me.got "
+    "ON CONFLICT (channel) DO UPDATE SET app = EXCLUDED.app "
+    "WHERE l.app = EXCLUDED.app OR l.app LIKE $6 OR NOT EXISTS ("
+    "SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.application_name = l.app) "
+    "RETURNING (xmax = 0) AS fresh) "
+    "SELECT (SELECT got FROM me), EXISTS (SELECT 1 FROM taken), "
+    "CASE WHEN EXISTS (SELECT 1 FROM taken) THEN nextval($5::regclass) END, "
+    "coalesce((SELECT bool_or(fresh) FROM taken), false), "
+    "CASE WHEN EXISTS (SELECT 1 FROM taken) AND $4 <> '' THEN @schema@.pgiplock_listen($4, $1) END";
+// The holder's liveness check: a DELETE or TRUNCATE under a live holder
+// fires no release event, so its row is looked at.
+inline constexpr std::string_view holds_row =
+    "SELECT EXISTS (SELECT 1 FROM @schema@.lock WHERE channel = $1 AND app = $2)";
+inline constexpr std::string_view advisory_unlock = "SELECT pg_advisory_unlock($1::bigint)";
+// Members that announce their LISTEN hold this shared lock (the channel's
+// key as an int4 pair: its own key space) while they take part, so a
+// releasing holder knows whether anyone will announce.
+inline constexpr std::string_view presence_lock = "SELECT pg_advisory_lock_shared($1::integer, $2::integer)";
+inline constexpr std::string_view presence_unlock = "SELECT pg_advisory_unlock_shared($1::integer, $2::integer)";
+// A release without the advisory lock (a Node-style holder): just the row.
+inline constexpr std::string_view release_row = "DELETE FROM @schema@.lock WHERE channel = $1 AND app = $2";
+// One statement. The advisory unlock takes effect at once, the release
+// NOTIFY only at commit, so a standby woken by either finds the lock free
+// (and, if it races the commit, its INSERT waits for it). The unlock reads
+// the DELETE's result, so it runs after it: a waiter woken by the unlock must
+// find the row deleted (its INSERT then waits for our commit and starts a
+// fresh tenure), never still ours to take over as if we had died (it would
+// then deliver at once, beside our drain). A data-modifying CTE always runs.
+// Yields how many other members hold the presence lock: announcing C++
+// standbys, whether or not they wait right now. $3 key, $4/$5 its halves.
+inline constexpr std::string_view release_row_and_unlock =
+    "WITH w AS MATERIALIZED (SELECT count(*) AS n FROM pg_catalog.pg_locks WHERE locktype = 'advisory' "
+    "AND granted AND classid = $4::oid AND objid = $5::oid AND objsubid = 2 AND pid <> pg_backend_pid() "
+    "AND database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())), "
+    "d AS (DELETE FROM @schema@.lock WHERE channel = $1 AND app = $2 RETURNING 1), "
+    "u AS MATERIALIZED (SELECT pg_advisory_unlock($3::bigint) AS ok FROM w, (SELECT count(*) FROM d) gone) "
+    "SELECT (SELECT n FROM w), (SELECT ok FROM u)";
+// A standby's fast path: wait server-side, for at most $2 ms (a waiting
+// statement pins the xmin horizon: never unbounded), for the holder's
+// advisory lock. Yields whether it came free.
+inline constexpr std::string_view wait_free = "SELECT @schema@.pgiplock_wait_free($1::bigint, $2::integer)";
+
+// ---- pubsub ----
+
+// LISTEN and the "listening" announcement on the lock channel commit together.
+inline constexpr std::string_view listen_and_announce = "SELECT @schema@.pgiplock_listen($1, $2)";
+// Every notify() of one turn of the loop: one statement, one transaction.
+inline constexpr std::string_view notify_many =
+    "SELECT count(pg_notify(c, p)) FROM unnest($1::text[], $2::text[]) AS t(c, p)";
+
+// ---- execution lock ----
+
+inline constexpr std::string_view claim_schema_present = "SELECT to_regclass($1) IS NOT NULL";
+inline constexpr std::string_view claim_schema_setting = "pgiplock.claim_schema";
+inline constexpr std::string_view claim_schema_ddl = R"sql(DO $pgiplock$
+DECLARE s text := current_setting('pgiplock.claim_schema');
+BEGIN
+PERFORM pg_advisory_xact_lock(hashtext('pgiplock claims ' || s));
+EXECUTE format('CREATE SCHEMA IF NOT EXISTS %I', s);
+EXECUTE format('CREATE TABLE IF NOT EXISTS %I.claim ('
+  'key text PRIMARY KEY, channel text NOT NULL, app text NOT NULL, '
+  'claimed_at timestamptz NOT NULL DEFAULT now())', s);
+EXECUTE format('CREATE INDEX IF NOT EXISTS claim_claimed_at ON %I.claim (claimed_at)', s);
+END $pgiplock$)sql";
+// Expired markers go in one statement per interval, not per message.
+inline constexpr std::string_view prune_claims =
+    "DELETE FROM @claims@.claim WHERE claimed_at < now() - $1::interval";
+// A turn of the loop's claims in one statement; what it returns is won.
+inline constexpr std::string_view claim_many =
+    "INSERT INTO @claims@.claim (key, channel, app) SELECT k, ch, $3 FROM unnest($1::text[], $2::text[]) "
+    "AS t(k, ch) ON CONFLICT (key) DO NOTHING RETURNING key";
+
+// Splices quoted schema names into a statement.
+inline std::string in_schema(std::string_view statement, std::string_view quoted_schema,
+                             std::string_view marker = "@schema@") {
+  std::string out;
+  std::size_t from = 0;
+  for (std::size_t at; (at = statement.find(marker, from)) != std::string_view::npos; from = at + marker.size()) {
+    out.append(statement.substr(from, at - from));
+    out.append(quoted_schema);
+  }
+  out.append(statement.substr(from));
+  return out;
+}
+
+}  // namespace sql
+}  // namespace pgiplock::detail
