@@ -24,6 +24,7 @@
 //   detail/lock_schema.hpp   detail: the lock schema on the server
 //   ip_lock.hpp              ip_lock
 //   detail/claims.hpp        detail: the execution lock's claims
+//   detail/member.hpp        detail: a fleet member, the single-listener engine of pubsub
 //   detail/notify_batch.hpp  detail: notify() batching
 //   pubsub.hpp               pubsub
 //   shutdown.hpp             graceful shutdown
@@ -1405,6 +1406,12 @@ inline constexpr std::size_t max_payload = 7999;                    // the serve
 inline constexpr std::string_view default_schema = "pgip_lock";
 inline constexpr std::string_view claim_schema_suffix = "_unique";  // execution-lock markers
 inline constexpr std::size_t max_schema = max_identifier - claim_schema_suffix.size();
+// A fleet member's listening connection is named with this prefix. Not
+// "pgiplock-": ip_lock treats rows of such apps as its own (it takes one over
+// when the channel's advisory lock is free, which a member never holds).
+inline constexpr std::string_view member_prefix = "pgiplock:";
+// The fleet channel's prefix (see detail/member.hpp): reserved, like lock channels.
+inline constexpr std::string_view fleet_prefix = "__pgiplock__";
 
 inline std::string random_uuid() {
   unsigned char b[16];
@@ -1453,10 +1460,19 @@ inline void validate_channel(std::string_view channel, channel_use use) {
     throw std::invalid_argument("pgiplock: channel names starting with '" + std::string(lock_prefix) +
                                 "' are reserved for the locks themselves");
   }
+  if (use == channel_use::locked && channel.substr(0, fleet_prefix.size()) == fleet_prefix) {
+    throw std::invalid_argument("pgiplock: channel names starting with '" + std::string(fleet_prefix) +
+                                "' are reserved for the fleet's own events");
+  }
 }
 
 inline bool is_lock_channel(std::string_view channel) {
   return channel.substr(0, lock_prefix.size()) == lock_prefix;
+}
+
+// Lock channels and the fleet channel: the library's own traffic.
+inline bool is_internal_channel(std::string_view channel) {
+  return is_lock_channel(channel) || channel.substr(0, fleet_prefix.size()) == fleet_prefix;
 }
 
 inline void validate_payload(std::string_view payload) {
@@ -1631,7 +1647,9 @@ inline constexpr std::string_view lock_schema_present =
     "AND EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass($1) "
     "AND tgname = 'notify_release_lock_trigger') "
     "AND to_regprocedure($2) IS NOT NULL AND to_regprocedure($3) IS NOT NULL "
-    "AND to_regprocedure($4) IS NOT NULL AND to_regclass($5) IS NOT NULL AND to_regprocedure($6) IS NOT NULL";
+    "AND to_regprocedure($4) IS NOT NULL AND to_regclass($5) IS NOT NULL AND to_regprocedure($6) IS NOT NULL "
+    "AND to_regclass($7) IS NOT NULL AND to_regprocedure($8) IS NOT NULL AND to_regprocedure($9) IS NOT NULL "
+    "AND to_regprocedure($10) IS NOT NULL";
 // The DO block below reads the schema name from here (it cannot take a
 // parameter); a separate setting per block, as both may run at once.
 inline constexpr std::string_view set_bootstrap_schema = "SELECT set_config($1, $2, false)";
@@ -1693,7 +1711,155 @@ IF to_regprocedure(format('%I.pgiplock_listen(text,text)', s)) IS NULL THEN
     PERFORM pg_notify(lock_channel, 'listening');
   END; $f$$q$, s);
 END IF;
+-- Fleets (pubsub members): liveness per member, not per channel. A member
+-- holds one session advisory lock, `key`, for as long as it lives; its row
+-- here names it, and the channels it holds are Node-format rows in lock.
+EXECUTE format('CREATE TABLE IF NOT EXISTS %I.pgiplock_member ('
+  'app text PRIMARY KEY, key bigint NOT NULL, pid integer NOT NULL, '
+  'since timestamptz NOT NULL DEFAULT now())', s);
+EXECUTE format('CREATE INDEX IF NOT EXISTS pgiplock_lock_app ON %I.lock (app)', s);
+-- A member's watch: waits, for at most slice_ms, for the session lock of the
+-- next member in the ring (ordered by app), re-reading the ring every
+-- step_ms so a member that joins is watched within a step. Yields the app
+-- of a member found dead, or NULL. Lock timeouts are caught: no ERROR in
+-- the server log. One statement per slice, however many channels.
+IF to_regprocedure(format('%I.pgiplock_watch(text,integer,integer)', s)) IS NULL THEN
+  EXECUTE format($q$CREATE FUNCTION %1$I.pgiplock_watch(me text, slice_ms integer, step_ms integer)
+  RETURNS text LANGUAGE plpgsql AS $f$
+  DECLARE
+    deadline timestamptz := clock_timestamp() + slice_ms * interval '1 millisecond';
+    target record;
+    left_ms integer;
+  BEGIN
+    LOOP
+      left_ms := ceil(extract(epoch FROM deadline - clock_timestamp()) * 1000);
+      IF left_ms <= 0 THEN RETURN NULL; END IF;
+      SELECT m.app, m.key INTO target FROM %1$I.pgiplock_member m WHERE m.app > me ORDER BY m.app LIMIT 1;
+      IF NOT FOUND THEN
+        SELECT m.app, m.key INTO target FROM %1$I.pgiplock_member m WHERE m.app < me ORDER BY m.app LIMIT 1;
+      END IF;
+      IF NOT FOUND THEN
+        PERFORM pg_sleep(least(step_ms, left_ms) / 1000.0);
+      ELSE
+        BEGIN
+          PERFORM set_config('lock_timeout', least(step_ms, left_ms)::text, true);
+          PERFORM pg_advisory_xact_lock(target.key);
+          RETURN target.app;
+        EXCEPTION WHEN lock_not_available THEN
+          NULL;
+        END;
+      END IF;
+    END LOOP;
+  END; $f$$q$, s);
+END IF;
+-- A member's claim on the channels it wants and does not hold, in one
+-- transaction: rows of dead members (session lock free), of sessions that
+-- are gone (a Node peer's), or free ones become ours, each with a new
+-- fencing token and its LISTEN; a row that was released (a fresh insert)
+-- is announced on the fleet channel with the LISTEN, the exact cut of a
+-- graceful handover. The dead members' other rows are freed for whoever
+-- wants them (the Node trigger and 'free' on the fleet channel tell them).
+-- A watcher that just got a member's lock knows it is dead (`gone`): then
+-- the lock table is not scanned, which is the bulk of a takeover's time.
+-- Yields the won channels, then who holds the others.
+IF to_regprocedure(format('%I.pgiplock_claim(text,text[],text,text,text)', s)) IS NULL THEN
+  EXECUTE format($q$CREATE FUNCTION %1$I.pgiplock_claim(me text, want text[], fleet text, prefix text, gone text)
+  RETURNS TABLE (ch text, tok bigint, is_fresh boolean, held_by text, by_member boolean)
+  LANGUAGE plpgsql AS $f$
+  #variable_conflict use_column
+  DECLARE
+    dead text[];
+    r record;
+    freed bigint;
+  BEGIN
+    IF gone IS NOT NULL THEN
+      dead := ARRAY[gone];
+    ELSE
+      SELECT coalesce(array_agg(m.app), '{}') INTO dead FROM %1$I.pgiplock_member m
+      WHERE m.app <> me AND NOT EXISTS (
+      SELECT 1 FROM pg_catalog.pg_locks l
+      WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+        AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = current_database())
+        AND l.classid = ((m.key >> 32) & 4294967295)::oid AND l.objid = (m.key & 4294967295)::oid);
+    END IF;
+    FOR r IN
+      INSERT INTO %1$I.lock AS l (channel, app) SELECT prefix || w, me FROM unnest(want) AS w
+      ON CONFLICT (channel) DO UPDATE SET app = EXCLUDED.app
+      WHERE l.app = EXCLUDED.app OR l.app = ANY (dead)
+         OR (NOT EXISTS (SELECT 1 FROM %1$I.pgiplock_member m WHERE m.app = l.app)
+             AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.application_name = l.app))
+      RETURNING substr(l.channel, length(prefix) + 1) AS won, (l.xmax = 0) AS released
+    LOOP
+      EXECUTE format('LISTEN %%I', r.won);
+      IF r.released THEN PERFORM pg_notify(fleet, 'listening:' || r.won); END IF;
+      ch := r.won; tok := nextval(%2$L); is_fresh := r.released; held_by := me; by_member := true;
+      RETURN NEXT;
+    END LOOP;
+    IF cardinality(dead) > 0 THEN
+      DELETE FROM %1$I.pgiplock_member m WHERE m.app = ANY (dead);
+      DELETE FROM %1$I.lock l WHERE l.app = ANY (dead);
+      GET DIAGNOSTICS freed = ROW_COUNT;
+      -- Only when others may want them: a 'free' wakes every member.
+      IF freed > 0 THEN PERFORM pg_notify(fleet, 'free'); END IF;
+    END IF;
+    RETURN QUERY SELECT substr(l.channel, length(prefix) + 1), NULL::bigint, false, l.app::text,
+      EXISTS (SELECT 1 FROM %1$I.pgiplock_member m WHERE m.app = l.app)
+      FROM %1$I.lock l WHERE l.channel IN (SELECT prefix || w FROM unnest(want) AS w) AND l.app <> me;
+  END; $f$$q$, s, format('%I.pgiplock_tenure', s));
+END IF;
+-- LISTEN and UNLISTEN many channels in one round trip.
+IF to_regprocedure(format('%I.pgiplock_listen_many(text[],text[])', s)) IS NULL THEN
+  EXECUTE format($q$CREATE FUNCTION %I.pgiplock_listen_many(listen text[], unlisten text[])
+  RETURNS void LANGUAGE plpgsql AS $f$
+  DECLARE c text;
+  BEGIN
+    FOREACH c IN ARRAY unlisten LOOP EXECUTE format('UNLISTEN %%I', c); END LOOP;
+    FOREACH c IN ARRAY listen LOOP EXECUTE format('LISTEN %%I', c); END LOOP;
+  END; $f$$q$, s);
+END IF;
 END $pgiplock$)sql";
+
+// ---- fleet members (pubsub in single-listener mode) ----
+
+// Joins the fleet: the session lock first, then the row, so a member whose
+// row is visible always holds its lock. $1 app, $2 key.
+inline constexpr std::string_view member_join =
+    "WITH l AS MATERIALIZED (SELECT pg_try_advisory_lock($2::bigint) AS got) "
+    "INSERT INTO @schema@.pgiplock_member (app, key, pid) SELECT $1, $2, pg_backend_pid() FROM l WHERE l.got "
+    "ON CONFLICT (app) DO NOTHING RETURNING 1";
+// One statement per slice, whatever the channel count (see pgiplock_watch).
+inline constexpr std::string_view member_watch = "SELECT @schema@.pgiplock_watch($1, $2::integer, $3::integer)";
+// Every channel a member wants and lacks, in one round trip.
+// $1 app, $2 channels (text[]), $3 fleet channel, $4 lock prefix.
+// $5: a member the watcher found dead, or NULL.
+inline constexpr std::string_view member_claim =
+    "SELECT ch, tok, is_fresh, held_by, by_member FROM @schema@.pgiplock_claim($1, $2::text[], $3, $4, $5)";
+// The holder's liveness check, for all its channels at once: how many rows
+// it still has (a DELETE or TRUNCATE fires no event we hear); its member row
+// is put back if someone deleted it. $1 app, $2 key.
+inline constexpr std::string_view member_heartbeat =
+    "WITH m AS (INSERT INTO @schema@.pgiplock_member (app, key, pid) VALUES ($1, $2, pg_backend_pid()) "
+    "ON CONFLICT (app) DO NOTHING) SELECT count(*) FROM @schema@.lock WHERE app = $1";
+inline constexpr std::string_view member_rows =
+    "SELECT substr(channel, length($2) + 1) FROM @schema@.lock WHERE app = $1";
+// Releases channels in one statement: the rows go (the trigger tells Node
+// standbys), 'free' on the fleet channel tells ours; $5 also leaves the
+// fleet. Yields how many rows went and how many other members' sessions
+// there are (whether a successor may announce; unregistered members too).
+// $1 app, $2 channels, $3 lock prefix, $4 fleet channel, $5 leaving,
+// $6 the member app prefix || '%'.
+inline constexpr std::string_view member_release =
+    "WITH d AS (DELETE FROM @schema@.lock WHERE app = $1 "
+    "AND channel IN (SELECT $3 || c FROM unnest($2::text[]) AS c) RETURNING 1), "
+    "n AS MATERIALIZED (SELECT count(*) AS gone FROM d), "
+    "m AS (DELETE FROM @schema@.pgiplock_member WHERE app = $1 AND $5::boolean) "
+    "SELECT n.gone, (SELECT count(pg_notify($4, 'free')) FROM n WHERE n.gone > 0), "
+    "(SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE application_name LIKE $6 "
+    "AND application_name <> $1) FROM n";
+inline constexpr std::string_view member_unlock = "SELECT pg_advisory_unlock($1::bigint)";
+// Rows gone under a live holder (deleted, truncated): others may take them.
+inline constexpr std::string_view fleet_free = "SELECT pg_notify($1, 'free')";
+inline constexpr std::string_view listen_many = "SELECT @schema@.pgiplock_listen_many($1::text[], $2::text[])";
 
 // ---- ip_lock ----
 
@@ -2574,7 +2740,10 @@ inline task<void> ensure_lock_schema(std::shared_ptr<connection> client, std::st
   std::string s = client->quote_identifier(schema);
   auto present = co_await client->query(std::string(sql::lock_schema_present), s + ".lock", s + ".notify_lock()",
                                         s + ".deadlock_check(text,text)", s + ".pgiplock_wait_free(bigint,integer)",
-                                        s + ".pgiplock_tenure", s + ".pgiplock_listen(text,text)");
+                                        s + ".pgiplock_tenure", s + ".pgiplock_listen(text,text)",
+                                        s + ".pgiplock_member", s + ".pgiplock_watch(text,integer,integer)",
+                                        s + ".pgiplock_claim(text,text[],text,text,text)",
+                                        s + ".pgiplock_listen_many(text[],text[])");
   if (present.get(0, 0) == "t") co_return;
   co_await run_bootstrap(client, sql::lock_schema_setting, std::move(schema), sql::lock_schema_ddl, "the lock schema");
 }
@@ -2658,6 +2827,26 @@ struct ip_lock_options {
   std::string listen_on_acquire;
 };
 
+namespace detail {
+// Besides ip_locks, graceful shutdown releases what else holds channels: the
+// fleet members that pubsub runs. ip_lock::destroy_all() and has_instances()
+// count them too.
+class lock_holder {
+ public:
+  virtual ~lock_holder() = default;
+  virtual event_loop& holder_loop() const = 0;
+  virtual task<void> release_for_shutdown() = 0;  // leaves the registry first
+};
+inline std::vector<lock_holder*>& lock_holders() {
+  static std::vector<lock_holder*> all;
+  return all;
+}
+inline void forget_lock_holder(lock_holder* h) {
+  auto& all = lock_holders();
+  all.erase(std::remove(all.begin(), all.end(), h), all.end());
+}
+}  // namespace detail
+
 // See the diagram above.
 enum class lock_state : std::uint8_t { created, standby, holding, draining, releasing, destroyed };
 
@@ -2735,7 +2924,7 @@ class ip_lock {
   // event loop (all of them when called outside a loop).
   static task<void> destroy_all();
   // Whether any lock exists (from construction until destroy() or destruction).
-  [[nodiscard]] static bool has_instances() { return !registry().empty(); }
+  [[nodiscard]] static bool has_instances() { return !registry().empty() || !detail::lock_holders().empty(); }
 
  private:
   struct outcome {
@@ -3013,6 +3202,13 @@ inline task<void> ip_lock::destroy_all() {
                              [here](ip_lock* l) { return !here || &l->options_.client->loop() == here; });
     if (next == all.end()) break;
     co_await (*next)->destroy();
+  }
+  for (;;) {
+    auto& all = detail::lock_holders();
+    auto next = std::find_if(all.begin(), all.end(),
+                             [here](detail::lock_holder* h) { return !here || &h->holder_loop() == here; });
+    if (next == all.end()) break;
+    co_await (*next)->release_for_shutdown();
   }
 }
 
@@ -3441,6 +3637,600 @@ class claim_queue {
 
 }  // namespace pgiplock::detail
 
+// ==== detail: a fleet member, the single-listener engine of pubsub ===========
+//
+// What a pubsub in single-listener mode costs the server does not grow with
+// its channels (section 7 of DESIGN.md): one listening connection, one
+// watching connection, one session advisory lock.
+//
+// - Channel ownership stays the Node-format rows of <schema>.lock.
+// - Liveness is per member: a member holds one session advisory lock (its
+//   key) and has a row in <schema>.pgiplock_member. Members form a ring
+//   ordered by app; each waits, on its watching connection and in bounded
+//   slices, for the next one's lock. A member that sees a death takes the
+//   dead member's channels it wants and frees the rest, in one statement
+//   (pgiplock_claim); the ring closes around the gap. Any claim also sweeps
+//   every member whose lock is free, so a watcher that died with the member
+//   it watched is covered by whoever watched the watcher.
+// - Releases and sweeps say 'free' on the fleet channel; standbys then claim
+//   everything they lack in one statement. A successor announces its LISTEN
+//   there too ("listening:<channel>", in the claim's transaction), which is
+//   the cut of a lossless graceful handover.
+// - Channels held by a Node peer (or anyone not a member) are judged by their
+//   session, as the Node package does; for those alone the member LISTENs the
+//   lock channel, to hear the Node trigger's release event, and retries them
+//   every acquire_interval.
+namespace pgiplock::detail {
+
+// One per lock schema, so lock groups in other schemas do not hear it.
+inline std::string fleet_channel(std::string_view schema) {
+  fnv1a f;
+  f.feed(schema);
+  char hex[17];
+  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(f.h));
+  return std::string(fleet_prefix) + hex;
+}
+
+struct member_options {
+  std::chrono::milliseconds acquire_interval{30000};
+  std::chrono::milliseconds liveness_timeout{10000};  // the holder's heartbeat; see ip_lock_options
+  std::chrono::milliseconds handover_timeout{500};
+  bool fast_failover = true;  // off: no watcher, no member lock; crashes are seen by the retry timer
+  log_handler logger;
+};
+
+class member final : public lock_holder {
+ public:
+  struct hooks {
+    std::function<void(const std::string& channel)> won;  // LISTEN committed with the win
+    // Stopped delivering: released (reason empty) or demoted (the reason).
+    std::function<void(const std::string& channel, const std::string& reason)> lost;
+  };
+
+  member(std::shared_ptr<connection> client, member_options options, hooks h);
+  member(const member&) = delete;
+  member& operator=(const member&) = delete;
+  // Without leave(): the loops stop; while the connection is open, its rows
+  // and its member row are deleted in the background.
+  ~member() override;
+
+  // The schema, the member row and its lock, LISTEN on the fleet channel.
+  task<void> start();
+  // Adds channels and claims every lacking one in one statement; returns
+  // when that claim settled. Lacking ones are claimed again when freed.
+  task<void> want(std::vector<std::string> channels);
+  // Gives channels up: held ones are released in one statement and keep
+  // delivering until their successors announce (or handover_timeout).
+  task<void> release(std::vector<std::string> channels);
+  // Releases everything and leaves the fleet.
+  task<void> leave();
+
+  [[nodiscard]] bool delivering(std::string_view ch) const;   // holding or draining
+  [[nodiscard]] bool deliverable(std::string_view ch) const;  // and past the handover cut
+  [[nodiscard]] std::int64_t token(std::string_view ch) const;
+  [[nodiscard]] std::size_t held() const;
+  [[nodiscard]] const std::string& app() const noexcept { return app_; }
+
+  event_loop& holder_loop() const override { return client_->loop(); }
+  task<void> release_for_shutdown() override { return leave(); }
+
+ private:
+  struct tenure {
+    lock_state state = lock_state::standby;  // standby, holding, draining or releasing
+    std::int64_t token = 0;
+    bool fresh = false;          // won a released row: the predecessor may be draining
+    bool cut_seen = false;       // our own announcement came back
+    bool lock_listened = false;  // LISTENing its lock channel: a non-member holds it
+  };
+  struct claim_result {
+    std::vector<std::string> won, orphans, listen_locks, unlisten_locks;
+  };
+
+  void note(log_level level, std::string_view message) const;
+  std::vector<std::string> lacking() const;
+  bool needs_timer() const;
+  void schedule_claim();
+  task<void> claim_now();
+  task<void> claim_once();
+  claim_result take_claim(const result& r);
+  task<void> release_impl(std::vector<std::string> channels, bool leaving);
+  task<void> wait_for_successors(long others);
+  task<void> listen_many(std::vector<std::string> listen, std::vector<std::string> unlisten);
+  static task<void> release_quietly(std::shared_ptr<connection> c, std::string sql, std::string app,
+                                    std::string channels, std::string fleet, std::string unlock, std::int64_t key,
+                                    bool registered);
+  void demote(const std::vector<std::string>& channels, const std::string& why);
+  task<void> demote_and_free(std::vector<std::string> channels, std::string why);
+  void on_notification(const notification& n);
+  void on_fleet_event(const notification& n);
+  task<void> watch_loop();
+  task<void> open_watcher();
+  task<void> heartbeat_loop();
+  task<void> check_rows(std::chrono::milliseconds limit);
+  task<void> retry_loop();
+  void stop_loops();
+
+  std::shared_ptr<connection> client_;
+  member_options options_;
+  hooks hooks_;
+  std::string app_;
+  std::int64_t key_ = 0;
+  std::string schema_;  // quoted
+  std::string fleet_;
+  std::string claim_sql_, heartbeat_sql_, rows_sql_, release_sql_, watch_sql_, listen_many_sql_;
+  std::map<std::string, tenure, std::less<>> tenures_;
+  bool registered_ = false;  // holds the member lock and row
+  bool left_ = false;
+  bool claiming_ = false, claim_again_ = false;
+  std::optional<std::string> gone_;  // a member the watcher found dead: the next claim sweeps it
+  std::shared_ptr<async_event> claim_done_;
+  std::shared_ptr<async_event> drained_;  // set when no channel is draining any more
+  bool watcher_failing_ = false;          // said once, until it works again
+  std::uint64_t notify_sub_ = 0, lost_sub_ = 0;
+  std::shared_ptr<connection> watcher_;
+  // Last: destroyed first.
+  task<void> watch_task_;
+  task<void> heartbeat_task_;
+  task<void> retry_task_;
+};
+
+// ---- implementation ---------------------------------------------------------
+
+inline member::member(std::shared_ptr<connection> client, member_options options, hooks h)
+    : client_(std::move(client)), options_(std::move(options)), hooks_(std::move(h)), app_(client_->app_name()) {
+  key_ = advisory_key(app_);
+  auto schema = lock_schema_name();
+  fleet_ = fleet_channel(schema);
+  schema_ = client_->quote_identifier(schema);
+  claim_sql_ = sql::in_schema(sql::member_claim, schema_);
+  heartbeat_sql_ = sql::in_schema(sql::member_heartbeat, schema_);
+  rows_sql_ = sql::in_schema(sql::member_rows, schema_);
+  release_sql_ = sql::in_schema(sql::member_release, schema_);
+  watch_sql_ = sql::in_schema(sql::member_watch, schema_);
+  listen_many_sql_ = sql::in_schema(sql::listen_many, schema_);
+}
+
+inline member::~member() {
+  forget_lock_holder(this);
+  stop_loops();
+  if (notify_sub_) client_->unsubscribe(notify_sub_);
+  if (lost_sub_) client_->remove_on_lost(lost_sub_);
+  if (left_ || !client_->is_open()) return;
+  text_array all;
+  for (auto& [ch, t] : tenures_) {
+    if (t.state == lock_state::holding) all.add(ch);
+  }
+  client_->loop().spawn(release_quietly(client_, release_sql_, app_, all.literal(), fleet_,
+                                        std::string(sql::member_unlock), key_, registered_));
+}
+
+inline void member::note(log_level level, std::string_view message) const {
+  if (level == log_level::debug && !options_.logger) return;
+  log(options_.logger, level, "member " + app_ + ": " + std::string(message));
+}
+
+inline task<void> member::start() {
+  co_await ensure_lock_schema(client_, lock_schema_name());
+  lock_holders().push_back(this);
+  notify_sub_ = client_->subscribe("", [this](const notification& n) { on_notification(n); });
+  lost_sub_ = client_->on_lost([this](const connection_error&) {
+    std::vector<std::string> all;
+    for (auto& [ch, t] : tenures_) all.push_back(ch);
+    demote(all, "");  // the session is gone: nothing to say beyond the lost link
+  });
+  co_await client_->listen(fleet_);
+  if (options_.fast_failover) {
+    auto r = co_await client_->query(sql::in_schema(sql::member_join, schema_), app_, key_);
+    registered_ = r.rows() == 1;
+    if (!registered_) throw error("pgiplock: member " + app_ + " could not take its member lock");
+  }
+  auto& loop = client_->loop();
+  heartbeat_task_ = heartbeat_loop();
+  loop.start(heartbeat_task_);
+  retry_task_ = retry_loop();
+  loop.start(retry_task_);
+  if (options_.fast_failover) {
+    watch_task_ = watch_loop();
+    loop.start(watch_task_);
+  }
+}
+
+inline task<void> member::want(std::vector<std::string> channels) {
+  for (auto& ch : channels) tenures_.try_emplace(ch);
+  co_await claim_now();
+}
+
+inline task<void> member::release(std::vector<std::string> channels) {
+  co_await release_impl(std::move(channels), false);
+}
+
+inline task<void> member::leave() {
+  if (left_) co_return;
+  left_ = true;
+  forget_lock_holder(this);
+  stop_loops();
+  if (auto w = std::move(watcher_)) client_->loop().spawn(connection::close_quietly(w));
+  std::vector<std::string> all;
+  for (auto& [ch, t] : tenures_) all.push_back(ch);
+  if (!client_->is_open()) {
+    demote(all, "");
+    co_return;
+  }
+  co_await release_impl(std::move(all), true);
+  if (registered_) co_await client_->query(std::string(sql::member_unlock), key_);
+  registered_ = false;
+}
+
+inline bool member::delivering(std::string_view ch) const {
+  auto it = tenures_.find(ch);
+  return it != tenures_.end() && (it->second.state == lock_state::holding || it->second.state == lock_state::draining);
+}
+
+// A fresh tenure leaves what precedes its own announcement to the draining
+// predecessor (see ip_lock::past_handover_cut); a draining one delivers
+// until its successor's announcement.
+inline bool member::deliverable(std::string_view ch) const {
+  auto it = tenures_.find(ch);
+  if (it == tenures_.end()) return false;
+  auto& t = it->second;
+  return (t.state == lock_state::holding && (!t.fresh || t.cut_seen)) || t.state == lock_state::draining;
+}
+
+inline std::int64_t member::token(std::string_view ch) const {
+  auto it = tenures_.find(ch);
+  return (it != tenures_.end() && it->second.state == lock_state::holding) ? it->second.token : 0;
+}
+
+inline std::size_t member::held() const {
+  return static_cast<std::size_t>(std::count_if(tenures_.begin(), tenures_.end(), [](const auto& t) {
+    return t.second.state == lock_state::holding;
+  }));
+}
+
+inline std::vector<std::string> member::lacking() const {
+  std::vector<std::string> out;
+  for (auto& [ch, t] : tenures_) {
+    if (t.state == lock_state::standby) out.push_back(ch);
+  }
+  return out;
+}
+
+// The retry timer is for what the ring cannot see: channels a non-member
+// holds, and every crash when this member does not watch.
+inline bool member::needs_timer() const {
+  return std::any_of(tenures_.begin(), tenures_.end(), [this](const auto& t) {
+    return t.second.state == lock_state::standby && (t.second.lock_listened || !options_.fast_failover);
+  });
+}
+
+inline void member::schedule_claim() {
+  if (claiming_) {
+    claim_again_ = true;
+    return;
+  }
+  client_->loop().spawn(claim_now());
+}
+
+// One claim at a time; requests made meanwhile coalesce into one more.
+inline task<void> member::claim_now() {
+  if (claiming_) {
+    claim_again_ = true;
+    auto done = claim_done_;
+    co_await done->wait();
+    co_return;
+  }
+  claiming_ = true;
+  auto done = std::make_shared<async_event>(client_->loop());
+  claim_done_ = done;
+  struct settle {
+    member* self;
+    std::shared_ptr<async_event> done;
+    ~settle() {
+      self->claiming_ = false;
+      done->set();
+    }
+  } guard{this, done};
+  do {
+    claim_again_ = false;
+    if (!client_->is_open() || left_) break;
+    co_await claim_once();
+  } while (claim_again_);
+}
+
+inline task<void> member::claim_once() {
+  auto want = lacking();
+  auto gone = std::exchange(gone_, std::nullopt);
+  if (want.empty() && !gone) co_return;
+  text_array channels;
+  for (auto& ch : want) {
+    channels.add(ch);
+    tenures_[ch].cut_seen = false;  // our announcement may come back before the result is read
+  }
+  result r;
+  try {
+    r = co_await client_->query_prepared(claim_sql_, app_, channels.literal(), fleet_, lock_prefix, gone);
+  } catch (const std::exception& e) {
+    note(client_->is_open() ? log_level::warn : log_level::debug, std::string("claiming channels failed: ") + e.what());
+    co_return;
+  }
+  auto got = take_claim(r);
+  // Synchronous up to here: the won channels deliver from the next
+  // notification on, which may sit in the very read that brought the result.
+  for (auto& ch : got.won) hooks_.won(ch);
+  note(log_level::debug, "claimed " + std::to_string(want.size()) + ", won " + std::to_string(got.won.size()));
+  if (!got.listen_locks.empty() || !got.unlisten_locks.empty()) {
+    co_await listen_many(std::move(got.listen_locks), std::move(got.unlisten_locks));
+  }
+  if (!got.orphans.empty()) co_await release_impl(std::move(got.orphans), false);
+}
+
+// Reads a claim's rows into the tenures: won channels (a token each), and
+// for the others whether a non-member holds them (then its lock channel is
+// LISTENed, for the Node trigger's release event).
+inline member::claim_result member::take_claim(const result& r) {
+  claim_result out;
+  for (int i = 0; i < r.rows(); ++i) {
+    std::string ch(r.get(i, 0));
+    bool won = !r.is_null(i, 1);
+    auto it = tenures_.find(ch);
+    if (it == tenures_.end()) {  // released while the claim was in flight: release it again
+      if (won) {
+        tenures_[ch].state = lock_state::holding;
+        out.orphans.push_back(ch);
+      }
+      continue;
+    }
+    auto& t = it->second;
+    if (won) {
+      t.state = lock_state::holding;
+      t.token = std::strtoll(std::string(r.get(i, 1)).c_str(), nullptr, 10);
+      t.fresh = r.get(i, 2) == "t";
+      if (std::exchange(t.lock_listened, false)) out.unlisten_locks.push_back(std::string(lock_prefix) + ch);
+      out.won.push_back(ch);
+    } else if (r.get(i, 4) != "t" && !t.lock_listened) {
+      t.lock_listened = true;
+      out.listen_locks.push_back(std::string(lock_prefix) + ch);
+    }
+  }
+  return out;
+}
+
+inline task<void> member::listen_many(std::vector<std::string> listen, std::vector<std::string> unlisten) {
+  text_array on, off;
+  for (auto& c : listen) on.add(c);
+  for (auto& c : unlisten) off.add(c);
+  try {
+    co_await client_->query(listen_many_sql_, on.literal(), off.literal());
+  } catch (const std::exception& e) {
+    note(log_level::warn, std::string("LISTEN/UNLISTEN failed: ") + e.what());
+  }
+}
+
+inline task<void> member::release_impl(std::vector<std::string> channels, bool leaving) {
+  text_array held;
+  std::vector<std::string> data, locks;
+  for (auto& ch : channels) {
+    auto it = tenures_.find(ch);
+    if (it == tenures_.end()) continue;
+    if (it->second.state == lock_state::holding) {
+      it->second.state = lock_state::draining;  // delivers until the successor announces
+      held.add(ch);
+      data.push_back(ch);
+    }
+    if (it->second.lock_listened) locks.push_back(std::string(lock_prefix) + ch);
+  }
+  long others = 0;
+  if (client_->is_open() && (held.size() || leaving)) {
+    try {
+      auto r = co_await client_->query(release_sql_, app_, held.literal(), lock_prefix, fleet_, leaving,
+                                       std::string(member_prefix) + "%");
+      others = std::strtol(std::string(r.get(0, 2)).c_str(), nullptr, 10);
+    } catch (const std::exception& e) {
+      note(log_level::warn, std::string("release failed: ") + e.what());
+    }
+  }
+  if (held.size()) co_await wait_for_successors(others);
+  for (auto& ch : channels) {
+    auto it = tenures_.find(ch);
+    if (it == tenures_.end()) continue;
+    tenures_.erase(it);
+    hooks_.lost(ch, "");
+  }
+  for (auto& l : locks) data.push_back(std::move(l));
+  std::vector<std::string> none;
+  if (client_->is_open() && !data.empty()) co_await listen_many(std::move(none), std::move(data));
+}
+
+// A drain: deliver until every released channel's successor announced, or
+// handover_timeout. Nobody can announce when no other member exists.
+inline task<void> member::wait_for_successors(long others) {
+  auto draining = [this] {
+    return std::any_of(tenures_.begin(), tenures_.end(),
+                       [](const auto& t) { return t.second.state == lock_state::draining; });
+  };
+  if (others <= 0 || options_.handover_timeout.count() <= 0 || !draining() || !client_->is_open()) co_return;
+  auto drained = std::make_shared<async_event>(client_->loop());
+  drained_ = drained;
+  (void)co_await drained->wait_for(options_.handover_timeout);
+  drained_.reset();
+}
+
+inline task<void> member::release_quietly(std::shared_ptr<connection> c, std::string sql, std::string app,
+                                          std::string channels, std::string fleet, std::string unlock,
+                                          std::int64_t key, bool registered) {
+  try {
+    co_await c->query(sql, app, channels, lock_prefix, fleet, registered, std::string(member_prefix) + "%");
+    if (registered) co_await c->query(unlock, key);
+  } catch (const std::exception&) {
+    // gone with the session
+  }
+}
+
+// Stops delivering at once (the lost link, a failed heartbeat, rows gone).
+inline void member::demote(const std::vector<std::string>& channels, const std::string& why) {
+  for (auto& ch : channels) {
+    auto it = tenures_.find(ch);
+    if (it == tenures_.end()) continue;
+    bool was = it->second.state != lock_state::standby;
+    it->second = tenure{};
+    if (was) hooks_.lost(ch, why);
+  }
+}
+
+// Rows gone under us: stop delivering those, stop listening, and say
+// 'free' so the others claim them now rather than at their timer.
+inline task<void> member::demote_and_free(std::vector<std::string> channels, std::string why) {
+  note(log_level::warn, "giving up " + std::to_string(channels.size()) + " channel(s): " + why);
+  demote(channels, why);
+  if (!client_->is_open()) co_return;
+  std::vector<std::string> none;
+  co_await listen_many(std::move(none), std::move(channels));
+  try {
+    co_await client_->query(std::string(sql::fleet_free), fleet_);
+  } catch (const std::exception&) {
+    // the others' timers and watchers still cover it
+  }
+}
+
+inline void member::on_notification(const notification& n) {
+  if (n.channel == fleet_) {
+    on_fleet_event(n);
+    return;
+  }
+  if (!is_lock_channel(n.channel) || n.payload != release_payload) return;
+  auto it = tenures_.find(n.channel.substr(lock_prefix.size()));
+  if (it != tenures_.end() && it->second.state == lock_state::standby) schedule_claim();
+}
+
+inline void member::on_fleet_event(const notification& n) {
+  static constexpr std::string_view listening = "listening:";
+  if (n.payload == "free") {
+    if (!lacking().empty()) schedule_claim();
+    return;
+  }
+  if (n.payload.substr(0, listening.size()) != listening) return;
+  auto it = tenures_.find(n.payload.substr(listening.size()));
+  if (it == tenures_.end()) return;
+  if (n.sender_pid == client_->backend_pid()) {
+    it->second.cut_seen = true;
+    return;
+  }
+  // The successor's LISTEN has committed: everything after this in the
+  // stream is its to deliver. Cut here, before the next notification.
+  if (it->second.state != lock_state::draining) return;
+  it->second.state = lock_state::releasing;
+  bool still = std::any_of(tenures_.begin(), tenures_.end(),
+                           [](const auto& t) { return t.second.state == lock_state::draining; });
+  if (!still && drained_) drained_->set();
+}
+
+// The ring: wait for the next member's lock, one bounded slice per
+// statement; a member found dead is swept at once by a claim.
+inline task<void> member::watch_loop() {
+  auto slice = options_.acquire_interval;
+  auto step = std::min<std::chrono::milliseconds>(slice, std::chrono::seconds(1));
+  for (;;) {
+    if (!client_->is_open()) co_return;
+    if (!watcher_ || !watcher_->is_open()) {
+      co_await open_watcher();
+      continue;
+    }
+    std::optional<std::string> dead;
+    try {
+      auto w = watcher_;
+      auto r = co_await w->query_prepared(watch_sql_, app_, static_cast<long long>(slice.count()),
+                                          static_cast<long long>(step.count()));
+      dead = r.is_null(0, 0) ? std::string() : std::string(r.get(0, 0));
+    } catch (const std::exception& e) {
+      note(log_level::debug, std::string("watch failed: ") + e.what());
+    }
+    if (!dead) {
+      co_await client_->loop().sleep(std::chrono::milliseconds(100));
+    } else if (!dead->empty()) {
+      note(log_level::debug, "member " + *dead + " is gone");
+      gone_ = *dead;
+      co_await claim_now();
+    }
+  }
+}
+
+// Said once when the watching connection cannot be had, and once when it
+// can again; meanwhile one attempt per acquire_interval.
+inline task<void> member::open_watcher() {
+  auto opts = derived_options(client_->logger(), options_.liveness_timeout, false);
+  try {
+    watcher_ = co_await connection::connect(client_->loop(), client_->conninfo(), opts);
+    if (std::exchange(watcher_failing_, false)) note(log_level::info, "fast failover available again");
+    co_return;
+  } catch (const std::exception& e) {
+    if (!std::exchange(watcher_failing_, true)) {
+      note(log_level::warn, std::string("fast failover unavailable for now (still delivering what it holds): ") +
+                                e.what());
+    }
+    watcher_.reset();
+  }
+  co_await client_->loop().sleep(options_.acquire_interval);
+}
+
+// The holder's liveness check, for all its channels, every liveness / 4.
+inline task<void> member::heartbeat_loop() {
+  auto& loop = client_->loop();
+  auto live = options_.liveness_timeout;
+  auto every = std::max<std::chrono::milliseconds>(std::chrono::milliseconds(10), live / 4);
+  auto limit = std::max<std::chrono::milliseconds>(std::chrono::milliseconds(10), live / 2);
+  for (;;) {
+    co_await loop.sleep(every);
+    if (held() > 0 && client_->is_open() && !claiming_) co_await check_rows(limit);
+  }
+}
+
+inline task<void> member::check_rows(std::chrono::milliseconds limit) {
+  std::optional<result> r;
+  std::string failure;
+  try {
+    r = co_await within(client_->loop(), client_->query_prepared(heartbeat_sql_, app_, key_), limit);
+  } catch (const std::exception& e) {
+    failure = e.what();
+  }
+  std::vector<std::string> holding;
+  for (auto& [ch, t] : tenures_) {
+    if (t.state == lock_state::holding) holding.push_back(ch);
+  }
+  if (holding.empty() || claiming_) co_return;  // released or claiming meanwhile: counts would not match
+  if (!failure.empty() || !r) {
+    auto why = failure.empty() ? "the liveness check got no answer within " + std::to_string(limit.count()) + " ms"
+                               : "the liveness check failed: " + failure;
+    co_await demote_and_free(std::move(holding), why);
+    co_return;
+  }
+  if (std::strtoll(std::string(r->get(0, 0)).c_str(), nullptr, 10) >= static_cast<long long>(holding.size())) {
+    co_return;
+  }
+  auto rows = co_await client_->query(rows_sql_, app_, lock_prefix);
+  std::set<std::string, std::less<>> still;
+  for (int i = 0; i < rows.rows(); ++i) still.emplace(rows.get(i, 0));
+  std::vector<std::string> gone;
+  for (auto& ch : holding) {
+    if (!still.count(ch)) gone.push_back(ch);
+  }
+  if (!gone.empty()) co_await demote_and_free(std::move(gone), "its lock row was deleted");
+}
+
+inline task<void> member::retry_loop() {
+  for (;;) {
+    co_await client_->loop().sleep(options_.acquire_interval);
+    if (client_->is_open() && needs_timer()) co_await claim_now();
+  }
+}
+
+inline void member::stop_loops() {
+  watch_task_ = task<void>{};
+  heartbeat_task_ = task<void>{};
+  retry_task_ = task<void>{};
+}
+
+}  // namespace pgiplock::detail
+
 // ==== detail: notify() batching ===============================================
 //
 // Every notify() of one turn of the loop goes out in one statement, one
@@ -3508,8 +4298,10 @@ class notify_batcher {
 // ==== pubsub =================================================================
 //
 // The seed system's PgPubSub: LISTEN/NOTIFY with reconnects, single-listener
-// mode (one ip_lock per channel: only the holder delivers), filtering of our
-// own notifications, and an execution lock that processes each message once.
+// mode (only the holder of a channel delivers it; the member engine in
+// detail/member.hpp holds the channels, at a server cost per member, not per
+// channel), filtering of our own notifications, and an execution lock that
+// processes each message once.
 namespace pgiplock {
 
 struct pubsub_options {
@@ -3527,8 +4319,9 @@ struct pubsub_options {
   // the TTL count as one message; return a message id to tell them apart.
   std::function<std::string(std::string_view channel, std::string_view payload)> execution_key;
   std::chrono::seconds execution_ttl{3600};  // how long a claimed key stays claimed
-  // Crash takeover in milliseconds (see ip_lock_options::fast_failover):
-  // costs one extra connection per channel while this instance stands by.
+  // Crash takeover in milliseconds: a second connection that watches the
+  // next member of the fleet (one per instance, whatever its channels).
+  // Off: crashes are noticed by the acquire_interval timer only.
   bool fast_failover = true;
   // Lossless graceful handover (see ip_lock_options::handover_timeout).
   std::chrono::milliseconds handover_timeout{500};
@@ -3611,15 +4404,14 @@ class pubsub {
 
  private:
   struct channel_state {
-    std::unique_ptr<ip_lock> lock;  // single-listener mode only
-    bool listening = false;         // LISTEN committed on the current connection
+    bool listening = false;  // LISTEN committed on the current connection
     bool listen_started = false;
     std::shared_ptr<async_event> listened;  // set when the LISTEN in progress settles
   };
 
   bool locked() const { return options_.single_listener && !options_.execution_lock; }
-  bool active(const channel_state& st) const;
-  bool deliverable(const channel_state& st) const;
+  bool active(std::string_view ch, const channel_state& st) const;
+  bool deliverable(std::string_view ch, const channel_state& st) const;
   bool connected() const { return client_ && client_->is_open(); }
   std::vector<std::string> channels_where(bool want_active) const;
   void report(const std::exception& e);
@@ -3628,14 +4420,13 @@ class pubsub {
   void attach(std::shared_ptr<connection> c);
   void detach();
   task<void> after_connect();
-  std::unique_ptr<ip_lock> make_lock(const std::string& ch);
-  task<void> subscribe_channel(std::string ch, channel_state& st);
+  connect_options main_options() const;
+  task<void> ensure_member();
+  std::unique_ptr<detail::member> make_member();
   task<void> subscribe_all();
   task<void> start_listening(std::string ch);
-  task<void> listen_statement(std::shared_ptr<connection> c, std::string ch, bool announce);
-  void on_lock_won(std::string ch);
-  void on_lock_lost(std::string ch);
-  static task<void> unlisten_quietly(std::shared_ptr<connection> c, std::string ch);
+  void on_won(const std::string& ch);
+  void on_lost(const std::string& ch, const std::string& reason);
   void on_notification(const notification& n);
   void deliver(std::string_view ch, std::string_view payload);
   void on_link_lost(const connection_error& e);
@@ -3645,6 +4436,10 @@ class pubsub {
   event_loop* loop_;
   pubsub_options options_;
   std::shared_ptr<connection> client_;
+  // Single-listener mode, from the first listen() while connected: a pubsub
+  // that only notifies costs one connection, and is no member of the fleet.
+  std::unique_ptr<detail::member> member_;
+  std::shared_ptr<async_event> member_started_;  // set once member_ has started (or failed to)
   std::uint64_t notify_sub_ = 0, lost_sub_ = 0;
   std::map<std::string, channel_state, std::less<>> channels_;
   channel_emitter emitter_;
@@ -3690,13 +4485,14 @@ inline pubsub::pubsub(event_loop& loop, pubsub_options options)
 
 inline pubsub::~pubsub() {
   reconnector_ = task<void>{};
+  member_.reset();
   channels_.clear();
   detach();
 }
 
 inline task<void> pubsub::connect() {
   closing_ = false;
-  auto opts = detail::derived_options(options_.logger, options_.liveness_timeout, true);
+  auto opts = main_options();
   auto c = co_await connection::connect(*loop_, options_.conninfo, opts);
   attach(std::move(c));
   co_await after_connect();
@@ -3714,10 +4510,10 @@ inline task<void> pubsub::close() {
   if (closing_ && !client_) co_return;
   closing_ = true;
   reconnector_ = task<void>{};
-  for (auto& [name, st] : channels_) {
-    if (st.lock) co_await st.lock->destroy();
-    st.listening = false;
-  }
+  if (member_) co_await member_->leave();
+  member_.reset();
+  member_started_.reset();
+  for (auto& [name, st] : channels_) st.listening = false;
   auto c = client_;
   detach();
   if (c) co_await c->close();
@@ -3738,21 +4534,28 @@ inline task<void> pubsub::destroy() {
 inline task<void> pubsub::listen(std::string_view channel_view) {
   std::string ch(channel_view);
   detail::validate_channel(ch, locked() ? detail::channel_use::locked : detail::channel_use::plain);
-  auto& st = channels_[ch];
+  channels_.try_emplace(ch);
   if (!client_) co_return;  // remembered; subscribed on (re)connect
-  co_await subscribe_channel(ch, st);
+  if (!locked()) {
+    co_await start_listening(ch);
+    co_return;
+  }
+  co_await ensure_member();
+  std::vector<std::string> one{ch};
+  if (member_) co_await member_->want(std::move(one));  // a win LISTENs in the same statement (on_won)
 }
 
 inline task<void> pubsub::unlisten(std::string_view channel_view) {
   std::string ch(channel_view);
+  if (channels_.find(ch) == channels_.end()) co_return;
+  // The lock goes first: while it drains, this instance still delivers.
+  if (member_) {
+    std::vector<std::string> one{ch};
+    co_await member_->release(std::move(one));  // also UNLISTENs
+  }
   auto it = channels_.find(ch);
   if (it == channels_.end()) co_return;
-  // The lock goes first: while it drains, this instance still delivers.
-  if (it->second.lock) co_await it->second.lock->destroy();
-  it = channels_.find(ch);
-  if (it == channels_.end()) co_return;
-  bool was_listening = it->second.listening;
-  auto lock = std::move(it->second.lock);
+  bool was_listening = it->second.listening && !locked();
   channels_.erase(it);
   if (connected() && was_listening) co_await client_->unlisten(ch);
   std::vector<std::string> chs{ch};
@@ -3761,10 +4564,7 @@ inline task<void> pubsub::unlisten(std::string_view channel_view) {
 
 inline task<void> pubsub::unlisten_all() {
   std::vector<std::string> chs = all_channels();
-  for (auto& ch : chs) {  // the locks first: each drains while it hands over
-    auto it = channels_.find(ch);
-    if (it != channels_.end() && it->second.lock) co_await it->second.lock->destroy();
-  }
+  if (member_) co_await member_->release(chs);  // the locks first: they drain while they hand over
   channels_.clear();
   if (connected()) co_await client_->query(std::string(detail::sql::unlisten_all));
   fire(on_unlisten_, chs);
@@ -3784,7 +4584,7 @@ inline task<void> pubsub::notify(std::string_view channel_view, std::string_view
 inline std::vector<std::string> pubsub::channels_where(bool want_active) const {
   std::vector<std::string> out;
   for (auto& [name, st] : channels_) {
-    if (active(st) == want_active) out.push_back(name);
+    if (active(name, st) == want_active) out.push_back(name);
   }
   return out;
 }
@@ -3799,31 +4599,28 @@ inline std::vector<std::string> pubsub::inactive_channels() const { return chann
 
 inline bool pubsub::is_active(std::string_view ch) const {
   auto it = channels_.find(ch);
-  return it != channels_.end() && active(it->second);
+  return it != channels_.end() && active(it->first, it->second);
 }
 
 inline bool pubsub::is_active() const {
-  return std::any_of(channels_.begin(), channels_.end(), [this](const auto& c) { return active(c.second); });
+  return std::any_of(channels_.begin(), channels_.end(), [this](const auto& c) { return active(c.first, c.second); });
 }
 
-inline std::int64_t pubsub::token(std::string_view ch) const {
-  auto it = channels_.find(ch);
-  return (it != channels_.end() && it->second.lock) ? it->second.lock->token() : 0;
-}
+inline std::int64_t pubsub::token(std::string_view ch) const { return member_ ? member_->token(ch) : 0; }
 
-inline bool pubsub::active(const channel_state& st) const {
+inline bool pubsub::active(std::string_view ch, const channel_state& st) const {
   if (!st.listening || !connected()) return false;
-  return !st.lock || st.lock->is_acquired() || st.lock->is_draining();
+  return !locked() || (member_ && member_->delivering(ch));
 }
 
 // Whether a notification that reached this connection is ours to deliver.
 // Once our LISTEN is on its way, whatever arrives for the channel was
-// committed after it; a fresh tenure leaves what precedes its own
-// announcement to the draining predecessor (see ip_lock::past_handover_cut).
-inline bool pubsub::deliverable(const channel_state& st) const {
-  if (!st.listen_started || !connected()) return false;
-  if (!st.lock) return true;
-  return (st.lock->is_acquired() && st.lock->past_handover_cut()) || st.lock->is_draining();
+// committed after it; in single-listener mode the member says (holding and
+// past the handover cut, or draining).
+inline bool pubsub::deliverable(std::string_view ch, const channel_state& st) const {
+  if (!connected()) return false;
+  if (!locked()) return st.listen_started;
+  return member_ && member_->deliverable(ch);
 }
 
 inline void pubsub::report(const std::exception& e) {
@@ -3853,42 +4650,56 @@ inline void pubsub::detach() {
   client_.reset();
 }
 
-inline std::unique_ptr<ip_lock> pubsub::make_lock(const std::string& ch) {
-  ip_lock_options lo;
-  lo.client = client_;
-  lo.logger = options_.logger;
-  lo.acquire_interval = options_.acquire_interval;
-  lo.fast_failover = options_.fast_failover;
-  lo.handover_timeout = options_.handover_timeout;
-  lo.listen_on_acquire = ch;
-  // 0 disables the demotion: a day stands for "never" in the heartbeat.
-  lo.liveness_timeout = options_.liveness_timeout.count() > 0 ? options_.liveness_timeout
-                                                              : std::chrono::milliseconds(std::chrono::hours(24));
-  auto lock = std::make_unique<ip_lock>(ch, std::move(lo));
-  lock->on_acquire([this](std::string_view c) { on_lock_won(std::string(c)); });
-  lock->on_lose([this](std::string_view c) { on_lock_lost(std::string(c)); });
-  return lock;
+// The listening connection; in single-listener mode its application_name
+// is the member's identity in the fleet.
+inline connect_options pubsub::main_options() const {
+  auto o = detail::derived_options(options_.logger, options_.liveness_timeout, true);
+  if (locked()) o.application_name = std::string(detail::member_prefix) + detail::random_uuid();
+  return o;
 }
 
-// Lock (single-listener mode) and LISTEN for one channel on the current
-// connection.
-inline task<void> pubsub::subscribe_channel(std::string ch, channel_state& st) {
-  if (!locked()) {
-    co_await start_listening(ch);
+// Starts the member once per connection; concurrent callers wait for it.
+inline task<void> pubsub::ensure_member() {
+  if (member_started_) {
+    auto started = member_started_;
+    co_await started->wait();
     co_return;
   }
-  if (!st.lock) {
-    st.lock = make_lock(ch);
-    co_await st.lock->init();
-  }
-  (void)co_await st.lock->acquire();  // a win LISTENs in the same statement (on_lock_won)
+  auto started = std::make_shared<async_event>(*loop_);
+  member_started_ = started;
+  struct settle {
+    std::shared_ptr<async_event> e;
+    ~settle() { e->set(); }
+  } guard{started};
+  auto m = make_member();
+  co_await m->start();
+  if (member_started_ == started) member_ = std::move(m);
 }
 
+inline std::unique_ptr<detail::member> pubsub::make_member() {
+  detail::member_options mo;
+  mo.acquire_interval = options_.acquire_interval;
+  mo.fast_failover = options_.fast_failover;
+  mo.handover_timeout = options_.handover_timeout;
+  mo.logger = options_.logger;
+  // 0 disables the demotion: a day stands for "never" in the heartbeat.
+  mo.liveness_timeout = options_.liveness_timeout.count() > 0 ? options_.liveness_timeout
+                                                              : std::chrono::milliseconds(std::chrono::hours(24));
+  detail::member::hooks h{[this](const std::string& ch) { on_won(ch); },
+                          [this](const std::string& ch, const std::string& why) { on_lost(ch, why); }};
+  return std::make_unique<detail::member>(client_, std::move(mo), std::move(h));
+}
+
+// After a (re)connect: every channel given to listen() so far, in one claim
+// in single-listener mode.
 inline task<void> pubsub::subscribe_all() {
-  for (auto& ch : all_channels()) {
-    auto it = channels_.find(ch);
-    if (it != channels_.end()) co_await subscribe_channel(ch, it->second);
+  if (!locked()) {
+    for (auto& ch : all_channels()) co_await start_listening(ch);
+    co_return;
   }
+  if (channels_.empty()) co_return;
+  co_await ensure_member();
+  if (member_) co_await member_->want(all_channels());
 }
 
 // LISTEN once per connection; concurrent callers wait for the first.
@@ -3906,7 +4717,7 @@ inline task<void> pubsub::start_listening(std::string ch) {
   auto c = client_;
   bool ok = true;
   try {
-    co_await listen_statement(c, ch, static_cast<bool>(it->second.lock));
+    co_await c->listen(ch);
   } catch (const std::exception& e) {
     ok = false;
     report(e);
@@ -3920,60 +4731,34 @@ inline task<void> pubsub::start_listening(std::string ch) {
   fire(on_listen_, std::string_view(ch));
 }
 
-// With a lock, LISTEN and "listening" on the lock channel commit together:
-// the exact cut of a handover.
-inline task<void> pubsub::listen_statement(std::shared_ptr<connection> c, std::string ch, bool announce) {
-  if (!announce) {
-    co_await c->listen(ch);
-    co_return;
-  }
-  auto sql = detail::sql::in_schema(detail::sql::listen_and_announce, c->quote_identifier(ip_lock::schema_name()));
-  co_await c->query(sql, ch, std::string(detail::lock_prefix) + ch);
-}
-
 // The winning statement also LISTENed: deliver from now on. Synchronous,
 // since notifications may follow in the very read that brought the win.
-inline void pubsub::on_lock_won(std::string ch) {
+inline void pubsub::on_won(const std::string& ch) {
   auto it = channels_.find(ch);
   if (it == channels_.end()) return;
-  if (!it->second.lock || !it->second.lock->listens_on_acquire()) {
-    loop_->spawn(start_listening(ch));
-    return;
-  }
   it->second.listen_started = it->second.listening = true;
   fire(on_listen_, std::string_view(ch));
 }
 
-inline void pubsub::on_lock_lost(std::string ch) {
+// The member has UNLISTENed (or the session is gone). A demotion is a fault
+// the application should hear of; a release is not.
+inline void pubsub::on_lost(const std::string& ch, const std::string& reason) {
   auto it = channels_.find(ch);
   if (it == channels_.end()) return;
-  bool was = it->second.listening;
-  it->second.listening = false;
+  bool was = std::exchange(it->second.listening, false);
   it->second.listen_started = false;
-  if (was && connected()) loop_->spawn(unlisten_quietly(client_, ch));
-  // A demotion is a fault the application should hear of; a release is not.
-  if (was && it->second.lock && !it->second.lock->demotion_reason().empty()) {
-    report(error("pgiplock: stopped delivering channel " + ch + ": " + it->second.lock->demotion_reason()));
-  }
-}
-
-inline task<void> pubsub::unlisten_quietly(std::shared_ptr<connection> c, std::string ch) {
-  try {
-    co_await c->unlisten(ch);
-  } catch (const connection_error&) {
-    // the session is gone, and its LISTEN with it
-  }
+  if (was && !reason.empty()) report(error("pgiplock: stopped delivering channel " + ch + ": " + reason));
 }
 
 inline void pubsub::on_notification(const notification& n) {
-  if (detail::is_lock_channel(n.channel)) return;
+  if (detail::is_internal_channel(n.channel)) return;
   if (options_.filtered && n.sender_pid == client_->backend_pid()) return;
   auto it = channels_.find(n.channel);
   if (options_.execution_lock) {
     if (it != channels_.end() && it->second.listen_started) claims_.add(n);
     return;
   }
-  if (it == channels_.end() || !deliverable(it->second)) return;
+  if (it == channels_.end() || !deliverable(it->first, it->second)) return;
   deliver(n.channel, n.payload);
 }
 
@@ -3998,7 +4783,8 @@ inline void pubsub::on_link_lost(const connection_error& e) {
 // gone and we have left its lost-link callback.
 inline task<void> pubsub::reconnect(std::shared_ptr<connection> dead) {
   co_await loop_->yield();  // leave the dead connection's callback first
-  for (auto& [name, st] : channels_) st.lock.reset();
+  member_.reset();  // bound to the dead connection
+  member_started_.reset();
   detach();
   dead.reset();
   std::size_t attempts = co_await connect_again();
@@ -4019,7 +4805,7 @@ inline task<void> pubsub::reconnect(std::shared_ptr<connection> dead) {
 
 // Tries every retry_delay, at most retry_limit times; yields the attempts.
 inline task<std::size_t> pubsub::connect_again() {
-  auto opts = detail::derived_options(options_.logger, options_.liveness_timeout, true);
+  auto opts = main_options();
   std::size_t attempts = 0;
   while (attempts < options_.retry_limit) {
     ++attempts;

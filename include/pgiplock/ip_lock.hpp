@@ -66,6 +66,26 @@ struct ip_lock_options {
   std::string listen_on_acquire;
 };
 
+namespace detail {
+// Besides ip_locks, graceful shutdown releases what else holds channels: the
+// fleet members that pubsub runs. ip_lock::destroy_all() and has_instances()
+// count them too.
+class lock_holder {
+ public:
+  virtual ~lock_holder() = default;
+  virtual event_loop& holder_loop() const = 0;
+  virtual task<void> release_for_shutdown() = 0;  // leaves the registry first
+};
+inline std::vector<lock_holder*>& lock_holders() {
+  static std::vector<lock_holder*> all;
+  return all;
+}
+inline void forget_lock_holder(lock_holder* h) {
+  auto& all = lock_holders();
+  all.erase(std::remove(all.begin(), all.end(), h), all.end());
+}
+}  // namespace detail
+
 // See the diagram above.
 enum class lock_state : std::uint8_t { created, standby, holding, draining, releasing, destroyed };
 
@@ -143,7 +163,7 @@ class ip_lock {
   // event loop (all of them when called outside a loop).
   static task<void> destroy_all();
   // Whether any lock exists (from construction until destroy() or destruction).
-  [[nodiscard]] static bool has_instances() { return !registry().empty(); }
+  [[nodiscard]] static bool has_instances() { return !registry().empty() || !detail::lock_holders().empty(); }
 
  private:
   struct outcome {
@@ -421,6 +441,13 @@ inline task<void> ip_lock::destroy_all() {
                              [here](ip_lock* l) { return !here || &l->options_.client->loop() == here; });
     if (next == all.end()) break;
     co_await (*next)->destroy();
+  }
+  for (;;) {
+    auto& all = detail::lock_holders();
+    auto next = std::find_if(all.begin(), all.end(),
+                             [here](detail::lock_holder* h) { return !here || &h->holder_loop() == here; });
+    if (next == all.end()) break;
+    co_await (*next)->release_for_shutdown();
   }
 }
 

@@ -1,13 +1,15 @@
 // ==== pubsub =================================================================
 //
 // The seed system's PgPubSub: LISTEN/NOTIFY with reconnects, single-listener
-// mode (one ip_lock per channel: only the holder delivers), filtering of our
-// own notifications, and an execution lock that processes each message once.
+// mode (only the holder of a channel delivers it; the member engine in
+// detail/member.hpp holds the channels, at a server cost per member, not per
+// channel), filtering of our own notifications, and an execution lock that
+// processes each message once.
 #pragma once
 
 #include "detail/claims.hpp"
+#include "detail/member.hpp"
 #include "detail/notify_batch.hpp"
-#include "ip_lock.hpp"
 
 namespace pgiplock {
 
@@ -26,8 +28,9 @@ struct pubsub_options {
   // the TTL count as one message; return a message id to tell them apart.
   std::function<std::string(std::string_view channel, std::string_view payload)> execution_key;
   std::chrono::seconds execution_ttl{3600};  // how long a claimed key stays claimed
-  // Crash takeover in milliseconds (see ip_lock_options::fast_failover):
-  // costs one extra connection per channel while this instance stands by.
+  // Crash takeover in milliseconds: a second connection that watches the
+  // next member of the fleet (one per instance, whatever its channels).
+  // Off: crashes are noticed by the acquire_interval timer only.
   bool fast_failover = true;
   // Lossless graceful handover (see ip_lock_options::handover_timeout).
   std::chrono::milliseconds handover_timeout{500};
@@ -110,15 +113,14 @@ class pubsub {
 
  private:
   struct channel_state {
-    std::unique_ptr<ip_lock> lock;  // single-listener mode only
-    bool listening = false;         // LISTEN committed on the current connection
+    bool listening = false;  // LISTEN committed on the current connection
     bool listen_started = false;
     std::shared_ptr<async_event> listened;  // set when the LISTEN in progress settles
   };
 
   bool locked() const { return options_.single_listener && !options_.execution_lock; }
-  bool active(const channel_state& st) const;
-  bool deliverable(const channel_state& st) const;
+  bool active(std::string_view ch, const channel_state& st) const;
+  bool deliverable(std::string_view ch, const channel_state& st) const;
   bool connected() const { return client_ && client_->is_open(); }
   std::vector<std::string> channels_where(bool want_active) const;
   void report(const std::exception& e);
@@ -127,14 +129,13 @@ class pubsub {
   void attach(std::shared_ptr<connection> c);
   void detach();
   task<void> after_connect();
-  std::unique_ptr<ip_lock> make_lock(const std::string& ch);
-  task<void> subscribe_channel(std::string ch, channel_state& st);
+  connect_options main_options() const;
+  task<void> ensure_member();
+  std::unique_ptr<detail::member> make_member();
   task<void> subscribe_all();
   task<void> start_listening(std::string ch);
-  task<void> listen_statement(std::shared_ptr<connection> c, std::string ch, bool announce);
-  void on_lock_won(std::string ch);
-  void on_lock_lost(std::string ch);
-  static task<void> unlisten_quietly(std::shared_ptr<connection> c, std::string ch);
+  void on_won(const std::string& ch);
+  void on_lost(const std::string& ch, const std::string& reason);
   void on_notification(const notification& n);
   void deliver(std::string_view ch, std::string_view payload);
   void on_link_lost(const connection_error& e);
@@ -144,6 +145,10 @@ class pubsub {
   event_loop* loop_;
   pubsub_options options_;
   std::shared_ptr<connection> client_;
+  // Single-listener mode, from the first listen() while connected: a pubsub
+  // that only notifies costs one connection, and is no member of the fleet.
+  std::unique_ptr<detail::member> member_;
+  std::shared_ptr<async_event> member_started_;  // set once member_ has started (or failed to)
   std::uint64_t notify_sub_ = 0, lost_sub_ = 0;
   std::map<std::string, channel_state, std::less<>> channels_;
   channel_emitter emitter_;
@@ -189,13 +194,14 @@ inline pubsub::pubsub(event_loop& loop, pubsub_options options)
 
 inline pubsub::~pubsub() {
   reconnector_ = task<void>{};
+  member_.reset();
   channels_.clear();
   detach();
 }
 
 inline task<void> pubsub::connect() {
   closing_ = false;
-  auto opts = detail::derived_options(options_.logger, options_.liveness_timeout, true);
+  auto opts = main_options();
   auto c = co_await connection::connect(*loop_, options_.conninfo, opts);
   attach(std::move(c));
   co_await after_connect();
@@ -213,10 +219,10 @@ inline task<void> pubsub::close() {
   if (closing_ && !client_) co_return;
   closing_ = true;
   reconnector_ = task<void>{};
-  for (auto& [name, st] : channels_) {
-    if (st.lock) co_await st.lock->destroy();
-    st.listening = false;
-  }
+  if (member_) co_await member_->leave();
+  member_.reset();
+  member_started_.reset();
+  for (auto& [name, st] : channels_) st.listening = false;
   auto c = client_;
   detach();
   if (c) co_await c->close();
@@ -237,21 +243,28 @@ inline task<void> pubsub::destroy() {
 inline task<void> pubsub::listen(std::string_view channel_view) {
   std::string ch(channel_view);
   detail::validate_channel(ch, locked() ? detail::channel_use::locked : detail::channel_use::plain);
-  auto& st = channels_[ch];
+  channels_.try_emplace(ch);
   if (!client_) co_return;  // remembered; subscribed on (re)connect
-  co_await subscribe_channel(ch, st);
+  if (!locked()) {
+    co_await start_listening(ch);
+    co_return;
+  }
+  co_await ensure_member();
+  std::vector<std::string> one{ch};
+  if (member_) co_await member_->want(std::move(one));  // a win LISTENs in the same statement (on_won)
 }
 
 inline task<void> pubsub::unlisten(std::string_view channel_view) {
   std::string ch(channel_view);
+  if (channels_.find(ch) == channels_.end()) co_return;
+  // The lock goes first: while it drains, this instance still delivers.
+  if (member_) {
+    std::vector<std::string> one{ch};
+    co_await member_->release(std::move(one));  // also UNLISTENs
+  }
   auto it = channels_.find(ch);
   if (it == channels_.end()) co_return;
-  // The lock goes first: while it drains, this instance still delivers.
-  if (it->second.lock) co_await it->second.lock->destroy();
-  it = channels_.find(ch);
-  if (it == channels_.end()) co_return;
-  bool was_listening = it->second.listening;
-  auto lock = std::move(it->second.lock);
+  bool was_listening = it->second.listening && !locked();
   channels_.erase(it);
   if (connected() && was_listening) co_await client_->unlisten(ch);
   std::vector<std::string> chs{ch};
@@ -260,10 +273,7 @@ inline task<void> pubsub::unlisten(std::string_view channel_view) {
 
 inline task<void> pubsub::unlisten_all() {
   std::vector<std::string> chs = all_channels();
-  for (auto& ch : chs) {  // the locks first: each drains while it hands over
-    auto it = channels_.find(ch);
-    if (it != channels_.end() && it->second.lock) co_await it->second.lock->destroy();
-  }
+  if (member_) co_await member_->release(chs);  // the locks first: they drain while they hand over
   channels_.clear();
   if (connected()) co_await client_->query(std::string(detail::sql::unlisten_all));
   fire(on_unlisten_, chs);
@@ -283,7 +293,7 @@ inline task<void> pubsub::notify(std::string_view channel_view, std::string_view
 inline std::vector<std::string> pubsub::channels_where(bool want_active) const {
   std::vector<std::string> out;
   for (auto& [name, st] : channels_) {
-    if (active(st) == want_active) out.push_back(name);
+    if (active(name, st) == want_active) out.push_back(name);
   }
   return out;
 }
@@ -298,31 +308,28 @@ inline std::vector<std::string> pubsub::inactive_channels() const { return chann
 
 inline bool pubsub::is_active(std::string_view ch) const {
   auto it = channels_.find(ch);
-  return it != channels_.end() && active(it->second);
+  return it != channels_.end() && active(it->first, it->second);
 }
 
 inline bool pubsub::is_active() const {
-  return std::any_of(channels_.begin(), channels_.end(), [this](const auto& c) { return active(c.second); });
+  return std::any_of(channels_.begin(), channels_.end(), [this](const auto& c) { return active(c.first, c.second); });
 }
 
-inline std::int64_t pubsub::token(std::string_view ch) const {
-  auto it = channels_.find(ch);
-  return (it != channels_.end() && it->second.lock) ? it->second.lock->token() : 0;
-}
+inline std::int64_t pubsub::token(std::string_view ch) const { return member_ ? member_->token(ch) : 0; }
 
-inline bool pubsub::active(const channel_state& st) const {
+inline bool pubsub::active(std::string_view ch, const channel_state& st) const {
   if (!st.listening || !connected()) return false;
-  return !st.lock || st.lock->is_acquired() || st.lock->is_draining();
+  return !locked() || (member_ && member_->delivering(ch));
 }
 
 // Whether a notification that reached this connection is ours to deliver.
 // Once our LISTEN is on its way, whatever arrives for the channel was
-// committed after it; a fresh tenure leaves what precedes its own
-// announcement to the draining predecessor (see ip_lock::past_handover_cut).
-inline bool pubsub::deliverable(const channel_state& st) const {
-  if (!st.listen_started || !connected()) return false;
-  if (!st.lock) return true;
-  return (st.lock->is_acquired() && st.lock->past_handover_cut()) || st.lock->is_draining();
+// committed after it; in single-listener mode the member says (holding and
+// past the handover cut, or draining).
+inline bool pubsub::deliverable(std::string_view ch, const channel_state& st) const {
+  if (!connected()) return false;
+  if (!locked()) return st.listen_started;
+  return member_ && member_->deliverable(ch);
 }
 
 inline void pubsub::report(const std::exception& e) {
@@ -352,42 +359,56 @@ inline void pubsub::detach() {
   client_.reset();
 }
 
-inline std::unique_ptr<ip_lock> pubsub::make_lock(const std::string& ch) {
-  ip_lock_options lo;
-  lo.client = client_;
-  lo.logger = options_.logger;
-  lo.acquire_interval = options_.acquire_interval;
-  lo.fast_failover = options_.fast_failover;
-  lo.handover_timeout = options_.handover_timeout;
-  lo.listen_on_acquire = ch;
-  // 0 disables the demotion: a day stands for "never" in the heartbeat.
-  lo.liveness_timeout = options_.liveness_timeout.count() > 0 ? options_.liveness_timeout
-                                                              : std::chrono::milliseconds(std::chrono::hours(24));
-  auto lock = std::make_unique<ip_lock>(ch, std::move(lo));
-  lock->on_acquire([this](std::string_view c) { on_lock_won(std::string(c)); });
-  lock->on_lose([this](std::string_view c) { on_lock_lost(std::string(c)); });
-  return lock;
+// The listening connection; in single-listener mode its application_name
+// is the member's identity in the fleet.
+inline connect_options pubsub::main_options() const {
+  auto o = detail::derived_options(options_.logger, options_.liveness_timeout, true);
+  if (locked()) o.application_name = std::string(detail::member_prefix) + detail::random_uuid();
+  return o;
 }
 
-// Lock (single-listener mode) and LISTEN for one channel on the current
-// connection.
-inline task<void> pubsub::subscribe_channel(std::string ch, channel_state& st) {
-  if (!locked()) {
-    co_await start_listening(ch);
+// Starts the member once per connection; concurrent callers wait for it.
+inline task<void> pubsub::ensure_member() {
+  if (member_started_) {
+    auto started = member_started_;
+    co_await started->wait();
     co_return;
   }
-  if (!st.lock) {
-    st.lock = make_lock(ch);
-    co_await st.lock->init();
-  }
-  (void)co_await st.lock->acquire();  // a win LISTENs in the same statement (on_lock_won)
+  auto started = std::make_shared<async_event>(*loop_);
+  member_started_ = started;
+  struct settle {
+    std::shared_ptr<async_event> e;
+    ~settle() { e->set(); }
+  } guard{started};
+  auto m = make_member();
+  co_await m->start();
+  if (member_started_ == started) member_ = std::move(m);
 }
 
+inline std::unique_ptr<detail::member> pubsub::make_member() {
+  detail::member_options mo;
+  mo.acquire_interval = options_.acquire_interval;
+  mo.fast_failover = options_.fast_failover;
+  mo.handover_timeout = options_.handover_timeout;
+  mo.logger = options_.logger;
+  // 0 disables the demotion: a day stands for "never" in the heartbeat.
+  mo.liveness_timeout = options_.liveness_timeout.count() > 0 ? options_.liveness_timeout
+                                                              : std::chrono::milliseconds(std::chrono::hours(24));
+  detail::member::hooks h{[this](const std::string& ch) { on_won(ch); },
+                          [this](const std::string& ch, const std::string& why) { on_lost(ch, why); }};
+  return std::make_unique<detail::member>(client_, std::move(mo), std::move(h));
+}
+
+// After a (re)connect: every channel given to listen() so far, in one claim
+// in single-listener mode.
 inline task<void> pubsub::subscribe_all() {
-  for (auto& ch : all_channels()) {
-    auto it = channels_.find(ch);
-    if (it != channels_.end()) co_await subscribe_channel(ch, it->second);
+  if (!locked()) {
+    for (auto& ch : all_channels()) co_await start_listening(ch);
+    co_return;
   }
+  if (channels_.empty()) co_return;
+  co_await ensure_member();
+  if (member_) co_await member_->want(all_channels());
 }
 
 // LISTEN once per connection; concurrent callers wait for the first.
@@ -405,7 +426,7 @@ inline task<void> pubsub::start_listening(std::string ch) {
   auto c = client_;
   bool ok = true;
   try {
-    co_await listen_statement(c, ch, static_cast<bool>(it->second.lock));
+    co_await c->listen(ch);
   } catch (const std::exception& e) {
     ok = false;
     report(e);
@@ -419,60 +440,34 @@ inline task<void> pubsub::start_listening(std::string ch) {
   fire(on_listen_, std::string_view(ch));
 }
 
-// With a lock, LISTEN and "listening" on the lock channel commit together:
-// the exact cut of a handover.
-inline task<void> pubsub::listen_statement(std::shared_ptr<connection> c, std::string ch, bool announce) {
-  if (!announce) {
-    co_await c->listen(ch);
-    co_return;
-  }
-  auto sql = detail::sql::in_schema(detail::sql::listen_and_announce, c->quote_identifier(ip_lock::schema_name()));
-  co_await c->query(sql, ch, std::string(detail::lock_prefix) + ch);
-}
-
 // The winning statement also LISTENed: deliver from now on. Synchronous,
 // since notifications may follow in the very read that brought the win.
-inline void pubsub::on_lock_won(std::string ch) {
+inline void pubsub::on_won(const std::string& ch) {
   auto it = channels_.find(ch);
   if (it == channels_.end()) return;
-  if (!it->second.lock || !it->second.lock->listens_on_acquire()) {
-    loop_->spawn(start_listening(ch));
-    return;
-  }
   it->second.listen_started = it->second.listening = true;
   fire(on_listen_, std::string_view(ch));
 }
 
-inline void pubsub::on_lock_lost(std::string ch) {
+// The member has UNLISTENed (or the session is gone). A demotion is a fault
+// the application should hear of; a release is not.
+inline void pubsub::on_lost(const std::string& ch, const std::string& reason) {
   auto it = channels_.find(ch);
   if (it == channels_.end()) return;
-  bool was = it->second.listening;
-  it->second.listening = false;
+  bool was = std::exchange(it->second.listening, false);
   it->second.listen_started = false;
-  if (was && connected()) loop_->spawn(unlisten_quietly(client_, ch));
-  // A demotion is a fault the application should hear of; a release is not.
-  if (was && it->second.lock && !it->second.lock->demotion_reason().empty()) {
-    report(error("pgiplock: stopped delivering channel " + ch + ": " + it->second.lock->demotion_reason()));
-  }
-}
-
-inline task<void> pubsub::unlisten_quietly(std::shared_ptr<connection> c, std::string ch) {
-  try {
-    co_await c->unlisten(ch);
-  } catch (const connection_error&) {
-    // the session is gone, and its LISTEN with it
-  }
+  if (was && !reason.empty()) report(error("pgiplock: stopped delivering channel " + ch + ": " + reason));
 }
 
 inline void pubsub::on_notification(const notification& n) {
-  if (detail::is_lock_channel(n.channel)) return;
+  if (detail::is_internal_channel(n.channel)) return;
   if (options_.filtered && n.sender_pid == client_->backend_pid()) return;
   auto it = channels_.find(n.channel);
   if (options_.execution_lock) {
     if (it != channels_.end() && it->second.listen_started) claims_.add(n);
     return;
   }
-  if (it == channels_.end() || !deliverable(it->second)) return;
+  if (it == channels_.end() || !deliverable(it->first, it->second)) return;
   deliver(n.channel, n.payload);
 }
 
@@ -497,7 +492,8 @@ inline void pubsub::on_link_lost(const connection_error& e) {
 // gone and we have left its lost-link callback.
 inline task<void> pubsub::reconnect(std::shared_ptr<connection> dead) {
   co_await loop_->yield();  // leave the dead connection's callback first
-  for (auto& [name, st] : channels_) st.lock.reset();
+  member_.reset();  // bound to the dead connection
+  member_started_.reset();
   detach();
   dead.reset();
   std::size_t attempts = co_await connect_again();
@@ -518,7 +514,7 @@ inline task<void> pubsub::reconnect(std::shared_ptr<connection> dead) {
 
 // Tries every retry_delay, at most retry_limit times; yields the attempts.
 inline task<std::size_t> pubsub::connect_again() {
-  auto opts = detail::derived_options(options_.logger, options_.liveness_timeout, true);
+  auto opts = main_options();
   std::size_t attempts = 0;
   while (attempts < options_.retry_limit) {
     ++attempts;

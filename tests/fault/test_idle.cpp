@@ -80,13 +80,14 @@ struct logged_role {
     if (!dropped) drop();
   }
 
-  // What a member needs on an existing lock schema: the row, the tenure
-  // sequence (a win draws a token); the functions are executable by PUBLIC.
+  // What a member needs on an existing lock schema: the rows (channels and
+  // members), the tenure sequence (a win draws a token); the functions are
+  // executable by PUBLIC.
   std::string grant_lock_schema() const {
     std::string s = "\"" + pgiplock::ip_lock::schema_name() + "\"";
     return exec_blocking(dsn(), "GRANT USAGE ON SCHEMA " + s + " TO " + name + "; GRANT SELECT, INSERT, UPDATE, "
-                                "DELETE ON " + s + ".lock TO " + name + "; GRANT USAGE, UPDATE ON SEQUENCE " + s +
-                                ".pgiplock_tenure TO " + name);
+                                "DELETE ON " + s + ".lock, " + s + ".pgiplock_member TO " + name +
+                                "; GRANT USAGE, UPDATE ON SEQUENCE " + s + ".pgiplock_tenure TO " + name);
   }
 
   // Ends the role's sessions (members killed by SIGKILL may still have
@@ -253,11 +254,12 @@ task<idle_result> idle_run(event_loop& loop, std::string log) {
   REQUIRE(granted.empty());
   auto c = co_await pgiplock::connection::connect(loop, dsn());
 
-  // Fast failover (the default): a main connection and a waiter each.
+  // Fast failover (the default): a main connection and a watcher each; the
+  // watcher's one statement per slice waits for the next member in the ring.
   // GCC 12 miscompiles braced lists and string literals inside a co_await
   // expression: the arguments are locals first.
   std::vector<std::string> fast_args{"--interval", interval};
-  std::string fast_steady = "pgiplock_wait_free";
+  std::string fast_steady = "pgiplock_watch";
   out.fast = co_await idle_window(loop, fl, c, role, log, 3, fast_args, fast_steady, 5000ms);
   for (std::size_t i = 1; i < fl.members.size(); ++i) {
     fl.members[i]->signal(SIGKILL);
@@ -272,10 +274,10 @@ task<idle_result> idle_run(event_loop& loop, std::string log) {
     REQUIRE(clock::now() < deadline);
     co_await loop.sleep(10ms);
   }
-  // For comparison, standbys without the waiter: the retry timer only, one
-  // attempt (the acquire statement) per interval.
+  // For comparison, standbys without the watcher: the retry timer only, one
+  // claim per interval.
   std::vector<std::string> naive_args{"--interval", interval, "--no-fast-failover"};
-  std::string naive_steady = "pg_try_advisory_lock";
+  std::string naive_steady = "pgiplock_claim";
   out.naive = co_await idle_window(loop, fl, c, role, log, 2, naive_args, naive_steady, 3000ms);
 
   out.holder_held = fl.holder() == 0 && fl.holds[0].size() == 1 && fl.loses[0].empty();
@@ -308,7 +310,7 @@ TEST_CASE("idle standbys: at most one statement per standby per wait slice, no E
        << r.naive.per_standby_per_slice() << " statements per standby per " << slice_ms << " ms interval, "
        << r.naive.errors.size() << " ERROR lines (" << describe(r.naive) << ")");
   INFO(describe(r.fast) << "\n" << describe(r.naive));
-  CHECK(r.fast.connections == 6);  // 3 standbys, a main connection and a waiter each: all counted
+  CHECK(r.fast.connections == 6);  // 3 standbys, a main connection and a watcher each: all counted
   CHECK(r.fast.statements <= r.fast.bound());
   CHECK(r.fast.errors.empty());
   CHECK(r.naive.statements <= r.naive.bound());

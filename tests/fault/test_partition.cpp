@@ -179,17 +179,19 @@ struct run_result {
 
 // Whether the standbys' waiters are waiting, server-side, for the holder's
 // advisory lock (how pg_locks shows a bigint key: high half, low half).
-task<bool> standbys_waiting(event_loop& loop, pubsub& pub, const std::string& channel, int count) {
-  auto key = static_cast<std::uint64_t>(pgiplock::detail::advisory_key(std::string(pgiplock::detail::lock_prefix) + channel));
-  auto hi = static_cast<long long>(key >> 32), lo = static_cast<long long>(key & 0xffffffffULL);
+// Whether the ring watches the holder: a member's watcher waits for the
+// holder's member lock (the one whose backend is `holder_pid`).
+task<bool> holder_watched(event_loop& loop, pubsub& pub, int holder_pid) {
+  auto c = pub.client();
+  std::string members = c->quote_identifier(pgiplock::ip_lock::schema_name()) + ".pgiplock_member";
   auto deadline = clock::now() + 10s;
   for (;;) {
-    auto r = co_await pub.client()->query(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND objsubid = 1 "
-        "AND classid = $1::bigint::oid AND objid = $2::bigint::oid",
-        hi, lo);
-    bool all = std::stoi(std::string(r.get(0, 0))) >= count;
-    if (all) co_return true;
+    auto r = co_await c->query(
+        "SELECT count(*) FROM " + members + " m JOIN pg_locks l ON l.locktype = 'advisory' AND NOT l.granted "
+        "AND l.objsubid = 1 AND l.classid = ((m.key >> 32) & 4294967295)::oid "
+        "AND l.objid = (m.key & 4294967295)::oid WHERE m.pid = $1",
+        holder_pid);
+    if (std::stoi(std::string(r.get(0, 0))) >= 1) co_return true;
     if (clock::now() >= deadline) co_return false;
     co_await loop.sleep(5ms);
   }
@@ -214,8 +216,8 @@ task<run_result> partition_run(event_loop& loop, int run) {
   po.conninfo = dsn();
   pubsub pub(loop, po);
   co_await pub.connect();
-  bool waiting = co_await standbys_waiting(loop, pub, fl.channel, 2);
-  REQUIRE(waiting);
+  bool watched = co_await holder_watched(loop, pub, fl.backend_pid[0]);
+  REQUIRE(watched);
   loop.spawn(fleet::publish(fl, pub));
   bool flowing = co_await wait_until(loop, [&] { return fl.deliveries.size() >= 100; }, 5s);
   REQUIRE(flowing);

@@ -53,10 +53,10 @@ wait_for "$work/second.err" "^pgiplock: standby for \"$ch\""
 expect 0 status
 note "$(cat "$work/out")"
 stdout_has '^CHANNEL +STATE +PID +APPLICATION +SESSION SINCE$'
-stdout_has "^$ch +alive +[1-9][0-9]* +pgiplock-[0-9a-f-]{36} +[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:]{8}Z \\([0-9]+s ago\\)$"
+stdout_has "^$ch +alive +[1-9][0-9]* +pgiplock:[0-9a-f-]{36} +[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:]{8}Z \\([0-9]+s ago\\)$"
 expect 0 status --json
-stdout_has "\\{\"channel\":\"$ch\",\"alive\":true,\"pid\":[1-9][0-9]*,\"app\":\"pgiplock-[0-9a-f-]{36}\",\"since\":\"[0-9T:Z-]{20}\"\\}"
-holder_app="$(grep -oE "\"channel\":\"$ch\",\"alive\":true,\"pid\":[0-9]+,\"app\":\"pgiplock-[0-9a-f-]{36}\"" "$work/out" | grep -oE 'pgiplock-[0-9a-f-]{36}')"
+stdout_has "\\{\"channel\":\"$ch\",\"alive\":true,\"pid\":[1-9][0-9]*,\"app\":\"pgiplock:[0-9a-f-]{36}\",\"since\":\"[0-9T:Z-]{20}\"\\}"
+holder_app="$(grep -oE "\"channel\":\"$ch\",\"alive\":true,\"pid\":[0-9]+,\"app\":\"pgiplock:[0-9a-f-]{36}\"" "$work/out" | grep -oE 'pgiplock:[0-9a-f-]{36}')"
 
 expect 0 notify "$ch" one
 wait_for "$work/first.out" '"payload":"one"'
@@ -71,7 +71,7 @@ grep -q '"payload":"two"' "$work/first.out" && fail "the stopped holder printed 
 
 # --- a holder that dies without releasing is shown stale -------------------
 expect 0 status --json
-new_app="$(grep -oE "\"channel\":\"$ch\",\"alive\":true,\"pid\":[0-9]+,\"app\":\"pgiplock-[0-9a-f-]{36}\"" "$work/out" | grep -oE 'pgiplock-[0-9a-f-]{36}')" \
+new_app="$(grep -oE "\"channel\":\"$ch\",\"alive\":true,\"pid\":[0-9]+,\"app\":\"pgiplock:[0-9a-f-]{36}\"" "$work/out" | grep -oE 'pgiplock:[0-9a-f-]{36}')" \
     || fail "no live holder of $ch after the handover: $(cat "$work/out")"
 [[ "$new_app" != "$holder_app" ]] || fail "the holder did not change on SIGTERM"
 stop "$second_pid" KILL 137

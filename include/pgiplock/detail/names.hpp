@@ -26,6 +26,12 @@ inline constexpr std::size_t max_payload = 7999;                    // the serve
 inline constexpr std::string_view default_schema = "pgip_lock";
 inline constexpr std::string_view claim_schema_suffix = "_unique";  // execution-lock markers
 inline constexpr std::size_t max_schema = max_identifier - claim_schema_suffix.size();
+// A fleet member's listening connection is named with this prefix. Not
+// "pgiplock-": ip_lock treats rows of such apps as its own (it takes one over
+// when the channel's advisory lock is free, which a member never holds).
+inline constexpr std::string_view member_prefix = "pgiplock:";
+// The fleet channel's prefix (see detail/member.hpp): reserved, like lock channels.
+inline constexpr std::string_view fleet_prefix = "__pgiplock__";
 
 inline std::string random_uuid() {
   unsigned char b[16];
@@ -74,10 +80,19 @@ inline void validate_channel(std::string_view channel, channel_use use) {
     throw std::invalid_argument("pgiplock: channel names starting with '" + std::string(lock_prefix) +
                                 "' are reserved for the locks themselves");
   }
+  if (use == channel_use::locked && channel.substr(0, fleet_prefix.size()) == fleet_prefix) {
+    throw std::invalid_argument("pgiplock: channel names starting with '" + std::string(fleet_prefix) +
+                                "' are reserved for the fleet's own events");
+  }
 }
 
 inline bool is_lock_channel(std::string_view channel) {
   return channel.substr(0, lock_prefix.size()) == lock_prefix;
+}
+
+// Lock channels and the fleet channel: the library's own traffic.
+inline bool is_internal_channel(std::string_view channel) {
+  return is_lock_channel(channel) || channel.substr(0, fleet_prefix.size()) == fleet_prefix;
 }
 
 inline void validate_payload(std::string_view payload) {

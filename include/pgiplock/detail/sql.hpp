@@ -74,7 +74,9 @@ inline constexpr std::string_view lock_schema_present =
     "AND EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass($1) "
     "AND tgname = 'notify_release_lock_trigger') "
     "AND to_regprocedure($2) IS NOT NULL AND to_regprocedure($3) IS NOT NULL "
-    "AND to_regprocedure($4) IS NOT NULL AND to_regclass($5) IS NOT NULL AND to_regprocedure($6) IS NOT NULL";
+    "AND to_regprocedure($4) IS NOT NULL AND to_regclass($5) IS NOT NULL AND to_regprocedure($6) IS NOT NULL "
+    "AND to_regclass($7) IS NOT NULL AND to_regprocedure($8) IS NOT NULL AND to_regprocedure($9) IS NOT NULL "
+    "AND to_regprocedure($10) IS NOT NULL";
 // The DO block below reads the schema name from here (it cannot take a
 // parameter); a separate setting per block, as both may run at once.
 inline constexpr std::string_view set_bootstrap_schema = "SELECT set_config($1, $2, false)";
@@ -136,7 +138,155 @@ IF to_regprocedure(format('%I.pgiplock_listen(text,text)', s)) IS NULL THEN
     PERFORM pg_notify(lock_channel, 'listening');
   END; $f$$q$, s);
 END IF;
+-- Fleets (pubsub members): liveness per member, not per channel. A member
+-- holds one session advisory lock, `key`, for as long as it lives; its row
+-- here names it, and the channels it holds are Node-format rows in lock.
+EXECUTE format('CREATE TABLE IF NOT EXISTS %I.pgiplock_member ('
+  'app text PRIMARY KEY, key bigint NOT NULL, pid integer NOT NULL, '
+  'since timestamptz NOT NULL DEFAULT now())', s);
+EXECUTE format('CREATE INDEX IF NOT EXISTS pgiplock_lock_app ON %I.lock (app)', s);
+-- A member's watch: waits, for at most slice_ms, for the session lock of the
+-- next member in the ring (ordered by app), re-reading the ring every
+-- step_ms so a member that joins is watched within a step. Yields the app
+-- of a member found dead, or NULL. Lock timeouts are caught: no ERROR in
+-- the server log. One statement per slice, however many channels.
+IF to_regprocedure(format('%I.pgiplock_watch(text,integer,integer)', s)) IS NULL THEN
+  EXECUTE format($q$CREATE FUNCTION %1$I.pgiplock_watch(me text, slice_ms integer, step_ms integer)
+  RETURNS text LANGUAGE plpgsql AS $f$
+  DECLARE
+    deadline timestamptz := clock_timestamp() + slice_ms * interval '1 millisecond';
+    target record;
+    left_ms integer;
+  BEGIN
+    LOOP
+      left_ms := ceil(extract(epoch FROM deadline - clock_timestamp()) * 1000);
+      IF left_ms <= 0 THEN RETURN NULL; END IF;
+      SELECT m.app, m.key INTO target FROM %1$I.pgiplock_member m WHERE m.app > me ORDER BY m.app LIMIT 1;
+      IF NOT FOUND THEN
+        SELECT m.app, m.key INTO target FROM %1$I.pgiplock_member m WHERE m.app < me ORDER BY m.app LIMIT 1;
+      END IF;
+      IF NOT FOUND THEN
+        PERFORM pg_sleep(least(step_ms, left_ms) / 1000.0);
+      ELSE
+        BEGIN
+          PERFORM set_config('lock_timeout', least(step_ms, left_ms)::text, true);
+          PERFORM pg_advisory_xact_lock(target.key);
+          RETURN target.app;
+        EXCEPTION WHEN lock_not_available THEN
+          NULL;
+        END;
+      END IF;
+    END LOOP;
+  END; $f$$q$, s);
+END IF;
+-- A member's claim on the channels it wants and does not hold, in one
+-- transaction: rows of dead members (session lock free), of sessions that
+-- are gone (a Node peer's), or free ones become ours, each with a new
+-- fencing token and its LISTEN; a row that was released (a fresh insert)
+-- is announced on the fleet channel with the LISTEN, the exact cut of a
+-- graceful handover. The dead members' other rows are freed for whoever
+-- wants them (the Node trigger and 'free' on the fleet channel tell them).
+-- A watcher that just got a member's lock knows it is dead (`gone`): then
+-- the lock table is not scanned, which is the bulk of a takeover's time.
+-- Yields the won channels, then who holds the others.
+IF to_regprocedure(format('%I.pgiplock_claim(text,text[],text,text,text)', s)) IS NULL THEN
+  EXECUTE format($q$CREATE FUNCTION %1$I.pgiplock_claim(me text, want text[], fleet text, prefix text, gone text)
+  RETURNS TABLE (ch text, tok bigint, is_fresh boolean, held_by text, by_member boolean)
+  LANGUAGE plpgsql AS $f$
+  #variable_conflict use_column
+  DECLARE
+    dead text[];
+    r record;
+    freed bigint;
+  BEGIN
+    IF gone IS NOT NULL THEN
+      dead := ARRAY[gone];
+    ELSE
+      SELECT coalesce(array_agg(m.app), '{}') INTO dead FROM %1$I.pgiplock_member m
+      WHERE m.app <> me AND NOT EXISTS (
+      SELECT 1 FROM pg_catalog.pg_locks l
+      WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+        AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = current_database())
+        AND l.classid = ((m.key >> 32) & 4294967295)::oid AND l.objid = (m.key & 4294967295)::oid);
+    END IF;
+    FOR r IN
+      INSERT INTO %1$I.lock AS l (channel, app) SELECT prefix || w, me FROM unnest(want) AS w
+      ON CONFLICT (channel) DO UPDATE SET app = EXCLUDED.app
+      WHERE l.app = EXCLUDED.app OR l.app = ANY (dead)
+         OR (NOT EXISTS (SELECT 1 FROM %1$I.pgiplock_member m WHERE m.app = l.app)
+             AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.application_name = l.app))
+      RETURNING substr(l.channel, length(prefix) + 1) AS won, (l.xmax = 0) AS released
+    LOOP
+      EXECUTE format('LISTEN %%I', r.won);
+      IF r.released THEN PERFORM pg_notify(fleet, 'listening:' || r.won); END IF;
+      ch := r.won; tok := nextval(%2$L); is_fresh := r.released; held_by := me; by_member := true;
+      RETURN NEXT;
+    END LOOP;
+    IF cardinality(dead) > 0 THEN
+      DELETE FROM %1$I.pgiplock_member m WHERE m.app = ANY (dead);
+      DELETE FROM %1$I.lock l WHERE l.app = ANY (dead);
+      GET DIAGNOSTICS freed = ROW_COUNT;
+      -- Only when others may want them: a 'free' wakes every member.
+      IF freed > 0 THEN PERFORM pg_notify(fleet, 'free'); END IF;
+    END IF;
+    RETURN QUERY SELECT substr(l.channel, length(prefix) + 1), NULL::bigint, false, l.app::text,
+      EXISTS (SELECT 1 FROM %1$I.pgiplock_member m WHERE m.app = l.app)
+      FROM %1$I.lock l WHERE l.channel IN (SELECT prefix || w FROM unnest(want) AS w) AND l.app <> me;
+  END; $f$$q$, s, format('%I.pgiplock_tenure', s));
+END IF;
+-- LISTEN and UNLISTEN many channels in one round trip.
+IF to_regprocedure(format('%I.pgiplock_listen_many(text[],text[])', s)) IS NULL THEN
+  EXECUTE format($q$CREATE FUNCTION %I.pgiplock_listen_many(listen text[], unlisten text[])
+  RETURNS void LANGUAGE plpgsql AS $f$
+  DECLARE c text;
+  BEGIN
+    FOREACH c IN ARRAY unlisten LOOP EXECUTE format('UNLISTEN %%I', c); END LOOP;
+    FOREACH c IN ARRAY listen LOOP EXECUTE format('LISTEN %%I', c); END LOOP;
+  END; $f$$q$, s);
+END IF;
 END $pgiplock$)sql";
+
+// ---- fleet members (pubsub in single-listener mode) ----
+
+// Joins the fleet: the session lock first, then the row, so a member whose
+// row is visible always holds its lock. $1 app, $2 key.
+inline constexpr std::string_view member_join =
+    "WITH l AS MATERIALIZED (SELECT pg_try_advisory_lock($2::bigint) AS got) "
+    "INSERT INTO @schema@.pgiplock_member (app, key, pid) SELECT $1, $2, pg_backend_pid() FROM l WHERE l.got "
+    "ON CONFLICT (app) DO NOTHING RETURNING 1";
+// One statement per slice, whatever the channel count (see pgiplock_watch).
+inline constexpr std::string_view member_watch = "SELECT @schema@.pgiplock_watch($1, $2::integer, $3::integer)";
+// Every channel a member wants and lacks, in one round trip.
+// $1 app, $2 channels (text[]), $3 fleet channel, $4 lock prefix.
+// $5: a member the watcher found dead, or NULL.
+inline constexpr std::string_view member_claim =
+    "SELECT ch, tok, is_fresh, held_by, by_member FROM @schema@.pgiplock_claim($1, $2::text[], $3, $4, $5)";
+// The holder's liveness check, for all its channels at once: how many rows
+// it still has (a DELETE or TRUNCATE fires no event we hear); its member row
+// is put back if someone deleted it. $1 app, $2 key.
+inline constexpr std::string_view member_heartbeat =
+    "WITH m AS (INSERT INTO @schema@.pgiplock_member (app, key, pid) VALUES ($1, $2, pg_backend_pid()) "
+    "ON CONFLICT (app) DO NOTHING) SELECT count(*) FROM @schema@.lock WHERE app = $1";
+inline constexpr std::string_view member_rows =
+    "SELECT substr(channel, length($2) + 1) FROM @schema@.lock WHERE app = $1";
+// Releases channels in one statement: the rows go (the trigger tells Node
+// standbys), 'free' on the fleet channel tells ours; $5 also leaves the
+// fleet. Yields how many rows went and how many other members' sessions
+// there are (whether a successor may announce; unregistered members too).
+// $1 app, $2 channels, $3 lock prefix, $4 fleet channel, $5 leaving,
+// $6 the member app prefix || '%'.
+inline constexpr std::string_view member_release =
+    "WITH d AS (DELETE FROM @schema@.lock WHERE app = $1 "
+    "AND channel IN (SELECT $3 || c FROM unnest($2::text[]) AS c) RETURNING 1), "
+    "n AS MATERIALIZED (SELECT count(*) AS gone FROM d), "
+    "m AS (DELETE FROM @schema@.pgiplock_member WHERE app = $1 AND $5::boolean) "
+    "SELECT n.gone, (SELECT count(pg_notify($4, 'free')) FROM n WHERE n.gone > 0), "
+    "(SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE application_name LIKE $6 "
+    "AND application_name <> $1) FROM n";
+inline constexpr std::string_view member_unlock = "SELECT pg_advisory_unlock($1::bigint)";
+// Rows gone under a live holder (deleted, truncated): others may take them.
+inline constexpr std::string_view fleet_free = "SELECT pg_notify($1, 'free')";
+inline constexpr std::string_view listen_many = "SELECT @schema@.pgiplock_listen_many($1::text[], $2::text[])";
 
 // ---- ip_lock ----
 

@@ -1,0 +1,598 @@
+// ==== detail: a fleet member, the single-listener engine of pubsub ===========
+//
+// What a pubsub in single-listener mode costs the server does not grow with
+// its channels (section 7 of DESIGN.md): one listening connection, one
+// watching connection, one session advisory lock.
+//
+// - Channel ownership stays the Node-format rows of <schema>.lock.
+// - Liveness is per member: a member holds one session advisory lock (its
+//   key) and has a row in <schema>.pgiplock_member. Members form a ring
+//   ordered by app; each waits, on its watching connection and in bounded
+//   slices, for the next one's lock. A member that sees a death takes the
+//   dead member's channels it wants and frees the rest, in one statement
+//   (pgiplock_claim); the ring closes around the gap. Any claim also sweeps
+//   every member whose lock is free, so a watcher that died with the member
+//   it watched is covered by whoever watched the watcher.
+// - Releases and sweeps say 'free' on the fleet channel; standbys then claim
+//   everything they lack in one statement. A successor announces its LISTEN
+//   there too ("listening:<channel>", in the claim's transaction), which is
+//   the cut of a lossless graceful handover.
+// - Channels held by a Node peer (or anyone not a member) are judged by their
+//   session, as the Node package does; for those alone the member LISTENs the
+//   lock channel, to hear the Node trigger's release event, and retries them
+//   every acquire_interval.
+#pragma once
+
+#include "lock_schema.hpp"
+#include "../ip_lock.hpp"
+
+namespace pgiplock::detail {
+
+// One per lock schema, so lock groups in other schemas do not hear it.
+inline std::string fleet_channel(std::string_view schema) {
+  fnv1a f;
+  f.feed(schema);
+  char hex[17];
+  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(f.h));
+  return std::string(fleet_prefix) + hex;
+}
+
+struct member_options {
+  std::chrono::milliseconds acquire_interval{30000};
+  std::chrono::milliseconds liveness_timeout{10000};  // the holder's heartbeat; see ip_lock_options
+  std::chrono::milliseconds handover_timeout{500};
+  bool fast_failover = true;  // off: no watcher, no member lock; crashes are seen by the retry timer
+  log_handler logger;
+};
+
+class member final : public lock_holder {
+ public:
+  struct hooks {
+    std::function<void(const std::string& channel)> won;  // LISTEN committed with the win
+    // Stopped delivering: released (reason empty) or demoted (the reason).
+    std::function<void(const std::string& channel, const std::string& reason)> lost;
+  };
+
+  member(std::shared_ptr<connection> client, member_options options, hooks h);
+  member(const member&) = delete;
+  member& operator=(const member&) = delete;
+  // Without leave(): the loops stop; while the connection is open, its rows
+  // and its member row are deleted in the background.
+  ~member() override;
+
+  // The schema, the member row and its lock, LISTEN on the fleet channel.
+  task<void> start();
+  // Adds channels and claims every lacking one in one statement; returns
+  // when that claim settled. Lacking ones are claimed again when freed.
+  task<void> want(std::vector<std::string> channels);
+  // Gives channels up: held ones are released in one statement and keep
+  // delivering until their successors announce (or handover_timeout).
+  task<void> release(std::vector<std::string> channels);
+  // Releases everything and leaves the fleet.
+  task<void> leave();
+
+  [[nodiscard]] bool delivering(std::string_view ch) const;   // holding or draining
+  [[nodiscard]] bool deliverable(std::string_view ch) const;  // and past the handover cut
+  [[nodiscard]] std::int64_t token(std::string_view ch) const;
+  [[nodiscard]] std::size_t held() const;
+  [[nodiscard]] const std::string& app() const noexcept { return app_; }
+
+  event_loop& holder_loop() const override { return client_->loop(); }
+  task<void> release_for_shutdown() override { return leave(); }
+
+ private:
+  struct tenure {
+    lock_state state = lock_state::standby;  // standby, holding, draining or releasing
+    std::int64_t token = 0;
+    bool fresh = false;          // won a released row: the predecessor may be draining
+    bool cut_seen = false;       // our own announcement came back
+    bool lock_listened = false;  // LISTENing its lock channel: a non-member holds it
+  };
+  struct claim_result {
+    std::vector<std::string> won, orphans, listen_locks, unlisten_locks;
+  };
+
+  void note(log_level level, std::string_view message) const;
+  std::vector<std::string> lacking() const;
+  bool needs_timer() const;
+  void schedule_claim();
+  task<void> claim_now();
+  task<void> claim_once();
+  claim_result take_claim(const result& r);
+  task<void> release_impl(std::vector<std::string> channels, bool leaving);
+  task<void> wait_for_successors(long others);
+  task<void> listen_many(std::vector<std::string> listen, std::vector<std::string> unlisten);
+  static task<void> release_quietly(std::shared_ptr<connection> c, std::string sql, std::string app,
+                                    std::string channels, std::string fleet, std::string unlock, std::int64_t key,
+                                    bool registered);
+  void demote(const std::vector<std::string>& channels, const std::string& why);
+  task<void> demote_and_free(std::vector<std::string> channels, std::string why);
+  void on_notification(const notification& n);
+  void on_fleet_event(const notification& n);
+  task<void> watch_loop();
+  task<void> open_watcher();
+  task<void> heartbeat_loop();
+  task<void> check_rows(std::chrono::milliseconds limit);
+  task<void> retry_loop();
+  void stop_loops();
+
+  std::shared_ptr<connection> client_;
+  member_options options_;
+  hooks hooks_;
+  std::string app_;
+  std::int64_t key_ = 0;
+  std::string schema_;  // quoted
+  std::string fleet_;
+  std::string claim_sql_, heartbeat_sql_, rows_sql_, release_sql_, watch_sql_, listen_many_sql_;
+  std::map<std::string, tenure, std::less<>> tenures_;
+  bool registered_ = false;  // holds the member lock and row
+  bool left_ = false;
+  bool claiming_ = false, claim_again_ = false;
+  std::optional<std::string> gone_;  // a member the watcher found dead: the next claim sweeps it
+  std::shared_ptr<async_event> claim_done_;
+  std::shared_ptr<async_event> drained_;  // set when no channel is draining any more
+  bool watcher_failing_ = false;          // said once, until it works again
+  std::uint64_t notify_sub_ = 0, lost_sub_ = 0;
+  std::shared_ptr<connection> watcher_;
+  // Last: destroyed first.
+  task<void> watch_task_;
+  task<void> heartbeat_task_;
+  task<void> retry_task_;
+};
+
+// ---- implementation ---------------------------------------------------------
+
+inline member::member(std::shared_ptr<connection> client, member_options options, hooks h)
+    : client_(std::move(client)), options_(std::move(options)), hooks_(std::move(h)), app_(client_->app_name()) {
+  key_ = advisory_key(app_);
+  auto schema = lock_schema_name();
+  fleet_ = fleet_channel(schema);
+  schema_ = client_->quote_identifier(schema);
+  claim_sql_ = sql::in_schema(sql::member_claim, schema_);
+  heartbeat_sql_ = sql::in_schema(sql::member_heartbeat, schema_);
+  rows_sql_ = sql::in_schema(sql::member_rows, schema_);
+  release_sql_ = sql::in_schema(sql::member_release, schema_);
+  watch_sql_ = sql::in_schema(sql::member_watch, schema_);
+  listen_many_sql_ = sql::in_schema(sql::listen_many, schema_);
+}
+
+inline member::~member() {
+  forget_lock_holder(this);
+  stop_loops();
+  if (notify_sub_) client_->unsubscribe(notify_sub_);
+  if (lost_sub_) client_->remove_on_lost(lost_sub_);
+  if (left_ || !client_->is_open()) return;
+  text_array all;
+  for (auto& [ch, t] : tenures_) {
+    if (t.state == lock_state::holding) all.add(ch);
+  }
+  client_->loop().spawn(release_quietly(client_, release_sql_, app_, all.literal(), fleet_,
+                                        std::string(sql::member_unlock), key_, registered_));
+}
+
+inline void member::note(log_level level, std::string_view message) const {
+  if (level == log_level::debug && !options_.logger) return;
+  log(options_.logger, level, "member " + app_ + ": " + std::string(message));
+}
+
+inline task<void> member::start() {
+  co_await ensure_lock_schema(client_, lock_schema_name());
+  lock_holders().push_back(this);
+  notify_sub_ = client_->subscribe("", [this](const notification& n) { on_notification(n); });
+  lost_sub_ = client_->on_lost([this](const connection_error&) {
+    std::vector<std::string> all;
+    for (auto& [ch, t] : tenures_) all.push_back(ch);
+    demote(all, "");  // the session is gone: nothing to say beyond the lost link
+  });
+  co_await client_->listen(fleet_);
+  if (options_.fast_failover) {
+    auto r = co_await client_->query(sql::in_schema(sql::member_join, schema_), app_, key_);
+    registered_ = r.rows() == 1;
+    if (!registered_) throw error("pgiplock: member " + app_ + " could not take its member lock");
+  }
+  auto& loop = client_->loop();
+  heartbeat_task_ = heartbeat_loop();
+  loop.start(heartbeat_task_);
+  retry_task_ = retry_loop();
+  loop.start(retry_task_);
+  if (options_.fast_failover) {
+    watch_task_ = watch_loop();
+    loop.start(watch_task_);
+  }
+}
+
+inline task<void> member::want(std::vector<std::string> channels) {
+  for (auto& ch : channels) tenures_.try_emplace(ch);
+  co_await claim_now();
+}
+
+inline task<void> member::release(std::vector<std::string> channels) {
+  co_await release_impl(std::move(channels), false);
+}
+
+inline task<void> member::leave() {
+  if (left_) co_return;
+  left_ = true;
+  forget_lock_holder(this);
+  stop_loops();
+  if (auto w = std::move(watcher_)) client_->loop().spawn(connection::close_quietly(w));
+  std::vector<std::string> all;
+  for (auto& [ch, t] : tenures_) all.push_back(ch);
+  if (!client_->is_open()) {
+    demote(all, "");
+    co_return;
+  }
+  co_await release_impl(std::move(all), true);
+  if (registered_) co_await client_->query(std::string(sql::member_unlock), key_);
+  registered_ = false;
+}
+
+inline bool member::delivering(std::string_view ch) const {
+  auto it = tenures_.find(ch);
+  return it != tenures_.end() && (it->second.state == lock_state::holding || it->second.state == lock_state::draining);
+}
+
+// A fresh tenure leaves what precedes its own announcement to the draining
+// predecessor (see ip_lock::past_handover_cut); a draining one delivers
+// until its successor's announcement.
+inline bool member::deliverable(std::string_view ch) const {
+  auto it = tenures_.find(ch);
+  if (it == tenures_.end()) return false;
+  auto& t = it->second;
+  return (t.state == lock_state::holding && (!t.fresh || t.cut_seen)) || t.state == lock_state::draining;
+}
+
+inline std::int64_t member::token(std::string_view ch) const {
+  auto it = tenures_.find(ch);
+  return (it != tenures_.end() && it->second.state == lock_state::holding) ? it->second.token : 0;
+}
+
+inline std::size_t member::held() const {
+  return static_cast<std::size_t>(std::count_if(tenures_.begin(), tenures_.end(), [](const auto& t) {
+    return t.second.state == lock_state::holding;
+  }));
+}
+
+inline std::vector<std::string> member::lacking() const {
+  std::vector<std::string> out;
+  for (auto& [ch, t] : tenures_) {
+    if (t.state == lock_state::standby) out.push_back(ch);
+  }
+  return out;
+}
+
+// The retry timer is for what the ring cannot see: channels a non-member
+// holds, and every crash when this member does not watch.
+inline bool member::needs_timer() const {
+  return std::any_of(tenures_.begin(), tenures_.end(), [this](const auto& t) {
+    return t.second.state == lock_state::standby && (t.second.lock_listened || !options_.fast_failover);
+  });
+}
+
+inline void member::schedule_claim() {
+  if (claiming_) {
+    claim_again_ = true;
+    return;
+  }
+  client_->loop().spawn(claim_now());
+}
+
+// One claim at a time; requests made meanwhile coalesce into one more.
+inline task<void> member::claim_now() {
+  if (claiming_) {
+    claim_again_ = true;
+    auto done = claim_done_;
+    co_await done->wait();
+    co_return;
+  }
+  claiming_ = true;
+  auto done = std::make_shared<async_event>(client_->loop());
+  claim_done_ = done;
+  struct settle {
+    member* self;
+    std::shared_ptr<async_event> done;
+    ~settle() {
+      self->claiming_ = false;
+      done->set();
+    }
+  } guard{this, done};
+  do {
+    claim_again_ = false;
+    if (!client_->is_open() || left_) break;
+    co_await claim_once();
+  } while (claim_again_);
+}
+
+inline task<void> member::claim_once() {
+  auto want = lacking();
+  auto gone = std::exchange(gone_, std::nullopt);
+  if (want.empty() && !gone) co_return;
+  text_array channels;
+  for (auto& ch : want) {
+    channels.add(ch);
+    tenures_[ch].cut_seen = false;  // our announcement may come back before the result is read
+  }
+  result r;
+  try {
+    r = co_await client_->query_prepared(claim_sql_, app_, channels.literal(), fleet_, lock_prefix, gone);
+  } catch (const std::exception& e) {
+    note(client_->is_open() ? log_level::warn : log_level::debug, std::string("claiming channels failed: ") + e.what());
+    co_return;
+  }
+  auto got = take_claim(r);
+  // Synchronous up to here: the won channels deliver from the next
+  // notification on, which may sit in the very read that brought the result.
+  for (auto& ch : got.won) hooks_.won(ch);
+  note(log_level::debug, "claimed " + std::to_string(want.size()) + ", won " + std::to_string(got.won.size()));
+  if (!got.listen_locks.empty() || !got.unlisten_locks.empty()) {
+    co_await listen_many(std::move(got.listen_locks), std::move(got.unlisten_locks));
+  }
+  if (!got.orphans.empty()) co_await release_impl(std::move(got.orphans), false);
+}
+
+// Reads a claim's rows into the tenures: won channels (a token each), and
+// for the others whether a non-member holds them (then its lock channel is
+// LISTENed, for the Node trigger's release event).
+inline member::claim_result member::take_claim(const result& r) {
+  claim_result out;
+  for (int i = 0; i < r.rows(); ++i) {
+    std::string ch(r.get(i, 0));
+    bool won = !r.is_null(i, 1);
+    auto it = tenures_.find(ch);
+    if (it == tenures_.end()) {  // released while the claim was in flight: release it again
+      if (won) {
+        tenures_[ch].state = lock_state::holding;
+        out.orphans.push_back(ch);
+      }
+      continue;
+    }
+    auto& t = it->second;
+    if (won) {
+      t.state = lock_state::holding;
+      t.token = std::strtoll(std::string(r.get(i, 1)).c_str(), nullptr, 10);
+      t.fresh = r.get(i, 2) == "t";
+      if (std::exchange(t.lock_listened, false)) out.unlisten_locks.push_back(std::string(lock_prefix) + ch);
+      out.won.push_back(ch);
+    } else if (r.get(i, 4) != "t" && !t.lock_listened) {
+      t.lock_listened = true;
+      out.listen_locks.push_back(std::string(lock_prefix) + ch);
+    }
+  }
+  return out;
+}
+
+inline task<void> member::listen_many(std::vector<std::string> listen, std::vector<std::string> unlisten) {
+  text_array on, off;
+  for (auto& c : listen) on.add(c);
+  for (auto& c : unlisten) off.add(c);
+  try {
+    co_await client_->query(listen_many_sql_, on.literal(), off.literal());
+  } catch (const std::exception& e) {
+    note(log_level::warn, std::string("LISTEN/UNLISTEN failed: ") + e.what());
+  }
+}
+
+inline task<void> member::release_impl(std::vector<std::string> channels, bool leaving) {
+  text_array held;
+  std::vector<std::string> data, locks;
+  for (auto& ch : channels) {
+    auto it = tenures_.find(ch);
+    if (it == tenures_.end()) continue;
+    if (it->second.state == lock_state::holding) {
+      it->second.state = lock_state::draining;  // delivers until the successor announces
+      held.add(ch);
+      data.push_back(ch);
+    }
+    if (it->second.lock_listened) locks.push_back(std::string(lock_prefix) + ch);
+  }
+  long others = 0;
+  if (client_->is_open() && (held.size() || leaving)) {
+    try {
+      auto r = co_await client_->query(release_sql_, app_, held.literal(), lock_prefix, fleet_, leaving,
+                                       std::string(member_prefix) + "%");
+      others = std::strtol(std::string(r.get(0, 2)).c_str(), nullptr, 10);
+    } catch (const std::exception& e) {
+      note(log_level::warn, std::string("release failed: ") + e.what());
+    }
+  }
+  if (held.size()) co_await wait_for_successors(others);
+  for (auto& ch : channels) {
+    auto it = tenures_.find(ch);
+    if (it == tenures_.end()) continue;
+    tenures_.erase(it);
+    hooks_.lost(ch, "");
+  }
+  for (auto& l : locks) data.push_back(std::move(l));
+  std::vector<std::string> none;
+  if (client_->is_open() && !data.empty()) co_await listen_many(std::move(none), std::move(data));
+}
+
+// A drain: deliver until every released channel's successor announced, or
+// handover_timeout. Nobody can announce when no other member exists.
+inline task<void> member::wait_for_successors(long others) {
+  auto draining = [this] {
+    return std::any_of(tenures_.begin(), tenures_.end(),
+                       [](const auto& t) { return t.second.state == lock_state::draining; });
+  };
+  if (others <= 0 || options_.handover_timeout.count() <= 0 || !draining() || !client_->is_open()) co_return;
+  auto drained = std::make_shared<async_event>(client_->loop());
+  drained_ = drained;
+  (void)co_await drained->wait_for(options_.handover_timeout);
+  drained_.reset();
+}
+
+inline task<void> member::release_quietly(std::shared_ptr<connection> c, std::string sql, std::string app,
+                                          std::string channels, std::string fleet, std::string unlock,
+                                          std::int64_t key, bool registered) {
+  try {
+    co_await c->query(sql, app, channels, lock_prefix, fleet, registered, std::string(member_prefix) + "%");
+    if (registered) co_await c->query(unlock, key);
+  } catch (const std::exception&) {
+    // gone with the session
+  }
+}
+
+// Stops delivering at once (the lost link, a failed heartbeat, rows gone).
+inline void member::demote(const std::vector<std::string>& channels, const std::string& why) {
+  for (auto& ch : channels) {
+    auto it = tenures_.find(ch);
+    if (it == tenures_.end()) continue;
+    bool was = it->second.state != lock_state::standby;
+    it->second = tenure{};
+    if (was) hooks_.lost(ch, why);
+  }
+}
+
+// Rows gone under us: stop delivering those, stop listening, and say
+// 'free' so the others claim them now rather than at their timer.
+inline task<void> member::demote_and_free(std::vector<std::string> channels, std::string why) {
+  note(log_level::warn, "giving up " + std::to_string(channels.size()) + " channel(s): " + why);
+  demote(channels, why);
+  if (!client_->is_open()) co_return;
+  std::vector<std::string> none;
+  co_await listen_many(std::move(none), std::move(channels));
+  try {
+    co_await client_->query(std::string(sql::fleet_free), fleet_);
+  } catch (const std::exception&) {
+    // the others' timers and watchers still cover it
+  }
+}
+
+inline void member::on_notification(const notification& n) {
+  if (n.channel == fleet_) {
+    on_fleet_event(n);
+    return;
+  }
+  if (!is_lock_channel(n.channel) || n.payload != release_payload) return;
+  auto it = tenures_.find(n.channel.substr(lock_prefix.size()));
+  if (it != tenures_.end() && it->second.state == lock_state::standby) schedule_claim();
+}
+
+inline void member::on_fleet_event(const notification& n) {
+  static constexpr std::string_view listening = "listening:";
+  if (n.payload == "free") {
+    if (!lacking().empty()) schedule_claim();
+    return;
+  }
+  if (n.payload.substr(0, listening.size()) != listening) return;
+  auto it = tenures_.find(n.payload.substr(listening.size()));
+  if (it == tenures_.end()) return;
+  if (n.sender_pid == client_->backend_pid()) {
+    it->second.cut_seen = true;
+    return;
+  }
+  // The successor's LISTEN has committed: everything after this in the
+  // stream is its to deliver. Cut here, before the next notification.
+  if (it->second.state != lock_state::draining) return;
+  it->second.state = lock_state::releasing;
+  bool still = std::any_of(tenures_.begin(), tenures_.end(),
+                           [](const auto& t) { return t.second.state == lock_state::draining; });
+  if (!still && drained_) drained_->set();
+}
+
+// The ring: wait for the next member's lock, one bounded slice per
+// statement; a member found dead is swept at once by a claim.
+inline task<void> member::watch_loop() {
+  auto slice = options_.acquire_interval;
+  auto step = std::min<std::chrono::milliseconds>(slice, std::chrono::seconds(1));
+  for (;;) {
+    if (!client_->is_open()) co_return;
+    if (!watcher_ || !watcher_->is_open()) {
+      co_await open_watcher();
+      continue;
+    }
+    std::optional<std::string> dead;
+    try {
+      auto w = watcher_;
+      auto r = co_await w->query_prepared(watch_sql_, app_, static_cast<long long>(slice.count()),
+                                          static_cast<long long>(step.count()));
+      dead = r.is_null(0, 0) ? std::string() : std::string(r.get(0, 0));
+    } catch (const std::exception& e) {
+      note(log_level::debug, std::string("watch failed: ") + e.what());
+    }
+    if (!dead) {
+      co_await client_->loop().sleep(std::chrono::milliseconds(100));
+    } else if (!dead->empty()) {
+      note(log_level::debug, "member " + *dead + " is gone");
+      gone_ = *dead;
+      co_await claim_now();
+    }
+  }
+}
+
+// Said once when the watching connection cannot be had, and once when it
+// can again; meanwhile one attempt per acquire_interval.
+inline task<void> member::open_watcher() {
+  auto opts = derived_options(client_->logger(), options_.liveness_timeout, false);
+  try {
+    watcher_ = co_await connection::connect(client_->loop(), client_->conninfo(), opts);
+    if (std::exchange(watcher_failing_, false)) note(log_level::info, "fast failover available again");
+    co_return;
+  } catch (const std::exception& e) {
+    if (!std::exchange(watcher_failing_, true)) {
+      note(log_level::warn, std::string("fast failover unavailable for now (still delivering what it holds): ") +
+                                e.what());
+    }
+    watcher_.reset();
+  }
+  co_await client_->loop().sleep(options_.acquire_interval);
+}
+
+// The holder's liveness check, for all its channels, every liveness / 4.
+inline task<void> member::heartbeat_loop() {
+  auto& loop = client_->loop();
+  auto live = options_.liveness_timeout;
+  auto every = std::max<std::chrono::milliseconds>(std::chrono::milliseconds(10), live / 4);
+  auto limit = std::max<std::chrono::milliseconds>(std::chrono::milliseconds(10), live / 2);
+  for (;;) {
+    co_await loop.sleep(every);
+    if (held() > 0 && client_->is_open() && !claiming_) co_await check_rows(limit);
+  }
+}
+
+inline task<void> member::check_rows(std::chrono::milliseconds limit) {
+  std::optional<result> r;
+  std::string failure;
+  try {
+    r = co_await within(client_->loop(), client_->query_prepared(heartbeat_sql_, app_, key_), limit);
+  } catch (const std::exception& e) {
+    failure = e.what();
+  }
+  std::vector<std::string> holding;
+  for (auto& [ch, t] : tenures_) {
+    if (t.state == lock_state::holding) holding.push_back(ch);
+  }
+  if (holding.empty() || claiming_) co_return;  // released or claiming meanwhile: counts would not match
+  if (!failure.empty() || !r) {
+    auto why = failure.empty() ? "the liveness check got no answer within " + std::to_string(limit.count()) + " ms"
+                               : "the liveness check failed: " + failure;
+    co_await demote_and_free(std::move(holding), why);
+    co_return;
+  }
+  if (std::strtoll(std::string(r->get(0, 0)).c_str(), nullptr, 10) >= static_cast<long long>(holding.size())) {
+    co_return;
+  }
+  auto rows = co_await client_->query(rows_sql_, app_, lock_prefix);
+  std::set<std::string, std::less<>> still;
+  for (int i = 0; i < rows.rows(); ++i) still.emplace(rows.get(i, 0));
+  std::vector<std::string> gone;
+  for (auto& ch : holding) {
+    if (!still.count(ch)) gone.push_back(ch);
+  }
+  if (!gone.empty()) co_await demote_and_free(std::move(gone), "its lock row was deleted");
+}
+
+inline task<void> member::retry_loop() {
+  for (;;) {
+    co_await client_->loop().sleep(options_.acquire_interval);
+    if (client_->is_open() && needs_timer()) co_await claim_now();
+  }
+}
+
+inline void member::stop_loops() {
+  watch_task_ = task<void>{};
+  heartbeat_task_ = task<void>{};
+  retry_task_ = task<void>{};
+}
+
+}  // namespace pgiplock::detail
