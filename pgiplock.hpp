@@ -1717,7 +1717,6 @@ END IF;
 EXECUTE format('CREATE TABLE IF NOT EXISTS %I.pgiplock_member ('
   'app text PRIMARY KEY, key bigint NOT NULL, pid integer NOT NULL, '
   'since timestamptz NOT NULL DEFAULT now())', s);
-EXECUTE format('CREATE INDEX IF NOT EXISTS pgiplock_lock_app ON %I.lock (app)', s);
 -- A member's watch: waits, for at most slice_ms, for the session lock of the
 -- next member in the ring (ordered by app), re-reading the ring every
 -- step_ms so a member that joins is watched within a step. Yields the app
@@ -1757,19 +1756,22 @@ END IF;
 -- are gone (a Node peer's), or free ones become ours, each with a new
 -- fencing token and its LISTEN; a row that was released (a fresh insert)
 -- is announced on the fleet channel with the LISTEN, the exact cut of a
--- graceful handover. The dead members' other rows are freed for whoever
--- wants them (the Node trigger and 'free' on the fleet channel tell them).
--- A watcher that just got a member's lock knows it is dead (`gone`): then
--- the lock table is not scanned, which is the bulk of a takeover's time.
--- Yields the won channels, then who holds the others.
-IF to_regprocedure(format('%I.pgiplock_claim(text,text[],text,text,text)', s)) IS NULL THEN
-  EXECUTE format($q$CREATE FUNCTION %1$I.pgiplock_claim(me text, want text[], fleet text, prefix text, gone text)
+-- graceful handover. Set-based: per channel it costs a row, not a round of
+-- PL/pgSQL. A watcher that just got a member's lock knows it is dead
+-- (`gone`): then pg_locks is not scanned. With `sweep`, the dead members'
+-- other rows are freed for whoever wants them (the Node trigger and 'free'
+-- on the fleet channel tell them). Yields the won channels, then who holds
+-- the others.
+IF to_regprocedure(format('%I.pgiplock_claim(text,text[],text,text,text,boolean)', s)) IS NULL THEN
+  EXECUTE format($q$CREATE FUNCTION %1$I.pgiplock_claim(me text, want text[], fleet text, prefix text, gone text,
+                                                        sweep boolean)
   RETURNS TABLE (ch text, tok bigint, is_fresh boolean, held_by text, by_member boolean)
   LANGUAGE plpgsql AS $f$
   #variable_conflict use_column
   DECLARE
     dead text[];
-    r record;
+    won text[];
+    released boolean[];
     freed bigint;
   BEGIN
     IF gone IS NOT NULL THEN
@@ -1777,31 +1779,31 @@ IF to_regprocedure(format('%I.pgiplock_claim(text,text[],text,text,text)', s)) I
     ELSE
       SELECT coalesce(array_agg(m.app), '{}') INTO dead FROM %1$I.pgiplock_member m
       WHERE m.app <> me AND NOT EXISTS (
-      SELECT 1 FROM pg_catalog.pg_locks l
-      WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
-        AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = current_database())
-        AND l.classid = ((m.key >> 32) & 4294967295)::oid AND l.objid = (m.key & 4294967295)::oid);
+        SELECT 1 FROM pg_catalog.pg_locks l
+        WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+          AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = current_database())
+          AND l.classid = ((m.key >> 32) & 4294967295)::oid AND l.objid = (m.key & 4294967295)::oid);
     END IF;
-    FOR r IN
+    WITH taken AS (
       INSERT INTO %1$I.lock AS l (channel, app) SELECT prefix || w, me FROM unnest(want) AS w
       ON CONFLICT (channel) DO UPDATE SET app = EXCLUDED.app
       WHERE l.app = EXCLUDED.app OR l.app = ANY (dead)
          OR (NOT EXISTS (SELECT 1 FROM %1$I.pgiplock_member m WHERE m.app = l.app)
              AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.application_name = l.app))
-      RETURNING substr(l.channel, length(prefix) + 1) AS won, (l.xmax = 0) AS released
-    LOOP
-      EXECUTE format('LISTEN %%I', r.won);
-      IF r.released THEN PERFORM pg_notify(fleet, 'listening:' || r.won); END IF;
-      ch := r.won; tok := nextval(%2$L); is_fresh := r.released; held_by := me; by_member := true;
-      RETURN NEXT;
-    END LOOP;
-    IF cardinality(dead) > 0 THEN
+      RETURNING substr(l.channel, length(prefix) + 1) AS w, (l.xmax = 0) AS f)
+    SELECT coalesce(array_agg(w), '{}'), coalesce(array_agg(f), '{}') INTO won, released FROM taken;
+    IF cardinality(won) > 0 THEN
+      EXECUTE (SELECT string_agg(format('LISTEN %%I', w), '; ') FROM unnest(won) AS w);
+      PERFORM pg_notify(fleet, 'listening:' || x.w) FROM unnest(won, released) AS x(w, f) WHERE x.f;
+    END IF;
+    IF sweep AND cardinality(dead) > 0 THEN
       DELETE FROM %1$I.pgiplock_member m WHERE m.app = ANY (dead);
       DELETE FROM %1$I.lock l WHERE l.app = ANY (dead);
       GET DIAGNOSTICS freed = ROW_COUNT;
       -- Only when others may want them: a 'free' wakes every member.
       IF freed > 0 THEN PERFORM pg_notify(fleet, 'free'); END IF;
     END IF;
+    RETURN QUERY SELECT x.w, nextval(%2$L), x.f, me, true FROM unnest(won, released) AS x(w, f);
     RETURN QUERY SELECT substr(l.channel, length(prefix) + 1), NULL::bigint, false, l.app::text,
       EXISTS (SELECT 1 FROM %1$I.pgiplock_member m WHERE m.app = l.app)
       FROM %1$I.lock l WHERE l.channel IN (SELECT prefix || w FROM unnest(want) AS w) AND l.app <> me;
@@ -1831,9 +1833,10 @@ inline constexpr std::string_view member_join =
 inline constexpr std::string_view member_watch = "SELECT @schema@.pgiplock_watch($1, $2::integer, $3::integer)";
 // Every channel a member wants and lacks, in one round trip.
 // $1 app, $2 channels (text[]), $3 fleet channel, $4 lock prefix.
-// $5: a member the watcher found dead, or NULL.
+// $5: a member the watcher found dead, or NULL; $6: sweep the dead (the
+// last of a claim's chunks does).
 inline constexpr std::string_view member_claim =
-    "SELECT ch, tok, is_fresh, held_by, by_member FROM @schema@.pgiplock_claim($1, $2::text[], $3, $4, $5)";
+    "SELECT ch, tok, is_fresh, held_by, by_member FROM @schema@.pgiplock_claim($1, $2::text[], $3, $4, $5, $6)";
 // The holder's liveness check, for all its channels at once: how many rows
 // it still has (a DELETE or TRUNCATE fires no event we hear); its member row
 // is put back if someone deleted it. $1 app, $2 key.
@@ -2742,7 +2745,7 @@ inline task<void> ensure_lock_schema(std::shared_ptr<connection> client, std::st
                                         s + ".deadlock_check(text,text)", s + ".pgiplock_wait_free(bigint,integer)",
                                         s + ".pgiplock_tenure", s + ".pgiplock_listen(text,text)",
                                         s + ".pgiplock_member", s + ".pgiplock_watch(text,integer,integer)",
-                                        s + ".pgiplock_claim(text,text[],text,text,text)",
+                                        s + ".pgiplock_claim(text,text[],text,text,text,boolean)",
                                         s + ".pgiplock_listen_many(text[],text[])");
   if (present.get(0, 0) == "t") co_return;
   co_await run_bootstrap(client, sql::lock_schema_setting, std::move(schema), sql::lock_schema_ddl, "the lock schema");
@@ -3731,7 +3734,10 @@ class member final : public lock_holder {
   bool needs_timer() const;
   void schedule_claim();
   task<void> claim_now();
+  task<void> claim_loop();
   task<void> claim_once();
+  task<void> claim_chunk(std::vector<std::string> channels, std::optional<std::string> gone, bool sweep,
+                         std::shared_ptr<int> left, std::shared_ptr<async_event> done);
   claim_result take_claim(const result& r);
   task<void> release_impl(std::vector<std::string> channels, bool leaving);
   task<void> wait_for_successors(long others);
@@ -3761,14 +3767,18 @@ class member final : public lock_holder {
   std::map<std::string, tenure, std::less<>> tenures_;
   bool registered_ = false;  // holds the member lock and row
   bool left_ = false;
-  bool claiming_ = false, claim_again_ = false;
+  bool claim_requested_ = false;
+  bool claiming_ = false;
+  cancel_source claim_wake_;
+  std::shared_ptr<async_event> next_claim_done_;  // set when the next claim round has run
   std::optional<std::string> gone_;  // a member the watcher found dead: the next claim sweeps it
-  std::shared_ptr<async_event> claim_done_;
   std::shared_ptr<async_event> drained_;  // set when no channel is draining any more
   bool watcher_failing_ = false;          // said once, until it works again
   std::uint64_t notify_sub_ = 0, lost_sub_ = 0;
   std::shared_ptr<connection> watcher_;
-  // Last: destroyed first.
+  // Last: destroyed first. Every coroutine bound to this member is one of
+  // these (or awaited by one), so none outlives it.
+  task<void> claim_task_;
   task<void> watch_task_;
   task<void> heartbeat_task_;
   task<void> retry_task_;
@@ -3825,6 +3835,9 @@ inline task<void> member::start() {
     if (!registered_) throw error("pgiplock: member " + app_ + " could not take its member lock");
   }
   auto& loop = client_->loop();
+  next_claim_done_ = std::make_shared<async_event>(loop);
+  claim_task_ = claim_loop();
+  loop.start(claim_task_);
   heartbeat_task_ = heartbeat_loop();
   loop.start(heartbeat_task_);
   retry_task_ = retry_loop();
@@ -3904,51 +3917,72 @@ inline bool member::needs_timer() const {
 }
 
 inline void member::schedule_claim() {
-  if (claiming_) {
-    claim_again_ = true;
-    return;
-  }
-  client_->loop().spawn(claim_now());
+  claim_requested_ = true;
+  claim_wake_.cancel();
 }
 
-// One claim at a time; requests made meanwhile coalesce into one more.
+// Waits for a claim round that starts after this call.
 inline task<void> member::claim_now() {
-  if (claiming_) {
-    claim_again_ = true;
-    auto done = claim_done_;
-    co_await done->wait();
-    co_return;
-  }
-  claiming_ = true;
-  auto done = std::make_shared<async_event>(client_->loop());
-  claim_done_ = done;
-  struct settle {
-    member* self;
-    std::shared_ptr<async_event> done;
-    ~settle() {
-      self->claiming_ = false;
-      done->set();
-    }
-  } guard{this, done};
-  do {
-    claim_again_ = false;
-    if (!client_->is_open() || left_) break;
-    co_await claim_once();
-  } while (claim_again_);
+  if (!next_claim_done_) co_return;  // not started
+  auto done = next_claim_done_;
+  schedule_claim();
+  co_await done->wait();
 }
+
+// One claim round at a time; requests made meanwhile coalesce into one more.
+inline task<void> member::claim_loop() {
+  for (;;) {
+    if (!claim_requested_) {
+      if (!co_await client_->loop().sleep(std::chrono::hours(24), &claim_wake_)) claim_wake_.reset();
+      continue;
+    }
+    claim_requested_ = false;
+    auto done = std::exchange(next_claim_done_, std::make_shared<async_event>(client_->loop()));
+    claiming_ = true;
+    if (client_->is_open() && !left_) co_await claim_once();
+    claiming_ = false;
+    done->set();
+  }
+}
+
+// At most this many channels per statement: the chunks go out pipelined,
+// so the first channels of a large takeover deliver while the rest are
+// still being claimed.
+inline constexpr std::size_t claim_chunk_size = 256;
 
 inline task<void> member::claim_once() {
   auto want = lacking();
   auto gone = std::exchange(gone_, std::nullopt);
   if (want.empty() && !gone) co_return;
-  text_array channels;
-  for (auto& ch : want) {
-    channels.add(ch);
-    tenures_[ch].cut_seen = false;  // our announcement may come back before the result is read
+  for (auto& ch : want) tenures_[ch].cut_seen = false;  // our announcement may come back before the result
+  std::size_t chunks = std::max<std::size_t>(1, (want.size() + claim_chunk_size - 1) / claim_chunk_size);
+  auto left = std::make_shared<int>(static_cast<int>(chunks));
+  auto done = std::make_shared<async_event>(client_->loop());
+  std::vector<task<void>> running(chunks);  // owned here: they die with this frame
+  for (std::size_t i = 0; i < chunks; ++i) {
+    auto from = want.begin() + static_cast<std::ptrdiff_t>(std::min(want.size(), i * claim_chunk_size));
+    auto to = want.begin() + static_cast<std::ptrdiff_t>(std::min(want.size(), (i + 1) * claim_chunk_size));
+    running[i] = claim_chunk(std::vector<std::string>(from, to), gone, i + 1 == chunks, left, done);
+    client_->loop().start(running[i]);
   }
+  co_await done->wait();
+  note(log_level::debug, "claimed " + std::to_string(want.size()) + " in " + std::to_string(chunks) + " statement(s)");
+}
+
+inline task<void> member::claim_chunk(std::vector<std::string> channels, std::optional<std::string> gone, bool sweep,
+                                      std::shared_ptr<int> left, std::shared_ptr<async_event> done) {
+  struct settle {
+    std::shared_ptr<int> left;
+    std::shared_ptr<async_event> done;
+    ~settle() {
+      if (--*left == 0) done->set();
+    }
+  } guard{left, done};
+  text_array list;
+  for (auto& ch : channels) list.add(ch);
   result r;
   try {
-    r = co_await client_->query_prepared(claim_sql_, app_, channels.literal(), fleet_, lock_prefix, gone);
+    r = co_await client_->query_prepared(claim_sql_, app_, list.literal(), fleet_, lock_prefix, gone, sweep);
   } catch (const std::exception& e) {
     note(client_->is_open() ? log_level::warn : log_level::debug, std::string("claiming channels failed: ") + e.what());
     co_return;
@@ -3957,7 +3991,6 @@ inline task<void> member::claim_once() {
   // Synchronous up to here: the won channels deliver from the next
   // notification on, which may sit in the very read that brought the result.
   for (auto& ch : got.won) hooks_.won(ch);
-  note(log_level::debug, "claimed " + std::to_string(want.size()) + ", won " + std::to_string(got.won.size()));
   if (!got.listen_locks.empty() || !got.unlisten_locks.empty()) {
     co_await listen_many(std::move(got.listen_locks), std::move(got.unlisten_locks));
   }
@@ -4224,6 +4257,7 @@ inline task<void> member::retry_loop() {
 }
 
 inline void member::stop_loops() {
+  claim_task_ = task<void>{};
   watch_task_ = task<void>{};
   heartbeat_task_ = task<void>{};
   retry_task_ = task<void>{};
@@ -4364,6 +4398,9 @@ class pubsub {
   // this instance holds the channel, once LISTEN has committed. A standby
   // starts delivering by itself when it wins later (on_listen says so).
   task<void> listen(std::string_view channel);
+  // listen() for many channels at once: in single-listener mode one claim
+  // (one statement) for all of them, however many.
+  task<void> listen(std::vector<std::string> channels);
   task<void> unlisten(std::string_view channel);
   task<void> unlisten_all();
   // Sends `payload` on `channel`; completes when its transaction has
@@ -4531,18 +4568,23 @@ inline task<void> pubsub::destroy() {
   co_await close();
 }
 
-inline task<void> pubsub::listen(std::string_view channel_view) {
-  std::string ch(channel_view);
-  detail::validate_channel(ch, locked() ? detail::channel_use::locked : detail::channel_use::plain);
-  channels_.try_emplace(ch);
+inline task<void> pubsub::listen(std::string_view channel) {
+  std::vector<std::string> one{std::string(channel)};
+  co_await listen(std::move(one));
+}
+
+inline task<void> pubsub::listen(std::vector<std::string> channels) {
+  for (auto& ch : channels) {  // all or nothing: every name is checked before any is remembered
+    detail::validate_channel(ch, locked() ? detail::channel_use::locked : detail::channel_use::plain);
+  }
+  for (auto& ch : channels) channels_.try_emplace(ch);
   if (!client_) co_return;  // remembered; subscribed on (re)connect
   if (!locked()) {
-    co_await start_listening(ch);
+    for (auto& ch : channels) co_await start_listening(ch);
     co_return;
   }
   co_await ensure_member();
-  std::vector<std::string> one{ch};
-  if (member_) co_await member_->want(std::move(one));  // a win LISTENs in the same statement (on_won)
+  if (member_) co_await member_->want(std::move(channels));  // a win LISTENs in the same statement (on_won)
 }
 
 inline task<void> pubsub::unlisten(std::string_view channel_view) {

@@ -73,6 +73,9 @@ class pubsub {
   // this instance holds the channel, once LISTEN has committed. A standby
   // starts delivering by itself when it wins later (on_listen says so).
   task<void> listen(std::string_view channel);
+  // listen() for many channels at once: in single-listener mode one claim
+  // (one statement) for all of them, however many.
+  task<void> listen(std::vector<std::string> channels);
   task<void> unlisten(std::string_view channel);
   task<void> unlisten_all();
   // Sends `payload` on `channel`; completes when its transaction has
@@ -240,18 +243,23 @@ inline task<void> pubsub::destroy() {
   co_await close();
 }
 
-inline task<void> pubsub::listen(std::string_view channel_view) {
-  std::string ch(channel_view);
-  detail::validate_channel(ch, locked() ? detail::channel_use::locked : detail::channel_use::plain);
-  channels_.try_emplace(ch);
+inline task<void> pubsub::listen(std::string_view channel) {
+  std::vector<std::string> one{std::string(channel)};
+  co_await listen(std::move(one));
+}
+
+inline task<void> pubsub::listen(std::vector<std::string> channels) {
+  for (auto& ch : channels) {  // all or nothing: every name is checked before any is remembered
+    detail::validate_channel(ch, locked() ? detail::channel_use::locked : detail::channel_use::plain);
+  }
+  for (auto& ch : channels) channels_.try_emplace(ch);
   if (!client_) co_return;  // remembered; subscribed on (re)connect
   if (!locked()) {
-    co_await start_listening(ch);
+    for (auto& ch : channels) co_await start_listening(ch);
     co_return;
   }
   co_await ensure_member();
-  std::vector<std::string> one{ch};
-  if (member_) co_await member_->want(std::move(one));  // a win LISTENs in the same statement (on_won)
+  if (member_) co_await member_->want(std::move(channels));  // a win LISTENs in the same statement (on_won)
 }
 
 inline task<void> pubsub::unlisten(std::string_view channel_view) {

@@ -5,9 +5,12 @@
 //   MSG <payload> <t>        delivered a message
 //   LOSE <t>                 is_active() went false (with --watch-active)
 //   ERROR <t> <what>         on_error fired
+//   WARN <t> <what>          the library logged a warning
 // <t> is CLOCK_MONOTONIC in nanoseconds, comparable with the test's clock.
+// With --channels N it listens to CHANNEL.0 .. CHANNEL.<N-1> (one listen()
+// call) and says which: HOLD <t> <channel>, MSG <payload> <t> <channel>.
 // Usage: member DSN CHANNEL [--graceful] [--interval MS] [--liveness MS] [--retry MS] [--watch-active]
-//                           [--no-fast-failover]
+//                           [--no-fast-failover] [--channels N]
 //        member DSN --probe  connects once; prints PROBE OK, or PROBE FAIL <why>
 //                            and exits 1 (can this network reach the server?)
 // pubsub has no event for "stopped delivering" (a lock demoted by its
@@ -31,9 +34,15 @@ long long now_ns() {
   return static_cast<long long>(ts.tv_sec) * 1000000000LL + ts.tv_nsec;
 }
 
-pgiplock::task<void> run(pgiplock::pubsub& ps, std::string channel) {
+pgiplock::task<void> run(pgiplock::pubsub& ps, std::string channel, long many) {
   co_await ps.connect();
-  co_await ps.listen(channel);
+  if (many > 0) {
+    std::vector<std::string> all;
+    for (long i = 0; i < many; ++i) all.push_back(channel + "." + std::to_string(i));
+    co_await ps.listen(std::move(all));
+  } else {
+    co_await ps.listen(channel);
+  }
   std::printf("READY %d\n", ps.client()->backend_pid());
   std::fflush(stdout);
 }
@@ -48,6 +57,13 @@ pgiplock::task<void> watch_active(pgiplock::event_loop& loop, pgiplock::pubsub& 
       std::fflush(stdout);
     }
     was = now;
+    co_await loop.sleep(std::chrono::milliseconds(1));
+  }
+}
+
+pgiplock::task<void> flush_every(pgiplock::event_loop& loop) {
+  for (;;) {
+    std::fflush(stdout);
     co_await loop.sleep(std::chrono::milliseconds(1));
   }
 }
@@ -92,6 +108,7 @@ int main(int argc, char** argv) {
   o.conninfo = argv[1];
   std::string channel = argv[2];
   bool watch = false;
+  long many = 0;
   for (int i = 3; i < argc; ++i) {
     std::string a = argv[i];
     auto next_ms = [&] { return std::chrono::milliseconds(std::atol(argv[++i])); };
@@ -101,9 +118,14 @@ int main(int argc, char** argv) {
     else if (a == "--retry" && i + 1 < argc) o.retry_delay = next_ms();
     else if (a == "--watch-active") watch = true;
     else if (a == "--no-fast-failover") o.fast_failover = false;
+    else if (a == "--channels" && i + 1 < argc) many = std::atol(argv[++i]);
   }
   bool trace = std::getenv("PGIPLOCK_MEMBER_TRACE") != nullptr;
   o.logger = [trace](pgiplock::log_level level, std::string_view m) {
+    if (level >= pgiplock::log_level::warn) {  // for the tests that count what a member says
+      std::printf("WARN %lld %.*s\n", now_ns(), static_cast<int>(m.size()), m.data());
+      std::fflush(stdout);
+    }
     if (level >= pgiplock::log_level::warn || trace) {
       std::fprintf(stderr, "member %d %lld: %.*s\n", ::getpid(), now_ns() / 1000000, static_cast<int>(m.size()),
                    m.data());
@@ -111,12 +133,22 @@ int main(int argc, char** argv) {
   };
   pgiplock::event_loop loop;
   pgiplock::pubsub ps(loop, o);
-  ps.on_listen([trace](std::string_view) {
+  // With many channels, stdout is flushed once per turn of the loop, not per line.
+  ps.on_listen([trace, many](std::string_view ch) {
     if (trace) std::fprintf(stderr, "member %d %lld: listening\n", ::getpid(), now_ns() / 1000000);
+    if (many > 0) {
+      std::printf("HOLD %lld %.*s\n", now_ns(), static_cast<int>(ch.size()), ch.data());
+      return;
+    }
     std::printf("HOLD %lld\n", now_ns());
     std::fflush(stdout);
   });
-  ps.on_message([](std::string_view, std::string_view payload) {
+  ps.on_message([many](std::string_view ch, std::string_view payload) {
+    if (many > 0) {
+      std::printf("MSG %.*s %lld %.*s\n", static_cast<int>(payload.size()), payload.data(), now_ns(),
+                  static_cast<int>(ch.size()), ch.data());
+      return;
+    }
     std::printf("MSG %.*s %lld\n", static_cast<int>(payload.size()), payload.data(), now_ns());
     std::fflush(stdout);
   });
@@ -127,7 +159,8 @@ int main(int argc, char** argv) {
     std::fflush(stdout);
     std::fprintf(stderr, "member error: %s\n", e.what());
   });
-  loop.spawn(run(ps, channel));
+  loop.spawn(run(ps, channel, many));
   if (watch) loop.spawn(watch_active(loop, ps, channel));
+  if (many > 0) loop.spawn(flush_every(loop));
   loop.run();
 }

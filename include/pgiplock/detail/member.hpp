@@ -97,7 +97,10 @@ class member final : public lock_holder {
   bool needs_timer() const;
   void schedule_claim();
   task<void> claim_now();
+  task<void> claim_loop();
   task<void> claim_once();
+  task<void> claim_chunk(std::vector<std::string> channels, std::optional<std::string> gone, bool sweep,
+                         std::shared_ptr<int> left, std::shared_ptr<async_event> done);
   claim_result take_claim(const result& r);
   task<void> release_impl(std::vector<std::string> channels, bool leaving);
   task<void> wait_for_successors(long others);
@@ -127,14 +130,18 @@ class member final : public lock_holder {
   std::map<std::string, tenure, std::less<>> tenures_;
   bool registered_ = false;  // holds the member lock and row
   bool left_ = false;
-  bool claiming_ = false, claim_again_ = false;
+  bool claim_requested_ = false;
+  bool claiming_ = false;
+  cancel_source claim_wake_;
+  std::shared_ptr<async_event> next_claim_done_;  // set when the next claim round has run
   std::optional<std::string> gone_;  // a member the watcher found dead: the next claim sweeps it
-  std::shared_ptr<async_event> claim_done_;
   std::shared_ptr<async_event> drained_;  // set when no channel is draining any more
   bool watcher_failing_ = false;          // said once, until it works again
   std::uint64_t notify_sub_ = 0, lost_sub_ = 0;
   std::shared_ptr<connection> watcher_;
-  // Last: destroyed first.
+  // Last: destroyed first. Every coroutine bound to this member is one of
+  // these (or awaited by one), so none outlives it.
+  task<void> claim_task_;
   task<void> watch_task_;
   task<void> heartbeat_task_;
   task<void> retry_task_;
@@ -191,6 +198,9 @@ inline task<void> member::start() {
     if (!registered_) throw error("pgiplock: member " + app_ + " could not take its member lock");
   }
   auto& loop = client_->loop();
+  next_claim_done_ = std::make_shared<async_event>(loop);
+  claim_task_ = claim_loop();
+  loop.start(claim_task_);
   heartbeat_task_ = heartbeat_loop();
   loop.start(heartbeat_task_);
   retry_task_ = retry_loop();
@@ -270,51 +280,72 @@ inline bool member::needs_timer() const {
 }
 
 inline void member::schedule_claim() {
-  if (claiming_) {
-    claim_again_ = true;
-    return;
-  }
-  client_->loop().spawn(claim_now());
+  claim_requested_ = true;
+  claim_wake_.cancel();
 }
 
-// One claim at a time; requests made meanwhile coalesce into one more.
+// Waits for a claim round that starts after this call.
 inline task<void> member::claim_now() {
-  if (claiming_) {
-    claim_again_ = true;
-    auto done = claim_done_;
-    co_await done->wait();
-    co_return;
-  }
-  claiming_ = true;
-  auto done = std::make_shared<async_event>(client_->loop());
-  claim_done_ = done;
-  struct settle {
-    member* self;
-    std::shared_ptr<async_event> done;
-    ~settle() {
-      self->claiming_ = false;
-      done->set();
-    }
-  } guard{this, done};
-  do {
-    claim_again_ = false;
-    if (!client_->is_open() || left_) break;
-    co_await claim_once();
-  } while (claim_again_);
+  if (!next_claim_done_) co_return;  // not started
+  auto done = next_claim_done_;
+  schedule_claim();
+  co_await done->wait();
 }
+
+// One claim round at a time; requests made meanwhile coalesce into one more.
+inline task<void> member::claim_loop() {
+  for (;;) {
+    if (!claim_requested_) {
+      if (!co_await client_->loop().sleep(std::chrono::hours(24), &claim_wake_)) claim_wake_.reset();
+      continue;
+    }
+    claim_requested_ = false;
+    auto done = std::exchange(next_claim_done_, std::make_shared<async_event>(client_->loop()));
+    claiming_ = true;
+    if (client_->is_open() && !left_) co_await claim_once();
+    claiming_ = false;
+    done->set();
+  }
+}
+
+// At most this many channels per statement: the chunks go out pipelined,
+// so the first channels of a large takeover deliver while the rest are
+// still being claimed.
+inline constexpr std::size_t claim_chunk_size = 256;
 
 inline task<void> member::claim_once() {
   auto want = lacking();
   auto gone = std::exchange(gone_, std::nullopt);
   if (want.empty() && !gone) co_return;
-  text_array channels;
-  for (auto& ch : want) {
-    channels.add(ch);
-    tenures_[ch].cut_seen = false;  // our announcement may come back before the result is read
+  for (auto& ch : want) tenures_[ch].cut_seen = false;  // our announcement may come back before the result
+  std::size_t chunks = std::max<std::size_t>(1, (want.size() + claim_chunk_size - 1) / claim_chunk_size);
+  auto left = std::make_shared<int>(static_cast<int>(chunks));
+  auto done = std::make_shared<async_event>(client_->loop());
+  std::vector<task<void>> running(chunks);  // owned here: they die with this frame
+  for (std::size_t i = 0; i < chunks; ++i) {
+    auto from = want.begin() + static_cast<std::ptrdiff_t>(std::min(want.size(), i * claim_chunk_size));
+    auto to = want.begin() + static_cast<std::ptrdiff_t>(std::min(want.size(), (i + 1) * claim_chunk_size));
+    running[i] = claim_chunk(std::vector<std::string>(from, to), gone, i + 1 == chunks, left, done);
+    client_->loop().start(running[i]);
   }
+  co_await done->wait();
+  note(log_level::debug, "claimed " + std::to_string(want.size()) + " in " + std::to_string(chunks) + " statement(s)");
+}
+
+inline task<void> member::claim_chunk(std::vector<std::string> channels, std::optional<std::string> gone, bool sweep,
+                                      std::shared_ptr<int> left, std::shared_ptr<async_event> done) {
+  struct settle {
+    std::shared_ptr<int> left;
+    std::shared_ptr<async_event> done;
+    ~settle() {
+      if (--*left == 0) done->set();
+    }
+  } guard{left, done};
+  text_array list;
+  for (auto& ch : channels) list.add(ch);
   result r;
   try {
-    r = co_await client_->query_prepared(claim_sql_, app_, channels.literal(), fleet_, lock_prefix, gone);
+    r = co_await client_->query_prepared(claim_sql_, app_, list.literal(), fleet_, lock_prefix, gone, sweep);
   } catch (const std::exception& e) {
     note(client_->is_open() ? log_level::warn : log_level::debug, std::string("claiming channels failed: ") + e.what());
     co_return;
@@ -323,7 +354,6 @@ inline task<void> member::claim_once() {
   // Synchronous up to here: the won channels deliver from the next
   // notification on, which may sit in the very read that brought the result.
   for (auto& ch : got.won) hooks_.won(ch);
-  note(log_level::debug, "claimed " + std::to_string(want.size()) + ", won " + std::to_string(got.won.size()));
   if (!got.listen_locks.empty() || !got.unlisten_locks.empty()) {
     co_await listen_many(std::move(got.listen_locks), std::move(got.unlisten_locks));
   }
@@ -590,6 +620,7 @@ inline task<void> member::retry_loop() {
 }
 
 inline void member::stop_loops() {
+  claim_task_ = task<void>{};
   watch_task_ = task<void>{};
   heartbeat_task_ = task<void>{};
   retry_task_ = task<void>{};

@@ -144,7 +144,6 @@ END IF;
 EXECUTE format('CREATE TABLE IF NOT EXISTS %I.pgiplock_member ('
   'app text PRIMARY KEY, key bigint NOT NULL, pid integer NOT NULL, '
   'since timestamptz NOT NULL DEFAULT now())', s);
-EXECUTE format('CREATE INDEX IF NOT EXISTS pgiplock_lock_app ON %I.lock (app)', s);
 -- A member's watch: waits, for at most slice_ms, for the session lock of the
 -- next member in the ring (ordered by app), re-reading the ring every
 -- step_ms so a member that joins is watched within a step. Yields the app
@@ -184,19 +183,22 @@ END IF;
 -- are gone (a Node peer's), or free ones become ours, each with a new
 -- fencing token and its LISTEN; a row that was released (a fresh insert)
 -- is announced on the fleet channel with the LISTEN, the exact cut of a
--- graceful handover. The dead members' other rows are freed for whoever
--- wants them (the Node trigger and 'free' on the fleet channel tell them).
--- A watcher that just got a member's lock knows it is dead (`gone`): then
--- the lock table is not scanned, which is the bulk of a takeover's time.
--- Yields the won channels, then who holds the others.
-IF to_regprocedure(format('%I.pgiplock_claim(text,text[],text,text,text)', s)) IS NULL THEN
-  EXECUTE format($q$CREATE FUNCTION %1$I.pgiplock_claim(me text, want text[], fleet text, prefix text, gone text)
+-- graceful handover. Set-based: per channel it costs a row, not a round of
+-- PL/pgSQL. A watcher that just got a member's lock knows it is dead
+-- (`gone`): then pg_locks is not scanned. With `sweep`, the dead members'
+-- other rows are freed for whoever wants them (the Node trigger and 'free'
+-- on the fleet channel tell them). Yields the won channels, then who holds
+-- the others.
+IF to_regprocedure(format('%I.pgiplock_claim(text,text[],text,text,text,boolean)', s)) IS NULL THEN
+  EXECUTE format($q$CREATE FUNCTION %1$I.pgiplock_claim(me text, want text[], fleet text, prefix text, gone text,
+                                                        sweep boolean)
   RETURNS TABLE (ch text, tok bigint, is_fresh boolean, held_by text, by_member boolean)
   LANGUAGE plpgsql AS $f$
   #variable_conflict use_column
   DECLARE
     dead text[];
-    r record;
+    won text[];
+    released boolean[];
     freed bigint;
   BEGIN
     IF gone IS NOT NULL THEN
@@ -204,31 +206,31 @@ IF to_regprocedure(format('%I.pgiplock_claim(text,text[],text,text,text)', s)) I
     ELSE
       SELECT coalesce(array_agg(m.app), '{}') INTO dead FROM %1$I.pgiplock_member m
       WHERE m.app <> me AND NOT EXISTS (
-      SELECT 1 FROM pg_catalog.pg_locks l
-      WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
-        AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = current_database())
-        AND l.classid = ((m.key >> 32) & 4294967295)::oid AND l.objid = (m.key & 4294967295)::oid);
+        SELECT 1 FROM pg_catalog.pg_locks l
+        WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+          AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = current_database())
+          AND l.classid = ((m.key >> 32) & 4294967295)::oid AND l.objid = (m.key & 4294967295)::oid);
     END IF;
-    FOR r IN
+    WITH taken AS (
       INSERT INTO %1$I.lock AS l (channel, app) SELECT prefix || w, me FROM unnest(want) AS w
       ON CONFLICT (channel) DO UPDATE SET app = EXCLUDED.app
       WHERE l.app = EXCLUDED.app OR l.app = ANY (dead)
          OR (NOT EXISTS (SELECT 1 FROM %1$I.pgiplock_member m WHERE m.app = l.app)
              AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.application_name = l.app))
-      RETURNING substr(l.channel, length(prefix) + 1) AS won, (l.xmax = 0) AS released
-    LOOP
-      EXECUTE format('LISTEN %%I', r.won);
-      IF r.released THEN PERFORM pg_notify(fleet, 'listening:' || r.won); END IF;
-      ch := r.won; tok := nextval(%2$L); is_fresh := r.released; held_by := me; by_member := true;
-      RETURN NEXT;
-    END LOOP;
-    IF cardinality(dead) > 0 THEN
+      RETURNING substr(l.channel, length(prefix) + 1) AS w, (l.xmax = 0) AS f)
+    SELECT coalesce(array_agg(w), '{}'), coalesce(array_agg(f), '{}') INTO won, released FROM taken;
+    IF cardinality(won) > 0 THEN
+      EXECUTE (SELECT string_agg(format('LISTEN %%I', w), '; ') FROM unnest(won) AS w);
+      PERFORM pg_notify(fleet, 'listening:' || x.w) FROM unnest(won, released) AS x(w, f) WHERE x.f;
+    END IF;
+    IF sweep AND cardinality(dead) > 0 THEN
       DELETE FROM %1$I.pgiplock_member m WHERE m.app = ANY (dead);
       DELETE FROM %1$I.lock l WHERE l.app = ANY (dead);
       GET DIAGNOSTICS freed = ROW_COUNT;
       -- Only when others may want them: a 'free' wakes every member.
       IF freed > 0 THEN PERFORM pg_notify(fleet, 'free'); END IF;
     END IF;
+    RETURN QUERY SELECT x.w, nextval(%2$L), x.f, me, true FROM unnest(won, released) AS x(w, f);
     RETURN QUERY SELECT substr(l.channel, length(prefix) + 1), NULL::bigint, false, l.app::text,
       EXISTS (SELECT 1 FROM %1$I.pgiplock_member m WHERE m.app = l.app)
       FROM %1$I.lock l WHERE l.channel IN (SELECT prefix || w FROM unnest(want) AS w) AND l.app <> me;
@@ -258,9 +260,10 @@ inline constexpr std::string_view member_join =
 inline constexpr std::string_view member_watch = "SELECT @schema@.pgiplock_watch($1, $2::integer, $3::integer)";
 // Every channel a member wants and lacks, in one round trip.
 // $1 app, $2 channels (text[]), $3 fleet channel, $4 lock prefix.
-// $5: a member the watcher found dead, or NULL.
+// $5: a member the watcher found dead, or NULL; $6: sweep the dead (the
+// last of a claim's chunks does).
 inline constexpr std::string_view member_claim =
-    "SELECT ch, tok, is_fresh, held_by, by_member FROM @schema@.pgiplock_claim($1, $2::text[], $3, $4, $5)";
+    "SELECT ch, tok, is_fresh, held_by, by_member FROM @schema@.pgiplock_claim($1, $2::text[], $3, $4, $5, $6)";
 // The holder's liveness check, for all its channels at once: how many rows
 // it still has (a DELETE or TRUNCATE fires no event we hear); its member row
 // is put back if someone deleted it. $1 app, $2 key.
