@@ -39,7 +39,7 @@ inline constexpr bool sanitized = false;
 inline constexpr bool rss_is_meaningful = !sanitized;
 
 inline std::string dsn() {
-  const char* d = std::getenv("PGIPLOCK_TEST_DSN");
+  const char* d = std::getenv("PGIPLOCK_DSN");
   return d ? d : "";
 }
 

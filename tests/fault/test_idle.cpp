@@ -44,7 +44,7 @@ std::string with_user(const std::string& conninfo, const std::string& user) {
   if (!opts) {
     std::string why = err ? err : "out of memory";
     PQfreemem(err);
-    FAIL("cannot parse PGIPLOCK_TEST_DSN: " << why);
+    FAIL("cannot parse PGIPLOCK_DSN: " << why);
   }
   std::string out;
   for (PQconninfoOption* o = opts; o->keyword; ++o) {
