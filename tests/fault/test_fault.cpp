@@ -29,9 +29,7 @@ task<run_result> one_run(event_loop& loop, fault f) {
   fl.start(3, extra);
   bool up = co_await fl.ready(20s);
   REQUIRE(up);
-  pgiplock::pubsub_options po;
-  po.conninfo = dsn();
-  pubsub pub(loop, po);
+  pubsub pub(loop, pubsub_opts());
   co_await pub.connect();
   loop.spawn(fleet::publish(fl, pub));
   co_await wait_until(loop, [&] { return fl.deliveries.size() >= 100; }, 5s);
@@ -212,8 +210,7 @@ task<restart_result> restart_run(event_loop& loop) {
   fl.start(3, {"--interval", "30000", "--liveness", "2000", "--retry", "100"});
   bool up = co_await fl.ready(20s);
   REQUIRE(up);
-  pgiplock::pubsub_options po;
-  po.conninfo = dsn();
+  auto po = pubsub_opts();
   po.retry_delay = 100ms;
   pubsub pub(loop, po);
   co_await pub.connect();
