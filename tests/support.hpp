@@ -158,6 +158,12 @@ inline pgiplock::pubsub_options pubsub_opts(std::chrono::milliseconds interval =
   return o;
 }
 
+// The lock schema of this run (PG_PUBSUB_SCHEMA_NAME, or the default), as
+// an identifier for `c`'s SQL: the name may hold any character.
+inline std::string lock_schema(const pgiplock::connection& c) {
+  return c.quote_identifier(pgiplock::ip_lock::schema_name());
+}
+
 // The fields a conninfo (key=value or URI) gives, as libpq parses it.
 // Throws std::invalid_argument, with libpq's reason, when it cannot.
 inline std::vector<std::pair<std::string, std::string>> conninfo_fields(const std::string& conninfo) {
@@ -219,6 +225,15 @@ class blocking_session {
 
   const std::string& failure() const { return failure_; }
 
+  // As connection::quote_identifier, which has no blocking counterpart.
+  std::string quote_identifier(const std::string& name) const {
+    char* q = PQescapeIdentifier(c_, name.data(), name.size());
+    if (!q) return {};
+    std::string out = q;
+    PQfreemem(q);
+    return out;
+  }
+
   // Runs a simple-protocol query string (several statements may go in one).
   // Empty, or the error.
   std::string exec(const std::string& sql) {
@@ -241,12 +256,16 @@ inline std::string exec_blocking(const std::string& conninfo, const std::string&
   return s.exec(sql);
 }
 
-// A lock schema of the test's own (an "empty database" for bootstrap
-// tests): PG_PUBSUB_SCHEMA_NAME names it while the guard lives (the library
-// and the Node package read it there); then the variable is as it was.
+// A lock schema of the test's own, named after this run's with `stem` and
+// the pid: an "empty database" for bootstrap tests, and, in a run with an
+// odd schema name, an odd name too. PG_PUBSUB_SCHEMA_NAME names it while the
+// guard lives (the library and the Node package read it there); then the
+// variable is as it was and the schema is dropped, with the execution
+// lock's "_unique" beside it. Nothing else: other programs share the server.
 class schema_guard {
  public:
-  explicit schema_guard(std::string name) : name_(std::move(name)) {
+  explicit schema_guard(const std::string& stem)
+      : name_(pgiplock::ip_lock::schema_name() + "_" + stem + "_" + std::to_string(::getpid())) {
     if (const char* v = std::getenv(variable)) saved_ = v;
     ::setenv(variable, name_.c_str(), 1);
   }
@@ -255,6 +274,14 @@ class schema_guard {
   ~schema_guard() {
     if (saved_) ::setenv(variable, saved_->c_str(), 1);
     else ::unsetenv(variable);
+    blocking_session s(dsn());
+    // Bounded: a session a failed test left behind may hold a lock in it.
+    // Quiet: what CASCADE drops is no news.
+    auto failure = s.exec("SET lock_timeout = '10s'; SET client_min_messages = warning; "
+                          "DROP SCHEMA IF EXISTS " + s.quote_identifier(name_) +
+                          " CASCADE; DROP SCHEMA IF EXISTS " + s.quote_identifier(name_ + "_unique") + " CASCADE");
+    // No REQUIRE here: it may run while one unwinds.
+    if (!failure.empty()) std::fprintf(stderr, "cannot drop the test's schema %s: %s\n", name_.c_str(), failure.c_str());
   }
 
   const std::string& name() const { return name_; }

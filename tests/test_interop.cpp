@@ -111,7 +111,7 @@ TEST_CASE("C++ holds, Node stands by, and holds within 100 ms of C++'s release",
 }
 
 TEST_CASE("Node bootstraps the schema first, C++ joins", "[interop][bootstrap]") {
-  schema_guard schema("pgip_node_first_" + std::to_string(::getpid()));  // our side reads it where Node does
+  schema_guard schema("node_first");  // our side reads its name where Node does
   event_loop loop;
   auto r = loop.run(node_holds(loop, schema.name()));
   INFO(r.transcript);
@@ -121,7 +121,7 @@ TEST_CASE("Node bootstraps the schema first, C++ joins", "[interop][bootstrap]")
 }
 
 TEST_CASE("C++ bootstraps the schema first, Node joins", "[interop][bootstrap]") {
-  schema_guard schema("pgip_cpp_first_" + std::to_string(::getpid()));
+  schema_guard schema("cpp_first");
   event_loop loop;
   auto r = loop.run(cpp_holds(loop, schema.name(), true));
   INFO(r.transcript);

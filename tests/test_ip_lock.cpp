@@ -13,7 +13,7 @@ using pgiplock::ip_lock;
 namespace {
 
 task<std::string> holder_app(conn_ptr admin, const std::string& channel) {
-  std::string sql = "SELECT app FROM " + ip_lock::schema_name() + ".lock WHERE channel = $1";
+  std::string sql = "SELECT app FROM " + lock_schema(*admin) + ".lock WHERE channel = $1";
   std::string lock_channel = "__PgIpLock__:" + channel;
   co_return co_await scalar(admin, sql, lock_channel);
 }
@@ -349,7 +349,7 @@ TEST_CASE("the holder's backend is terminated: the standby holds within acquire_
 }
 
 TEST_CASE("50 fresh connections bootstrap an empty schema concurrently", "[ip_lock][bootstrap]") {
-  schema_guard g("pgip_boot_" + std::to_string(::getpid()));
+  schema_guard g("boot");
   event_loop loop;
   auto [ok, why] = loop.run(fifty_bootstraps(loop));
   INFO(why);
@@ -421,7 +421,7 @@ TEST_CASE("destroying a held lock object without destroy() releases its row in t
 }
 
 TEST_CASE("without the privilege to create the lock schema, init() fails naming it", "[ip_lock][bootstrap]") {
-  schema_guard g("pgip_nopriv_" + std::to_string(::getpid()));
+  schema_guard g("nopriv");
   event_loop loop;
   auto message = loop.run(no_privilege(loop));
   CHECK_THAT(message, Catch::Contains("permission denied") && Catch::Contains("CREATE"));

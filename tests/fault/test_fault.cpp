@@ -50,11 +50,11 @@ task<run_result> one_run(event_loop& loop, fault f) {
       co_await pub.client()->query("SELECT pg_terminate_backend($1)", fl.backend_pid[static_cast<std::size_t>(victim)]);
       break;
     case fault::delete_row:
-      co_await pub.client()->query("DELETE FROM " + pgiplock::ip_lock::schema_name() + ".lock WHERE channel = $1",
+      co_await pub.client()->query("DELETE FROM " + lock_schema(*pub.client()) + ".lock WHERE channel = $1",
                                    "__PgIpLock__:" + fl.channel);
       break;
     case fault::truncate_table:
-      co_await pub.client()->query("TRUNCATE " + pgiplock::ip_lock::schema_name() + ".lock");
+      co_await pub.client()->query("TRUNCATE " + lock_schema(*pub.client()) + ".lock");
       break;
   }
   bool moved = co_await wait_until(loop, [&] { return fl.first_delivery_after(t0, victim).has_value(); }, 10s);

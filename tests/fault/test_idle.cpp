@@ -44,8 +44,8 @@ struct logged_role {
 
   // What a member needs on an existing lock schema: the row, the tenure
   // sequence (a win draws a token); the functions are executable by PUBLIC.
-  std::string grant_lock_schema() const {
-    std::string s = "\"" + pgiplock::ip_lock::schema_name() + "\"";
+  std::string grant_lock_schema(const pgiplock::connection& c) const {
+    std::string s = lock_schema(c);
     return exec_blocking(dsn(), "GRANT USAGE ON SCHEMA " + s + " TO " + name + "; GRANT SELECT, INSERT, UPDATE, "
                                 "DELETE ON " + s + ".lock TO " + name + "; GRANT USAGE, UPDATE ON SEQUENCE " + s +
                                 ".pgiplock_tenure TO " + name);
@@ -210,10 +210,10 @@ task<idle_result> idle_run(event_loop& loop, std::string log) {
   bool up = co_await fl.ready(20s);
   REQUIRE(up);
   REQUIRE(fl.holder() == 0);
-  auto granted = role.grant_lock_schema();  // the holder has created the lock schema
+  auto c = co_await open(loop);
+  auto granted = role.grant_lock_schema(*c);  // the holder has created the lock schema
   INFO(granted);
   REQUIRE(granted.empty());
-  auto c = co_await open(loop);
 
   // Fast failover (the default): a main connection and a waiter each.
   // GCC 12 miscompiles braced lists and string literals inside a co_await
