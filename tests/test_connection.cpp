@@ -13,13 +13,8 @@ extern const bool test_needs_database = true;
 using namespace test;
 using pgiplock::connection;
 using pgiplock::connection_error;
-using conn_ptr = std::shared_ptr<connection>;
 
 namespace {
-
-task<conn_ptr> open(event_loop& loop, std::string conninfo = dsn()) {
-  co_return co_await connection::connect(loop, std::move(conninfo));
-}
 
 // A local TCP socket that never answers like PostgreSQL would:
 // `mode` silent: accepted by the kernel, nothing is ever said;
@@ -63,25 +58,6 @@ struct fake_server {
   }
 };
 
-// What connect() throws, and how long it took.
-struct failure {
-  std::string message;
-  double ms = 0;
-  bool invalid_argument = false;
-};
-task<failure> connect_failure(event_loop& loop, std::string conninfo) {
-  auto t0 = clock::now();
-  try {
-    auto c = co_await connection::connect(loop, conninfo);
-    co_await c->close();
-  } catch (const connection_error& e) {
-    co_return failure{e.what(), ms_since(t0), false};
-  } catch (const std::invalid_argument& e) {
-    co_return failure{e.what(), ms_since(t0), true};
-  }
-  co_return failure{"(connected)", ms_since(t0), false};
-}
-
 // 8-4-4-4-12 lowercase hex, version 4, RFC 4122 variant. (Not std::regex:
 // GCC 12's <regex> trips -Wmaybe-uninitialized under the sanitizers.)
 bool is_uuid_v4(const std::string& s) {
@@ -93,11 +69,6 @@ bool is_uuid_v4(const std::string& s) {
     if (!dash && std::isupper(static_cast<unsigned char>(s[i]))) return false;
   }
   return s[14] == '4' && std::string("89ab").find(s[19]) != std::string::npos;
-}
-
-task<std::string> scalar(conn_ptr c, std::string sql) {
-  auto r = co_await c->query(std::move(sql));
-  co_return std::string(r.get(0, 0));
 }
 
 task<void> ensure_password_role(event_loop& loop) {
@@ -274,15 +245,15 @@ TEST_CASE("connect failures name their cause within the deadline", "[connection]
   std::string base = dsn();
 
   SECTION("wrong password") {
-    auto f = loop.run(connect_failure(loop, base + " user=pgiplock_pw password=wrong"));
+    auto f = loop.run(try_connect(loop, base + " user=pgiplock_pw password=wrong"));
     CHECK_THAT(f.message, Catch::Contains("password authentication failed"));
   }
   SECTION("right password works") {
-    auto f = loop.run(connect_failure(loop, base + " user=pgiplock_pw password=right-password"));
+    auto f = loop.run(try_connect(loop, base + " user=pgiplock_pw password=right-password"));
     CHECK(f.message == "(connected)");
   }
   SECTION("unknown database") {
-    auto f = loop.run(connect_failure(loop, base + " dbname=pgiplock_no_such_db"));
+    auto f = loop.run(try_connect(loop, base + " dbname=pgiplock_no_such_db"));
     CHECK_THAT(f.message, Catch::Contains("pgiplock_no_such_db") && Catch::Contains("does not exist"));
   }
   SECTION("closed port") {
@@ -290,36 +261,36 @@ TEST_CASE("connect failures name their cause within the deadline", "[connection]
     std::string ci = s.conninfo(2);
     ::close(s.fd);
     s.fd = ::socket(AF_INET, SOCK_STREAM, 0);
-    auto f = loop.run(connect_failure(loop, ci));
+    auto f = loop.run(try_connect(loop, ci));
     CHECK_THAT(f.message, Catch::Contains("Connection refused"));
     CHECK(f.ms < 2000);
   }
   SECTION("unreachable address (SYNs dropped)") {
     fake_server s("full");
-    auto f = loop.run(connect_failure(loop, s.conninfo(2)));
+    auto f = loop.run(try_connect(loop, s.conninfo(2)));
     CHECK_THAT(f.message, Catch::Contains("no answer within 2000 ms"));
     CHECK(f.ms >= 1900);
     CHECK(f.ms < 3500);
   }
   SECTION("a server that accepts and never answers") {
     fake_server s("silent");
-    auto f = loop.run(connect_failure(loop, s.conninfo(2)));
+    auto f = loop.run(try_connect(loop, s.conninfo(2)));
     CHECK_THAT(f.message, Catch::Contains("no answer within 2000 ms"));
     CHECK(f.ms < 3500);
   }
   SECTION("a server that is not PostgreSQL") {
     fake_server s("http");
-    auto f = loop.run(connect_failure(loop, s.conninfo(5) + " sslmode=disable"));
+    auto f = loop.run(try_connect(loop, s.conninfo(5) + " sslmode=disable"));
     CHECK_THAT(f.message, Catch::Contains("cannot connect to host=127.0.0.1"));
     CHECK(f.ms < 2000);
   }
   SECTION("a conninfo libpq cannot parse") {
-    auto f = loop.run(connect_failure(loop, "host=localhost bogus_option=1"));
+    auto f = loop.run(try_connect(loop, "host=localhost bogus_option=1"));
     CHECK(f.invalid_argument);
     CHECK_THAT(f.message, Catch::Contains("bogus_option"));
   }
   SECTION("an empty conninfo") {
-    auto f = loop.run(connect_failure(loop, "  "));
+    auto f = loop.run(try_connect(loop, "  "));
     CHECK(f.invalid_argument);
     CHECK_THAT(f.message, Catch::Contains("empty"));
   }

@@ -5,9 +5,7 @@
 extern const bool test_needs_database = true;
 
 using namespace test;
-using pgiplock::connection;
 using pgiplock::ip_lock;
-using conn_ptr = std::shared_ptr<connection>;
 
 namespace {
 
@@ -16,12 +14,6 @@ std::unique_ptr<child_process> node_lock(const std::string& channel, const std::
   if (!schema.empty()) env.push_back("PG_PUBSUB_SCHEMA_NAME=" + schema);
   return std::make_unique<child_process>(
       std::vector<std::string>{"node", env_or("PGIPLOCK_NODE_PEER"), "lock", dsn(), channel, "30000", "auto"}, env);
-}
-
-pgiplock::ip_lock_options opts(conn_ptr c) {
-  pgiplock::ip_lock_options o;
-  o.client = std::move(c);
-  return o;
 }
 
 struct node_holds_result {
@@ -36,8 +28,8 @@ task<node_holds_result> node_holds(event_loop& loop, std::string schema) {
   auto ready = co_await node->expect(loop, "ready", 20s);
   INFO(node->transcript());
   REQUIRE(ready);
-  auto c = co_await connection::connect(loop, dsn());
-  ip_lock lock(ch, opts(c));
+  auto c = co_await open(loop);
+  ip_lock lock(ch, lock_opts(c));
   co_await lock.init();
   node->send("acquire");
   auto acquired = co_await node->expect(loop, "acquired", 5s);
@@ -64,8 +56,8 @@ struct cpp_holds_result {
 task<cpp_holds_result> cpp_holds(event_loop& loop, std::string schema, bool cpp_bootstraps_first) {
   cpp_holds_result out;
   std::string ch = fresh_channel("cpp_holds");
-  auto c = co_await connection::connect(loop, dsn());
-  ip_lock lock(ch, opts(c));
+  auto c = co_await open(loop);
+  ip_lock lock(ch, lock_opts(c));
   std::unique_ptr<child_process> node;
   if (cpp_bootstraps_first) {
     co_await lock.init();
@@ -94,13 +86,6 @@ task<cpp_holds_result> cpp_holds(event_loop& loop, std::string schema, bool cpp_
   co_return out;
 }
 
-std::string fresh_schema(const std::string& stem) { return stem + "_" + std::to_string(::getpid()); }
-
-struct schema_env {  // our side reads the schema name from the same variable
-  explicit schema_env(const std::string& name) { ::setenv("PG_PUBSUB_SCHEMA_NAME", name.c_str(), 1); }
-  ~schema_env() { ::unsetenv("PG_PUBSUB_SCHEMA_NAME"); }
-};
-
 }  // namespace
 
 TEST_CASE("Node holds, C++ stands by, and holds within 100 ms of Node's release", "[interop]") {
@@ -126,10 +111,9 @@ TEST_CASE("C++ holds, Node stands by, and holds within 100 ms of C++'s release",
 }
 
 TEST_CASE("Node bootstraps the schema first, C++ joins", "[interop][bootstrap]") {
-  std::string schema = fresh_schema("pgip_node_first");
-  schema_env env(schema);
+  schema_guard schema("node_first");  // our side reads its name where Node does
   event_loop loop;
-  auto r = loop.run(node_holds(loop, schema));
+  auto r = loop.run(node_holds(loop, schema.name()));
   INFO(r.transcript);
   CHECK(r.node_acquired);
   CHECK_FALSE(r.cpp_first);
@@ -137,10 +121,9 @@ TEST_CASE("Node bootstraps the schema first, C++ joins", "[interop][bootstrap]")
 }
 
 TEST_CASE("C++ bootstraps the schema first, Node joins", "[interop][bootstrap]") {
-  std::string schema = fresh_schema("pgip_cpp_first");
-  schema_env env(schema);
+  schema_guard schema("cpp_first");
   event_loop loop;
-  auto r = loop.run(cpp_holds(loop, schema, true));
+  auto r = loop.run(cpp_holds(loop, schema.name(), true));
   INFO(r.transcript);
   CHECK(r.cpp_acquired);
   CHECK_FALSE(r.node_first);

@@ -9,28 +9,13 @@ extern const bool test_needs_database = true;
 using namespace test;
 using pgiplock::connection;
 using pgiplock::ip_lock;
-using pgiplock::ip_lock_options;
-using conn_ptr = std::shared_ptr<connection>;
 
 namespace {
 
-ip_lock_options opts(conn_ptr c, std::chrono::milliseconds interval = 30s) {
-  ip_lock_options o;
-  o.client = std::move(c);
-  o.acquire_interval = interval;
-  return o;
-}
-
-task<conn_ptr> open(event_loop& loop) { co_return co_await connection::connect(loop, dsn()); }
-
-task<std::string> scalar(conn_ptr c, std::string sql, std::string param) {
-  auto r = co_await c->query(std::move(sql), param);
-  co_return r.rows() ? std::string(r.get(0, 0)) : std::string("(none)");
-}
-
 task<std::string> holder_app(conn_ptr admin, const std::string& channel) {
-  co_return co_await scalar(admin, "SELECT app FROM " + ip_lock::schema_name() + ".lock WHERE channel = $1",
-                            "__PgIpLock__:" + channel);
+  std::string sql = "SELECT app FROM " + lock_schema(*admin) + ".lock WHERE channel = $1";
+  std::string lock_channel = "__PgIpLock__:" + channel;
+  co_return co_await scalar(admin, sql, lock_channel);
 }
 
 struct handover_result {
@@ -52,7 +37,7 @@ task<handover_result> handover(event_loop& loop) {
   auto ca = co_await open(loop);
   auto cb = co_await open(loop);
   std::string ch = fresh_channel("handover");
-  auto oa = opts(ca), ob = opts(cb);
+  auto oa = lock_opts(ca), ob = lock_opts(cb);
   oa.logger = recorder(out.log, "a");
   ob.logger = recorder(out.log, "b");
   ip_lock a(ch, oa);
@@ -88,8 +73,8 @@ task<takeover_result> terminated_holder(event_loop& loop) {
   auto cb = co_await open(loop);
   auto admin = co_await open(loop);
   std::string ch = fresh_channel("terminated");
-  ip_lock a(ch, opts(ca, 200ms));
-  ip_lock b(ch, opts(cb, 200ms));
+  ip_lock a(ch, lock_opts(ca, 200ms));
+  ip_lock b(ch, lock_opts(cb, 200ms));
   co_await a.init();
   out.a_held = co_await a.acquire();
   co_await b.init();
@@ -110,7 +95,7 @@ task<takeover_result> terminated_holder(event_loop& loop) {
 
 task<void> init_one(conn_ptr c, std::string ch, int& ok, int& failed, std::string& why) {
   try {
-    ip_lock l(ch, opts(c));
+    ip_lock l(ch, lock_opts(c));
     co_await l.init();
     co_await l.acquire();
     co_await l.destroy();
@@ -140,7 +125,7 @@ task<std::vector<std::string>> destroy_all_releases(event_loop& loop) {
   std::vector<std::string> channels;
   for (int i = 0; i < 3; ++i) {
     channels.push_back(fresh_channel("all"));
-    locks.push_back(std::make_unique<ip_lock>(channels.back(), opts(c)));
+    locks.push_back(std::make_unique<ip_lock>(channels.back(), lock_opts(c)));
     co_await locks.back()->init();
     bool won = co_await locks.back()->acquire();
     REQUIRE(won);
@@ -159,8 +144,8 @@ task<int> quiet_standby(event_loop& loop) {
   auto ca = co_await open(loop);
   auto cb = co_await open(loop);
   std::string ch = fresh_channel("quiet");
-  ip_lock a(ch, opts(ca));
-  ip_lock b(ch, opts(cb, 50ms));
+  ip_lock a(ch, lock_opts(ca));
+  ip_lock b(ch, lock_opts(cb, 50ms));
   co_await a.init();
   bool held = co_await a.acquire();
   REQUIRE(held);
@@ -185,7 +170,7 @@ task<std::vector<std::string>> odd_names(event_loop& loop, std::vector<std::stri
   auto sender = co_await open(loop);
   std::vector<std::string> failures;
   for (auto& name : names) {
-    ip_lock l(name, opts(c));
+    ip_lock l(name, lock_opts(c));
     co_await l.init();
     bool won = co_await l.acquire();
     if (!won) failures.push_back(name + ": not acquired");
@@ -215,7 +200,7 @@ task<dead_result> dead_connection(event_loop& loop) {
   auto c = co_await open(loop);
   auto admin = co_await open(loop);
   std::string ch = fresh_channel("dead");
-  ip_lock l(ch, opts(c));
+  ip_lock l(ch, lock_opts(c));
   co_await l.init();
   bool won = co_await l.acquire();
   REQUIRE(won);
@@ -238,8 +223,8 @@ task<std::pair<std::string, std::string>> non_holder_release(event_loop& loop) {
   auto ca = co_await open(loop);
   auto cb = co_await open(loop);
   std::string ch = fresh_channel("nonholder");
-  ip_lock a(ch, opts(ca));
-  ip_lock b(ch, opts(cb));
+  ip_lock a(ch, lock_opts(ca));
+  ip_lock b(ch, lock_opts(cb));
   co_await a.init();
   bool won = co_await a.acquire();
   REQUIRE(won);
@@ -258,8 +243,8 @@ task<std::pair<bool, double>> dropped_object_releases(event_loop& loop) {
   auto ca = co_await open(loop);
   auto cb = co_await open(loop);
   std::string ch = fresh_channel("dropped");
-  auto a = std::make_unique<ip_lock>(ch, opts(ca));
-  ip_lock b(ch, opts(cb));
+  auto a = std::make_unique<ip_lock>(ch, lock_opts(ca));
+  ip_lock b(ch, lock_opts(cb));
   co_await a->init();
   bool won = co_await a->acquire();
   REQUIRE(won);
@@ -282,10 +267,10 @@ task<std::string> no_privilege(event_loop& loop) {
       "CREATE ROLE pgiplock_noddl LOGIN; END IF; END $$");
   co_await admin->query("REVOKE CREATE ON DATABASE postgres FROM PUBLIC");
   co_await admin->query("REVOKE CREATE ON DATABASE postgres FROM pgiplock_noddl");
-  auto weak = co_await connection::connect(loop, dsn() + " user=pgiplock_noddl");
+  auto weak = co_await open(loop, dsn() + " user=pgiplock_noddl");
   std::string message = "(no error)";
   try {
-    ip_lock l(fresh_channel("nopriv"), opts(weak));
+    ip_lock l(fresh_channel("nopriv"), lock_opts(weak));
     co_await l.init();
     co_await l.destroy();
   } catch (const pgiplock::sql_error& e) {
@@ -295,17 +280,6 @@ task<std::string> no_privilege(event_loop& loop) {
   co_await admin->close();
   co_return message;
 }
-
-struct schema_guard {  // a schema of its own: an "empty database" for bootstrap tests
-  std::string saved;
-  explicit schema_guard(const std::string& name) : saved(env_or("PG_PUBSUB_SCHEMA_NAME")) {
-    ::setenv("PG_PUBSUB_SCHEMA_NAME", name.c_str(), 1);
-  }
-  ~schema_guard() {
-    if (saved.empty()) ::unsetenv("PG_PUBSUB_SCHEMA_NAME");
-    else ::setenv("PG_PUBSUB_SCHEMA_NAME", saved.c_str(), 1);
-  }
-};
 
 struct drain_result {
   bool held = false;
@@ -323,7 +297,7 @@ task<drain_result> drain_without_demotion(event_loop& loop) {
   auto c = co_await open(loop);
   auto present = co_await open(loop);
   std::string ch = fresh_channel("drain");
-  auto o = opts(c);
+  auto o = lock_opts(c);
   o.liveness_timeout = 40ms;
   o.handover_timeout = 300ms;
   o.listen_on_acquire = ch;
@@ -375,7 +349,7 @@ TEST_CASE("the holder's backend is terminated: the standby holds within acquire_
 }
 
 TEST_CASE("50 fresh connections bootstrap an empty schema concurrently", "[ip_lock][bootstrap]") {
-  schema_guard g("pgip_boot_" + std::to_string(::getpid()));
+  schema_guard g("boot");
   event_loop loop;
   auto [ok, why] = loop.run(fifty_bootstraps(loop));
   INFO(why);
@@ -404,12 +378,12 @@ TEST_CASE("a standby retrying for 5 s at 50 ms leaves no ERROR line in the serve
 }
 
 TEST_CASE("channel names: 50 bytes work, 51 are rejected; odd names work as given", "[ip_lock][names]") {
-  CHECK_THROWS_AS(ip_lock("fine", opts(nullptr)), std::invalid_argument);
+  CHECK_THROWS_AS(ip_lock("fine", lock_opts(nullptr)), std::invalid_argument);
   event_loop loop;
-  CHECK_THROWS_WITH(ip_lock(std::string(51, 'x'), opts(loop.run(open(loop)))),
+  CHECK_THROWS_WITH(ip_lock(std::string(51, 'x'), lock_opts(loop.run(open(loop)))),
                     Catch::Contains("51 bytes") && Catch::Contains("at most 50"));
-  CHECK_THROWS_WITH(ip_lock("", opts(loop.run(open(loop)))), Catch::Contains("empty"));
-  CHECK_THROWS_WITH(ip_lock(std::string("a\0b", 3), opts(loop.run(open(loop)))), Catch::Contains("NUL"));
+  CHECK_THROWS_WITH(ip_lock("", lock_opts(loop.run(open(loop)))), Catch::Contains("empty"));
+  CHECK_THROWS_WITH(ip_lock(std::string("a\0b", 3), lock_opts(loop.run(open(loop)))), Catch::Contains("NUL"));
   std::string fifty(50, 'y');
   fifty.replace(0, 6, std::to_string(::getpid()).substr(0, 6));
   auto failures = loop.run(odd_names(loop, {fifty, "with space", "Mixed\"Quote's", "ünï©ødé ✓", "UPPER", "upper"}));
@@ -433,7 +407,7 @@ TEST_CASE("release() by a lock that does not hold leaves the holder's row", "[ip
 TEST_CASE("a second on_release handler is a usage error", "[ip_lock]") {
   event_loop loop;
   auto c = loop.run(open(loop));
-  ip_lock l(fresh_channel("twice"), opts(c));
+  ip_lock l(fresh_channel("twice"), lock_opts(c));
   l.on_release([](std::string_view) {});
   CHECK_THROWS_AS(l.on_release([](std::string_view) {}), std::logic_error);
 }
@@ -447,7 +421,7 @@ TEST_CASE("destroying a held lock object without destroy() releases its row in t
 }
 
 TEST_CASE("without the privilege to create the lock schema, init() fails naming it", "[ip_lock][bootstrap]") {
-  schema_guard g("pgip_nopriv_" + std::to_string(::getpid()));
+  schema_guard g("nopriv");
   event_loop loop;
   auto message = loop.run(no_privilege(loop));
   CHECK_THAT(message, Catch::Contains("permission denied") && Catch::Contains("CREATE"));

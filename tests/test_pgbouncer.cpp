@@ -14,18 +14,12 @@ extern const bool test_needs_database = true;
 
 using namespace test;
 using pgiplock::connection;
-using pgiplock::connection_error;
-using conn_ptr = std::shared_ptr<connection>;
 
 namespace {
 
-// A field of the test server's DSN (tools/check exports it).
+// A field of the test server's DSN, or `fallback` where it gives none.
 std::string server_field(const std::string& key, std::string fallback) {
-  std::string d = dsn();
-  auto at = d.find(key + "=");
-  if (at == std::string::npos) return fallback;
-  auto end = d.find(' ', at);
-  return d.substr(at + key.size() + 1, end == std::string::npos ? std::string::npos : end - at - key.size() - 1);
+  return conninfo_field(dsn(), key).value_or(std::move(fallback));
 }
 
 // A port nobody listens on right now (the kernel picks it).
@@ -111,25 +105,6 @@ task<bool> up(event_loop& loop, const bouncer& b) {
   co_return co_await wait_until(loop, [&] { return accepts(b.port()); }, 10s);
 }
 
-struct refused {
-  bool threw = false;
-  std::string message;
-  double ms = 0;
-};
-task<refused> connect_expecting_refusal(event_loop& loop, std::string conninfo) {
-  refused out;
-  auto t0 = clock::now();
-  try {
-    auto c = co_await connection::connect(loop, conninfo);
-    co_await c->close();
-  } catch (const connection_error& e) {
-    out.threw = true;
-    out.message = e.what();
-  }
-  out.ms = ms_since(t0);
-  co_return out;
-}
-
 struct session_result {
   bool pid_is_servers = false, acquired = false, heard = false;
 };
@@ -138,14 +113,12 @@ struct session_result {
 // from a direct connection.
 task<session_result> through_session_pool(event_loop& loop, std::string conninfo) {
   session_result out;
-  auto c = co_await connection::connect(loop, conninfo);
-  auto direct = co_await connection::connect(loop, dsn());
+  auto c = co_await open(loop, conninfo);
+  auto direct = co_await open(loop);
   auto pid = co_await c->query("SELECT pg_backend_pid()");
   out.pid_is_servers = std::string(pid.get(0, 0)) == std::to_string(c->backend_pid());
   std::string ch = fresh_channel("bouncer");
-  pgiplock::ip_lock_options o;
-  o.client = c;
-  pgiplock::ip_lock lock(ch, o);
+  pgiplock::ip_lock lock(ch, lock_opts(c));
   co_await lock.init();
   out.acquired = co_await lock.acquire();
   bool heard = false;
@@ -186,9 +159,9 @@ TEST_CASE("a transaction-pooling PgBouncer is refused at connect, naming it", "[
   bool started = loop.run(up(loop, b));
   INFO(b.log());
   REQUIRE(started);
-  auto r = loop.run(connect_expecting_refusal(loop, b.conninfo("tx")));
+  auto r = loop.run(try_connect(loop, b.conninfo("tx")));
   INFO(r.message);
-  CHECK(r.threw);
+  CHECK(r.connection_error);
   CHECK_THAT(r.message, Catch::Contains("LISTEN/NOTIFY does not work") &&
                             Catch::Contains("transaction-pooling PgBouncer") && Catch::Contains("pool_mode"));
   // A quiet pool reuses one backend, so the self-notification passes and

@@ -16,13 +16,6 @@ using pgiplock::pubsub_options;
 
 namespace {
 
-pubsub_options options(std::chrono::milliseconds interval = 30s) {
-  pubsub_options o;
-  o.conninfo = dsn();
-  o.acquire_interval = interval;
-  return o;
-}
-
 // A pubsub that records what it delivered.
 struct instance {
   pubsub ps;
@@ -47,8 +40,8 @@ task<void> start(instance& i, std::string ch) {
 
 task<std::vector<std::string>> deliver_flow(event_loop& loop) {
   std::string ch = fresh_channel("deliver");
-  instance a(loop, options(), ch);
-  instance pub(loop, options(), "unused");
+  instance a(loop, pubsub_opts(), ch);
+  instance pub(loop, pubsub_opts(), "unused");
   co_await start(a, ch);
   co_await pub.ps.connect();
   CHECK(a.ps.is_active(ch));
@@ -64,7 +57,7 @@ task<std::vector<std::string>> deliver_flow(event_loop& loop) {
 
 task<void> handover_flow(event_loop& loop, std::vector<std::string>& log) {
   std::string ch = fresh_channel("handover");
-  instance a(loop, options(), ch), b(loop, options(), ch), pub(loop, options(), "unused");
+  instance a(loop, pubsub_opts(), ch), b(loop, pubsub_opts(), ch), pub(loop, pubsub_opts(), "unused");
   co_await start(a, ch);
   co_await start(b, ch);
   co_await pub.ps.connect();
@@ -88,7 +81,7 @@ task<void> handover_flow(event_loop& loop, std::vector<std::string>& log) {
 
 task<void> terminate_backend(event_loop& loop) {
   std::string ch = fresh_channel("reconnect");
-  instance a(loop, options(), ch), pub(loop, options(), "unused");
+  instance a(loop, pubsub_opts(), ch), pub(loop, pubsub_opts(), "unused");
   co_await start(a, ch);
   co_await pub.ps.connect();
   int old_pid = a.ps.client()->backend_pid();
@@ -105,9 +98,9 @@ task<void> terminate_backend(event_loop& loop) {
 
 task<void> destroy_one_leaves_others(event_loop& loop) {
   std::string ch = fresh_channel("others");
-  auto o = options();
+  auto o = pubsub_opts();
   o.single_listener = false;
-  instance a(loop, o, ch), b(loop, o, ch), pub(loop, options(), "unused");
+  instance a(loop, o, ch), b(loop, o, ch), pub(loop, pubsub_opts(), "unused");
   co_await start(a, ch);
   co_await start(b, ch);
   co_await pub.ps.connect();
@@ -128,7 +121,7 @@ struct bad_input {
 };
 task<bad_input> bad_notify(event_loop& loop) {
   bad_input out;
-  instance pub(loop, options(), "unused");
+  instance pub(loop, pubsub_opts(), "unused");
   co_await pub.ps.connect();
   try {
     co_await pub.ps.notify("ch", std::string(8000, 'x'));
@@ -153,9 +146,9 @@ task<bad_input> bad_notify(event_loop& loop) {
 
 task<void> filtered_flow(event_loop& loop) {
   std::string ch = fresh_channel("filtered");
-  auto o = options();
+  auto o = pubsub_opts();
   o.filtered = true;
-  instance a(loop, o, ch), other(loop, options(), "unused");
+  instance a(loop, o, ch), other(loop, pubsub_opts(), "unused");
   co_await start(a, ch);
   co_await other.ps.connect();
   co_await a.ps.notify(ch, "mine");
@@ -174,13 +167,13 @@ task<void> filtered_flow(event_loop& loop) {
 // timer, LISTENs, and delivers every later message exactly once.
 task<void> standby_takes_over(event_loop& loop, double& first_ms) {
   std::string ch = fresh_channel("three");
-  auto slow = options(200ms);
+  auto slow = pubsub_opts(200ms);
   slow.retry_delay = 10s;
   std::vector<std::unique_ptr<instance>> is;
   is.push_back(std::make_unique<instance>(loop, slow, ch));
-  is.push_back(std::make_unique<instance>(loop, options(200ms), ch));
-  is.push_back(std::make_unique<instance>(loop, options(200ms), ch));
-  instance pub(loop, options(), "unused");
+  is.push_back(std::make_unique<instance>(loop, pubsub_opts(200ms), ch));
+  is.push_back(std::make_unique<instance>(loop, pubsub_opts(200ms), ch));
+  instance pub(loop, pubsub_opts(), "unused");
   for (auto& i : is) co_await start(*i, ch);
   co_await pub.ps.connect();
   REQUIRE(is[0]->ps.is_active(ch));
@@ -224,11 +217,11 @@ struct exec_result {
 task<exec_result> execution_lock_run(event_loop& loop, int count, bool paced, int rounds) {
   exec_result out;
   std::string ch = fresh_channel("exec");
-  auto o = options();
+  auto o = pubsub_opts();
   o.execution_lock = true;
   std::vector<std::unique_ptr<instance>> is;
   for (int i = 0; i < 3; ++i) is.push_back(std::make_unique<instance>(loop, o, ch));
-  instance pub(loop, options(), "unused");
+  instance pub(loop, pubsub_opts(), "unused");
   for (auto& i : is) co_await start(*i, ch);
   co_await pub.ps.connect();
   long rss_before = 0;
@@ -267,12 +260,12 @@ task<exec_result> execution_lock_run(event_loop& loop, int count, bool paced, in
 }
 
 task<std::vector<std::string>> retry_limit_flow(event_loop& loop, std::size_t& closes) {
-  auto admin = co_await connection::connect(loop, dsn());
+  auto admin = co_await open(loop);
   co_await admin->query(
       "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'pgiplock_rl') THEN "
       "CREATE ROLE pgiplock_rl LOGIN; END IF; END $$");
   co_await admin->query("ALTER ROLE pgiplock_rl LOGIN");
-  auto o = options();
+  auto o = pubsub_opts();
   o.conninfo = dsn() + " user=pgiplock_rl";
   o.retry_limit = 3;
   o.retry_delay = 20ms;
@@ -296,7 +289,7 @@ task<std::vector<std::string>> retry_limit_flow(event_loop& loop, std::size_t& c
 
 task<std::pair<std::size_t, std::size_t>> thousand_channels(event_loop& loop) {
   std::string stem = fresh_channel("k");
-  auto o = options();
+  auto o = pubsub_opts();
   o.fast_failover = false;  // one waiting connection per channel would be 1,000 connections
   pubsub a(loop, o);
   std::set<std::string> got;
@@ -304,7 +297,7 @@ task<std::pair<std::size_t, std::size_t>> thousand_channels(event_loop& loop) {
   co_await a.connect();
   for (int i = 0; i < 1000; ++i) co_await a.listen(stem + "_" + std::to_string(i));
   std::size_t active = a.active_channels().size();
-  pubsub pub(loop, options());
+  pubsub pub(loop, pubsub_opts());
   co_await pub.connect();
   for (int i = 0; i < 1000; ++i) {
     loop.spawn([](pubsub& p, std::string c) -> task<void> { co_await p.notify(c, "x"); }(

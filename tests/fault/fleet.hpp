@@ -17,11 +17,6 @@ namespace test {
 
 using pgiplock::pubsub;
 
-// CLOCK_MONOTONIC in nanoseconds, the clock the members stamp their lines with.
-inline long long now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(clock::now().time_since_epoch()).count();
-}
-
 struct delivery {
   int member;
   long n;

@@ -6,7 +6,7 @@
 //   LOSE <t>                 is_active() went false (with --watch-active)
 //   ERROR <t> <what>         on_error fired
 //   WARN <t> <what>          the library logged a warning
-// <t> is CLOCK_MONOTONIC in nanoseconds, comparable with the test's clock.
+// <t> is test::now_ns() (tests/clock.hpp), the clock the test reads too.
 // With --channels N it listens to CHANNEL.0 .. CHANNEL.<N-1> (one listen()
 // call) and says which: HOLD <t> <channel>, MSG <payload> <t> <channel>.
 // Usage: member DSN CHANNEL [--graceful] [--interval MS] [--liveness MS] [--retry MS] [--watch-active]
@@ -16,9 +16,9 @@
 // pubsub has no event for "stopped delivering" (a lock demoted by its
 // liveness check says nothing to pubsub's handlers), so --watch-active polls
 // is_active() every millisecond: the stamp is at most ~1 ms late.
+#include "../clock.hpp"
 #include "pgiplock.hpp"
 
-#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -28,11 +28,7 @@
 
 namespace {
 
-long long now_ns() {
-  timespec ts{};
-  ::clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<long long>(ts.tv_sec) * 1000000000LL + ts.tv_nsec;
-}
+using test::now_ns;
 
 pgiplock::task<void> run(pgiplock::pubsub& ps, std::string channel, long many) {
   co_await ps.connect();

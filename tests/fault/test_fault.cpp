@@ -29,9 +29,7 @@ task<run_result> one_run(event_loop& loop, fault f) {
   fl.start(3, extra);
   bool up = co_await fl.ready(20s);
   REQUIRE(up);
-  pgiplock::pubsub_options po;
-  po.conninfo = dsn();
-  pubsub pub(loop, po);
+  pubsub pub(loop, pubsub_opts());
   co_await pub.connect();
   loop.spawn(fleet::publish(fl, pub));
   co_await wait_until(loop, [&] { return fl.deliveries.size() >= 100; }, 5s);
@@ -52,11 +50,11 @@ task<run_result> one_run(event_loop& loop, fault f) {
       co_await pub.client()->query("SELECT pg_terminate_backend($1)", fl.backend_pid[static_cast<std::size_t>(victim)]);
       break;
     case fault::delete_row:
-      co_await pub.client()->query("DELETE FROM " + pgiplock::ip_lock::schema_name() + ".lock WHERE channel = $1",
+      co_await pub.client()->query("DELETE FROM " + lock_schema(*pub.client()) + ".lock WHERE channel = $1",
                                    "__PgIpLock__:" + fl.channel);
       break;
     case fault::truncate_table:
-      co_await pub.client()->query("TRUNCATE " + pgiplock::ip_lock::schema_name() + ".lock");
+      co_await pub.client()->query("TRUNCATE " + lock_schema(*pub.client()) + ".lock");
       break;
   }
   bool moved = co_await wait_until(loop, [&] { return fl.first_delivery_after(t0, victim).has_value(); }, 10s);
@@ -212,8 +210,7 @@ task<restart_result> restart_run(event_loop& loop) {
   fl.start(3, {"--interval", "30000", "--liveness", "2000", "--retry", "100"});
   bool up = co_await fl.ready(20s);
   REQUIRE(up);
-  pgiplock::pubsub_options po;
-  po.conninfo = dsn();
+  auto po = pubsub_opts();
   po.retry_delay = 100ms;
   pubsub pub(loop, po);
   co_await pub.connect();

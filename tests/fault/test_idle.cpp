@@ -8,7 +8,6 @@
 // test reads what the log gained during an idle window and counts them.
 #include "fleet.hpp"
 
-#include <libpq-fe.h>
 #include <sys/stat.h>
 
 #include <set>
@@ -19,51 +18,14 @@ using namespace test;
 
 namespace {
 
-// One simple-protocol query string on a connection of its own, blocking:
-// the role is set up and dropped where nothing can be awaited (the guard's
-// destructor runs while a failed REQUIRE unwinds). Empty, or the error.
-std::string exec_blocking(const std::string& conninfo, const std::string& sql) {
-  PGconn* c = PQconnectdb(conninfo.c_str());
-  std::string failure;
-  if (PQstatus(c) != CONNECTION_OK) {
-    failure = PQerrorMessage(c);
-  } else {
-    PGresult* r = PQexec(c, sql.c_str());
-    auto st = PQresultStatus(r);
-    if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) failure = PQresultErrorMessage(r);
-    PQclear(r);
-  }
-  PQfinish(c);
-  return failure;
-}
-
-// `conninfo` (key=value or URI) with another user: what the standbys use.
-std::string with_user(const std::string& conninfo, const std::string& user) {
-  char* err = nullptr;
-  PQconninfoOption* opts = PQconninfoParse(conninfo.c_str(), &err);
-  if (!opts) {
-    std::string why = err ? err : "out of memory";
-    PQfreemem(err);
-    FAIL("cannot parse PGIPLOCK_TEST_DSN: " << why);
-  }
-  std::string out;
-  for (PQconninfoOption* o = opts; o->keyword; ++o) {
-    std::string key = o->keyword;
-    if (key == "user" || !o->val) continue;
-    std::string v;
-    for (const char* p = o->val; *p; ++p) {
-      if (*p == '\'' || *p == '\\') v.push_back('\\');
-      v.push_back(*p);
-    }
-    out += key + "='" + v + "' ";
-  }
-  PQconninfoFree(opts);
-  return out + "user='" + user + "'";
-}
+// The server under test as another user: what the standbys use.
+std::string with_user(const std::string& user) { return conninfo_with(dsn(), {"user"}, {{"user", user}}); }
 
 // A login role for the standbys, whose statements (and only theirs) the
-// server logs. Dropped by drop(), or by the destructor when a check failed
-// first; a role that is left behind would log every later session of it.
+// server logs. Set up and dropped by blocking calls: the destructor runs
+// while a failed REQUIRE unwinds. Dropped by drop(), or by the destructor
+// when a check failed first; a role that is left behind would log every
+// later session of it.
 struct logged_role {
   std::string name = "pgiplock_idle_" + std::to_string(::getpid());
   bool dropped = false;
@@ -83,8 +45,8 @@ struct logged_role {
   // What a member needs on an existing lock schema: the rows (channels and
   // members), the tenure sequence (a win draws a token); the functions are
   // executable by PUBLIC.
-  std::string grant_lock_schema() const {
-    std::string s = "\"" + pgiplock::ip_lock::schema_name() + "\"";
+  std::string grant_lock_schema(const pgiplock::connection& c) const {
+    std::string s = lock_schema(c);
     return exec_blocking(dsn(), "GRANT USAGE ON SCHEMA " + s + " TO " + name + "; GRANT SELECT, INSERT, UPDATE, "
                                 "DELETE ON " + s + ".lock, " + s + ".pgiplock_member TO " + name +
                                 "; GRANT USAGE, UPDATE ON SEQUENCE " + s + ".pgiplock_tenure TO " + name);
@@ -183,7 +145,7 @@ task<window_result> idle_window(event_loop& loop, fleet& fl, std::shared_ptr<pgi
   out.standbys = standbys;
   std::size_t first = fl.members.size();
   long started = file_size(log);
-  fl.start(standbys, extra, {}, with_user(dsn(), role.name));
+  fl.start(standbys, extra, {}, with_user(role.name));
   bool ready = co_await wait_until(loop, [&] {
     for (std::size_t i = first; i < fl.members.size(); ++i) {
       if (fl.backend_pid[i] == 0) return false;
@@ -249,10 +211,10 @@ task<idle_result> idle_run(event_loop& loop, std::string log) {
   bool up = co_await fl.ready(20s);
   REQUIRE(up);
   REQUIRE(fl.holder() == 0);
-  auto granted = role.grant_lock_schema();  // the holder has created the lock schema
+  auto c = co_await open(loop);
+  auto granted = role.grant_lock_schema(*c);  // the holder has created the lock schema
   INFO(granted);
   REQUIRE(granted.empty());
-  auto c = co_await pgiplock::connection::connect(loop, dsn());
 
   // Fast failover (the default): a main connection and a watcher each; the
   // watcher's one statement per slice waits for the next member in the ring.

@@ -92,29 +92,11 @@ class test_network {
 
   // The test server's conninfo, aimed at the host side of the veth.
   std::string conninfo() const {
-    std::string out;
+    std::vector<std::pair<std::string, std::string>> add{{"host", host_addr_}};
     std::string port = env_or("PGIPLOCK_TEST_PORT");
-    char* err = nullptr;
-    PQconninfoOption* opts = PQconninfoParse(dsn().c_str(), &err);
-    if (err) PQfreemem(err);
-    if (opts) {
-      for (auto* o = opts; o->keyword; ++o) {
-        if (!o->val) continue;
-        std::string k = o->keyword;
-        if (k == "port" && port.empty()) port = o->val;
-        if (k == "host" || k == "hostaddr" || k == "port") continue;
-        std::string v;
-        for (const char* c = o->val; *c; ++c) {
-          if (*c == '\'' || *c == '\\') v += '\\';
-          v += *c;
-        }
-        out += k + "='" + v + "' ";
-      }
-      PQconninfoFree(opts);
-    }
-    out += "host=" + host_addr_;
-    if (!port.empty()) out += " port=" + port;
-    return out;
+    if (port.empty()) port = conninfo_field(dsn(), "port").value_or("");
+    if (!port.empty()) add.emplace_back("port", port);
+    return conninfo_with(dsn(), {"host", "hostaddr", "port"}, add);
   }
 
  private:
@@ -212,9 +194,7 @@ task<run_result> partition_run(event_loop& loop, int run) {
   fl.start(2, extra);
   bool up = co_await fl.ready(20s);
   REQUIRE(up);
-  pgiplock::pubsub_options po;
-  po.conninfo = dsn();
-  pubsub pub(loop, po);
+  pubsub pub(loop, pubsub_opts());
   co_await pub.connect();
   bool watched = co_await holder_watched(loop, pub, fl.backend_pid[0]);
   REQUIRE(watched);

@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# The pgiplock tool against the test server ($PGIPLOCK_TEST_DSN; skipped
-# without one): notify/listen round trip as JSON lines, single-listener
-# standby and handover, status with live and stale holders.
+# The pgiplock tool against the test server ($PGIPLOCK_DSN, which the tool
+# reads too; skipped without one): notify/listen round trip as JSON lines,
+# single-listener standby and handover, status with live and stale holders.
 source "$(dirname "$0")/cli_common.sh"
-[[ -n "${PGIPLOCK_TEST_DSN:-}" ]] || { echo "PGIPLOCK_TEST_DSN is not set: skipped"; exit 77; }
-export PGIPLOCK_DSN="$PGIPLOCK_TEST_DSN"
+[[ -n "${PGIPLOCK_DSN:-}" ]] || { echo "PGIPLOCK_DSN is not set: skipped"; exit 77; }
 
 # Channel names of our own, so other suites on the same server do not interfere.
 ch="cli_$$_$RANDOM"

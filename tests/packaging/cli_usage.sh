@@ -4,6 +4,9 @@
 # `meson install` would install it.
 source "$(dirname "$0")/cli_common.sh"
 build_root="${2:-}"
+# The tool reads the test server's PGIPLOCK_DSN too: without a server means
+# without that.
+unset PGIPLOCK_DSN
 
 expect 0 --help
 stdout_has '^Usage: pgiplock '

@@ -13,7 +13,6 @@
 extern const bool test_needs_database = true;
 
 using namespace test;
-using pgiplock::connection;
 using pgiplock::ip_lock;
 
 namespace {
@@ -40,16 +39,13 @@ std::string describe(int status) {
 
 // A standby in this process: its own connection and lock on `ch`.
 struct standby {
-  std::shared_ptr<connection> conn;
+  conn_ptr conn;
   std::unique_ptr<ip_lock> lock;
 };
 task<standby> make_standby(event_loop& loop, std::string ch, std::chrono::milliseconds interval) {
   standby s;
-  s.conn = co_await connection::connect(loop, dsn());
-  pgiplock::ip_lock_options o;
-  o.client = s.conn;
-  o.acquire_interval = interval;
-  s.lock = std::make_unique<ip_lock>(ch, o);
+  s.conn = co_await open(loop);
+  s.lock = std::make_unique<ip_lock>(ch, lock_opts(s.conn, interval));
   co_await s.lock->init();
   co_return s;
 }
@@ -214,9 +210,7 @@ task<no_signals_result> without_graceful_shutdown(event_loop& loop) {
   out.during = words(*second);
   // This process too: a pubsub and an ip_lock, without graceful shutdown.
   out.here_before = signal_state();
-  pgiplock::pubsub_options o;
-  o.conninfo = dsn();
-  pgiplock::pubsub ps(loop, o);
+  pgiplock::pubsub ps(loop, pubsub_opts());
   co_await ps.connect();
   co_await ps.listen(ch + "_here");
   auto s = co_await make_standby(loop, ch, 30s);

@@ -1,5 +1,6 @@
 # shellcheck shell=bash
-# tools/lib/common.sh - helpers shared by tools/check, tools/demo and .ci/run.
+# tools/lib/common.sh - helpers shared by tools/check, tools/demo, tools/bench
+# and .ci/run.
 #
 # Sourced, never executed.  Every function is written to work under the
 # callers' `set -euo pipefail` AND when called from an `if`/`||` context
@@ -10,13 +11,17 @@
 #   pgiplock_ensure_packages          install missing Debian packages
 #   pgiplock_find_pgbin               print the PostgreSQL bin dir
 #   pgiplock_install_traps            EXIT/INT/TERM/HUP cleanup (idempotent)
-#   pgiplock_start_pg                 start a throwaway server, export PGIPLOCK_TEST_*
+#   pgiplock_use_server               the server in PGIPLOCK_DSN, or a throwaway one
+#   pgiplock_start_pg                 start a throwaway server, export PGIPLOCK_DSN
+#                                     and PGIPLOCK_SERVER_ENV
 #   pgiplock_stop_pg                  stop + delete it (idempotent)
 #   pgiplock_configure_build DIR [meson setup args...]
 #   pgiplock_run CMD [ARGS...]        run a long command so Ctrl-C/SIGTERM are
 #                                     handled at once (see there)
 #
 # Environment understood:
+#   PGIPLOCK_DSN   a libpq conninfo: use that server and start none.  Set by
+#                  pgiplock_start_pg to the throwaway server's otherwise.
 #   PGIPLOCK_SRC   source dir of the meson project (default: repo root).  Only
 #                  meant for testing these scripts against another project.
 
@@ -44,9 +49,26 @@ PGIPLOCK__PG_TMP=""           # temp dir of the running throwaway server
 PGIPLOCK__PG_DATA=""
 PGIPLOCK__PG_BIN=""
 PGIPLOCK__PG_RUNAS=""
+PGIPLOCK__PG_PORT=""
+PGIPLOCK__PG_LOG=""
+PGIPLOCK__PG_SOCK=""
 PGIPLOCK__TRAPS=""            # traps installed?
 PGIPLOCK__CHILD=""            # pid of the command run by pgiplock_run
 PGIPLOCK__CLEANING=""         # re-entrancy guard for the signal path
+
+# The one list of what a throwaway server tells the programs run against it
+# about itself, besides PGIPLOCK_DSN: each exported name and the private
+# variable its value comes from.  A server given by PGIPLOCK_DSN has none of
+# them, and the tests leave out the checks that need them (a restart of the
+# server, reading its log).
+PGIPLOCK_SERVER_ENV=(
+    PGIPLOCK_TEST_PORT=PGIPLOCK__PG_PORT      # TCP port (the partition test connects by address)
+    PGIPLOCK_TEST_LOG=PGIPLOCK__PG_LOG        # server log (tests look for statements and ERROR lines)
+    PGIPLOCK_TEST_PGDATA=PGIPLOCK__PG_DATA    # data and bin dir: the fault test restarts the server
+    PGIPLOCK_TEST_PGBIN=PGIPLOCK__PG_BIN
+    PGIPLOCK_TEST_PGRUNAS=PGIPLOCK__PG_RUNAS  # the user the server runs as (postgres when root), or empty
+    PGIPLOCK_TEST_SOCKDIR=PGIPLOCK__PG_SOCK   # its Unix socket directory
+)
 
 pgiplock_log() { printf 'pgiplock: %s\n' "$*" >&2; }
 pgiplock_die() { pgiplock_log "error: $*"; exit 1; }
@@ -385,13 +407,10 @@ CONF
         return 1
     fi
 
-    export PGIPLOCK_TEST_DSN="host=127.0.0.1 port=$port user=postgres dbname=postgres"
-    export PGIPLOCK_TEST_PORT="$port"
-    export PGIPLOCK_TEST_LOG="$log"
-    export PGIPLOCK_TEST_PGDATA="$data"
-    export PGIPLOCK_TEST_PGBIN="$PGIPLOCK__PG_BIN"
-    export PGIPLOCK_TEST_PGRUNAS="$PGIPLOCK__PG_RUNAS"
-    export PGIPLOCK_TEST_SOCKDIR="$sock"
+    # shellcheck disable=SC2034  # read by name, through PGIPLOCK_SERVER_ENV
+    { PGIPLOCK__PG_PORT="$port"; PGIPLOCK__PG_LOG="$log"; PGIPLOCK__PG_SOCK="$sock"; }
+    export PGIPLOCK_DSN="host=127.0.0.1 port=$port user=postgres dbname=postgres"
+    pgiplock__export_server_env
     pgiplock_log "PostgreSQL $("$PGIPLOCK__PG_BIN/postgres" --version | awk '{print $3}') on 127.0.0.1:$port (data $data, log $log)"
     return 0
 }
@@ -426,10 +445,39 @@ pgiplock_stop_pg() {
     PGIPLOCK__PG_DATA=""
     # The exported values would point at a dead server now.
     if [[ "${PGIPLOCK_TEST_PGDATA:-}" == "$data" ]]; then
-        unset PGIPLOCK_TEST_DSN PGIPLOCK_TEST_PORT PGIPLOCK_TEST_LOG PGIPLOCK_TEST_PGDATA \
-              PGIPLOCK_TEST_PGBIN PGIPLOCK_TEST_PGRUNAS PGIPLOCK_TEST_SOCKDIR
+        unset PGIPLOCK_DSN
+        pgiplock__unset_server_env
     fi
     return 0
+}
+
+pgiplock__export_server_env() {
+    local e from
+    for e in "${PGIPLOCK_SERVER_ENV[@]}"; do
+        from="${e#*=}"
+        export "${e%%=*}=${!from}"
+    done
+}
+
+pgiplock__unset_server_env() {
+    local e
+    for e in "${PGIPLOCK_SERVER_ENV[@]}"; do
+        unset "${e%%=*}"
+    done
+}
+
+# The server the tools run against: the one in PGIPLOCK_DSN if set, else a
+# throwaway one (pgiplock_start_pg, which exports PGIPLOCK_DSN).  With a
+# given server, PGIPLOCK_SERVER_ENV left over in the environment (from
+# another server) is unset, so no test restarts or reads the wrong one.
+pgiplock_use_server() {
+    [[ -n "$PGIPLOCK__PG_TMP" ]] && return 0   # ours, started before
+    if [[ -n "${PGIPLOCK_DSN:-}" ]]; then
+        pgiplock_log "using the server given by PGIPLOCK_DSN; none is started"
+        pgiplock__unset_server_env
+        return 0
+    fi
+    pgiplock_start_pg
 }
 
 # ---------------------------------------------------------------------------
