@@ -2,12 +2,15 @@
 """bench/driver.py - runs every benchmark scenario and prints a Markdown table.
 
 Usage: driver.py --dsn DSN --bin BUILD/bench [--node-path DIR] [--reps N]
-                 [--messages N] [--workdir DIR]
+                 [--messages N] [--workdir DIR] [--only SCENARIO,...]
+                 [--baseline-bin OLD/bench_pgiplock --baseline-label TEXT]
 
 Started by tools/bench, which builds the programs and the throwaway server.
 Every figure is measured next to a baseline run in the same invocation; each
 cell is `median (min-max)` over the repetitions, and a ratio is computed per
-repetition (pgiplock / baseline of that repetition), then summarised.
+repetition (pgiplock / baseline of that repetition), then summarised. With
+--baseline-bin, the listener scenario also drains with bench_pgiplock built
+against a previous header, next to the current one, and reports new / old.
 
 Line protocol of the programs (stdout, one line per event; times are
 CLOCK_MONOTONIC ns, the clock time.monotonic_ns() reads):
@@ -168,7 +171,7 @@ class Bench:
                 p.kill()
 
     def row(self, scenario, baseline, ours, ratio, target, met):
-        self.rows.append((scenario, baseline, ours, ratio, target, "yes" if met else "**no**"))
+        self.rows.append((scenario, baseline, ours, ratio, target, "—" if met is None else "yes" if met else "**no**"))
 
     # ---- listener drain: CPU per message, drain rate, peak RSS --------------
 
@@ -177,21 +180,39 @@ class Bench:
         kinds = [("raw", lambda ch: [self.raw, "listen", a.dsn, ch, str(n)]),
                  ("single", lambda ch: [self.pgl, "listen", a.dsn, ch, str(n), "1"]),
                  ("multi", lambda ch: [self.pgl, "listen", a.dsn, ch, str(n), "0"])]
+        # Drained one after the other in this order, the groups rotated per
+        # repetition; a pgiplock listener and the same one built against the
+        # baseline header form a group, so they run next to each other, the
+        # one first that went second in the repetition before.
+        groups = [["raw"], ["single"], ["multi"]]
+        old_env = None
+        if a.baseline_bin:
+            # Its own lock schema: the old single listener must hold the
+            # channel next to the new one, and an old header's lock table
+            # need not be the current one's.
+            old_env = dict(os.environ, PG_PUBSUB_SCHEMA_NAME="pgip_lock_bench_old")
+            kinds += [("old_single", lambda ch: [a.baseline_bin, "listen", a.dsn, ch, str(n), "1"]),
+                      ("old_multi", lambda ch: [a.baseline_bin, "listen", a.dsn, ch, str(n), "0"])]
+            groups = [["raw"], ["single", "old_single"], ["multi", "old_multi"]]
         if self.node:
             kinds.append(("node", None))
+            groups.append(["node"])
         res = {k: {"cpu": [], "rate": [], "rss": []} for k, _ in kinds}
         for rep in range(a.reps):
             ch = f"{self.tag}_l{rep}"
             procs = {}
             for k, mk in kinds:
-                procs[k] = self.node_proc("listen.js", a.dsn, ch, str(n), own_schema=True) if k == "node" else self.spawn(mk(ch))
+                if k == "node":
+                    procs[k] = self.node_proc("listen.js", a.dsn, ch, str(n), own_schema=True)
+                else:
+                    procs[k] = self.spawn(mk(ch), env=old_env if k.startswith("old_") else None)
             for k, p in procs.items():
                 p.must("ready")
             for p in procs.values():
                 os.kill(p.pid, signal.SIGSTOP)
             self.run([self.raw, "publish", a.dsn, ch, str(n), "10000", f"l{rep}"], "published")
-            order = [k for k, _ in kinds]
-            order = order[rep % len(order):] + order[:rep % len(order)]  # no kind always first
+            turn = groups[rep % len(groups):] + groups[:rep % len(groups)]  # no kind always first
+            order = [k for g in turn for k in (g if rep % 2 == 0 else g[::-1])]
             for k in order:
                 p = procs[k]
                 t_cont = time.monotonic_ns()
@@ -213,7 +234,7 @@ class Bench:
         rat = lambda v: f"{v:.2f}×"
         names = {"single": "pgiplock (single_listener)", "multi": "pgiplock (single_listener=false)",
                  "node": "Node pg-pubsub 1.10.0 (reference)"}
-        for k in [k for k, _ in kinds if k != "raw"]:
+        for k in [k for k, _ in kinds if k not in ("raw", "old_single", "old_multi")]:
             r = res[k]
             cpu_ratio = [x / y for x, y in zip(r["cpu"], raw["cpu"])]
             rate_ratio = [x / y for x, y in zip(r["rate"], raw["rate"])]
@@ -228,6 +249,27 @@ class Bench:
             self.row(f"listener peak RSS (VmHWM) — {names[k]}", "raw libpq " + summary(raw["rss"], mib),
                      summary(r["rss"], mib), summary(rss_ratio, rat), "≤ 12 MiB" if ours else "(reference)",
                      statistics.median(r["rss"]) <= 12 if ours else True)
+        if a.baseline_bin:
+            self.baseline_rows(res, names, us, mps, mib)
+
+    def baseline_rows(self, res, names, us, mps, mib):
+        """The same listener built against the current header (new) and the
+        baseline header (old), drained next to each other: new / old."""
+        a, n = self.a, self.a.messages
+        rat = lambda v: f"{v:.3f}×"
+        old = f"header {a.baseline_label}"
+        for k in ("single", "multi"):
+            new_r, old_r = res[k], res["old_" + k]
+            cpu = [x / y for x, y in zip(new_r["cpu"], old_r["cpu"])]
+            rate = [x / y for x, y in zip(new_r["rate"], old_r["rate"])]
+            rss = [x / y for x, y in zip(new_r["rss"], old_r["rss"])]
+            what = f"{names[k]}: current header vs {old}"
+            self.row(f"listener CPU per message, {n:,} queued — {what}", old + " " + summary(old_r["cpu"], us),
+                     summary(new_r["cpu"], us), summary(cpu, rat), "≤ 1.05× old", statistics.median(cpu) <= 1.05)
+            self.row(f"listener drain rate — {what}", old + " " + summary(old_r["rate"], mps),
+                     summary(new_r["rate"], mps), summary(rate, rat), "(for information)", None)
+            self.row(f"listener peak RSS (VmHWM) — {what}", old + " " + summary(old_r["rss"], mib),
+                     summary(new_r["rss"], mib), summary(rss, rat), "(for information)", None)
 
     # ---- notify throughput ---------------------------------------------------
 
@@ -400,6 +442,9 @@ def main():
     ap.add_argument("--naive-count", type=int, default=4_000)
     ap.add_argument("--exec-count", type=int, default=20_000)
     ap.add_argument("--acquire-interval", type=int, default=100, help="crash standby's acquire_interval, ms")
+    ap.add_argument("--baseline-bin", help="bench_pgiplock built against a previous header (bench/build_baseline.py): "
+                    "the listener scenario runs it next to the current one")
+    ap.add_argument("--baseline-label", default="baseline", help="what the baseline header is, for the table")
     ap.add_argument("--workdir", default="/tmp/pgiplock-bench")
     ap.add_argument("--only", default="listeners,notify,exec_lock,handover,crash")
     a = ap.parse_args()
