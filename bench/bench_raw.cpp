@@ -14,6 +14,10 @@
 //                                          stdin closes
 //   bench_raw crashfloor DSN              how fast the server frees a SIGKILLed
 //                                          session's advisory lock for a waiter
+//   bench_raw listenmany DSN PREFIX N     LISTEN PREFIX0 ... PREFIX<N-1> (in
+//                                          that order), then for each `drain K`
+//                                          line on stdin: drain K notifications
+//                                          and report; exits when stdin closes
 //
 // Protocol: see bench/driver.py.
 #include "bench_common.hpp"
@@ -24,6 +28,7 @@
 #include <sys/wait.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -185,6 +190,36 @@ int crashfloor(int argc, char** argv) {
   return 0;
 }
 
+// One connection LISTENing to many channels: what PostgreSQL's own listen
+// list costs its backend (bench/driver.py listen_scale). The LISTENs go 1,000
+// to a statement string (one implicit transaction each); `ready` reports the
+// server backend's pid, which the driver stops, resumes and reads the CPU of.
+int listenmany(int argc, char** argv) {
+  if (argc < 5) bench::die("usage: listenmany DSN PREFIX N");
+  PGconn* c = connect_or_die(argv[2]);
+  long n = bench::arg_long(argc, argv, 4, 1);
+  std::string prefix = argv[3];
+  for (long from = 0; from < n; from += 1000) {
+    std::string sql;
+    for (long i = from; i < std::min(n, from + 1000); ++i)
+      sql += "LISTEN " + quoted(c, (prefix + std::to_string(i)).c_str()) + ";";
+    exec_or_die(c, sql.c_str());
+  }
+  bench::say("ready %d %d", static_cast<int>(::getpid()), PQbackendPID(c));
+  char line[64];
+  while (std::fgets(line, sizeof line, stdin)) {
+    long count = 0;
+    if (std::sscanf(line, "drain %ld", &count) != 1) continue;
+    std::int64_t cpu0 = bench::cpu_us(), t_first = 0;
+    long got = drain(c, count, -1, &t_first);
+    std::int64_t t_done = bench::now_ns(), cpu1 = bench::cpu_us();
+    bench::say("done %ld %lld %lld %lld", got, static_cast<long long>(cpu1 - cpu0), static_cast<long long>(t_done),
+               static_cast<long long>(t_first));
+  }
+  PQfinish(c);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -195,5 +230,6 @@ int main(int argc, char** argv) {
   if (cmd == "naive") return naive(argc, argv);
   if (cmd == "ticker") return ticker(argc, argv);
   if (cmd == "crashfloor") return crashfloor(argc, argv);
-  bench::die("usage: bench_raw listen|publish|naive|ticker|crashfloor ...");
+  if (cmd == "listenmany") return listenmany(argc, argv);
+  bench::die("usage: bench_raw listen|publish|naive|ticker|crashfloor|listenmany ...");
 }

@@ -11,12 +11,16 @@ cell is `median (min-max)` over the repetitions, and a ratio is computed per
 repetition (pgiplock / baseline of that repetition), then summarised. With
 --baseline-bin, the listener scenario also drains with bench_pgiplock built
 against a previous header, next to the current one, and reports new / old.
+listen_scale measures the server alone (plain libpq): one connection
+LISTENing to 1, 1,000 and 10,000 channels, ratios against the first row.
 
 Line protocol of the programs (stdout, one line per event; times are
 CLOCK_MONOTONIC ns, the clock time.monotonic_ns() reads):
   listeners : `ready <pid>` once LISTEN is committed (the CPU counter starts
               there), then `done <count> <cpu_us> <t_done> <t_first>` when the
               COUNT-th notification was handled; they exit when stdin closes.
+  listenmany: `ready <pid> <server backend pid>` once its LISTENs are
+              committed; per `drain <k>` line on stdin, `done <k> ...` as above.
   holders   : `ready active|standby`, `listening <t>` (LISTEN committed after
               becoming holder), `msg <t> <payload>`, `destroy <t>` (just before
               calling destroy()), `destroyed <t>`.
@@ -145,6 +149,7 @@ class Bench:
         os.makedirs(a.workdir, exist_ok=True)
         self.errlog = open(os.path.join(a.workdir, "children.log"), "ab")
         self.rows = []
+        self.extra = []  # (title, header, rows) of scenarios with a table of their own
         self.tag = f"b{os.getpid()}"
         self.procs = []
 
@@ -423,11 +428,108 @@ class Bench:
                  summary(ratio, lambda v: f"{v:.0f}×"), "≤ 10 ms median",
                  bool(ours) and not never and statistics.median(ours) <= 10)
 
+    # ---- PostgreSQL's listen list: one connection LISTENing to many channels ----
+
+    def backend_cpu_ns(self, pid):
+        """CPU time of a server backend: /proc/<pid>/schedstat (ns), else
+        utime + stime of /proc/<pid>/stat (clock ticks)."""
+        try:
+            with open(f"/proc/{pid}/schedstat") as f:
+                ns = int(f.read().split()[0])
+            if ns:
+                return ns
+        except (OSError, ValueError, IndexError):
+            pass
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) * NS // os.sysconf("SC_CLK_TCK")
+
+    def queued_drain(self, p, backend, publishes, expect):
+        """Stops the listener's server backend, queues the notifications,
+        resumes it: (messages/s from SIGCONT to the client's EXPECT-th
+        notification, backend CPU ns over that time)."""
+        os.kill(backend, signal.SIGSTOP)
+        try:
+            for args in publishes:
+                self.run(args, "published")
+            cpu0 = self.backend_cpu_ns(backend)
+            p.send(f"drain {expect}")
+        finally:
+            t_cont = time.monotonic_ns()
+            os.kill(backend, signal.SIGCONT)
+        _, got, _, t_done, _ = p.must("done", 300)
+        if int(got) != expect:
+            raise RuntimeError(f"listen_scale: got {got} of {expect}")
+        time.sleep(0.1)  # the backend finishes its pass over the queue and is idle again
+        return int(t_done) - t_cont, self.backend_cpu_ns(backend) - cpu0
+
+    def listen_scale(self):
+        a, n = self.a, self.a.scale_messages
+        sizes = [int(x) for x in a.scale_channels.split(",")]
+        keys = ("rate", "cpu", "other_rate", "other_cpu")
+        res = {k: {x: [] for x in keys} for k in sizes}
+        for rep in range(a.reps):
+            order = sizes[rep % len(sizes):] + sizes[:rep % len(sizes)]
+            for k in order:
+                prefix = f"{self.tag}_s{rep}_{k}_"
+                p = self.spawn([self.raw, "listenmany", a.dsn, prefix, str(k)])
+                backend = int(p.must("ready", 300)[2])
+                try:
+                    with open(f"/proc/{backend}/comm") as f:
+                        local = f.read().strip() == "postgres"
+                    os.kill(backend, 0)
+                except OSError:
+                    local = False
+                if not local:
+                    raise RuntimeError(f"listen_scale needs the server on this machine and the right to signal its "
+                                       f"backends (root or the server's user); backend {backend} is not one")
+                target = prefix + str(k - 1)  # LISTENed last: PostgreSQL compares it last
+                pub = lambda ch, count, tag: [self.raw, "publish", a.dsn, ch, str(count), "10000", tag]
+                # Traffic to one of its channels, every notification delivered.
+                ns, cpu = self.queued_drain(p, backend, [pub(target, n, f"s{rep}")], n)
+                res[k]["rate"].append(n / (ns / NS))
+                res[k]["cpu"].append(cpu / n / 1000)
+                # Traffic to a channel it does not LISTEN to, then one to its
+                # own as the end mark: every one is read and compared, none sent.
+                ns, cpu = self.queued_drain(p, backend, [pub(f"{self.tag}_s{rep}_other", n, f"o{rep}"),
+                                                         pub(target, 1, f"m{rep}")], 1)
+                res[k]["other_rate"].append(n / (ns / NS))
+                res[k]["other_cpu"].append(cpu / n / 1000)
+                p.finish()
+                log(f"listen_scale rep {rep + 1}/{a.reps}, {k:,} channels: delivered {res[k]['rate'][-1]:,.0f}/s, "
+                    f"backend {res[k]['cpu'][-1]:.2f} µs/notification; other channel: "
+                    f"{res[k]['other_rate'][-1]:,.0f}/s, backend {res[k]['other_cpu'][-1]:.2f} µs/notification")
+        base = res[sizes[0]]
+        per_s = lambda v: f"{v:,.0f}/s"
+        us = lambda v: f"{v:.2f} µs"
+        rat = lambda v: f"{v:.0f}×" if v >= 10 else f"{v:.2f}×" if v >= 0.1 else f"{v:.2g}×"
+        rows = []
+        for k in sizes:
+            r = res[k]
+            cells = [f"{k:,}"]
+            for x, fmt in (("rate", per_s), ("cpu", us), ("other_rate", per_s), ("other_cpu", us)):
+                cells += [summary(r[x], fmt), summary([v / b for v, b in zip(r[x], base[x])], rat)]
+            rows.append(cells)
+        ref = f"{sizes[0]:,}"
+        self.extra.append((
+            f"PostgreSQL: one connection LISTENing to N channels, {n:,} notifications queued while its backend "
+            f"is stopped, then delivered (plain libpq)",
+            ["channels LISTENed", "delivered, traffic to the channel LISTENed last", f"vs {ref}",
+             "backend CPU per notification", f"vs {ref}", "read, traffic to a channel not LISTENed",
+             f"vs {ref}", "backend CPU per notification", f"vs {ref}"],
+            rows))
+
     def table(self):
-        out = ["| scenario | baseline (same run) | pgiplock | ratio | target | met? |",
-               "|---|---|---|---|---|---|"]
-        for r in self.rows:
-            out.append("| " + " | ".join(r) + " |")
+        out = []
+        if self.rows:
+            out += ["| scenario | baseline (same run) | pgiplock | ratio | target | met? |",
+                    "|---|---|---|---|---|---|"]
+            out += ["| " + " | ".join(r) + " |" for r in self.rows]
+        for title, head, rows in self.extra:
+            if out:
+                out.append("")
+            out += [title + ":", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            out += ["| " + " | ".join(r) + " |" for r in rows]
         return "\n".join(out)
 
 
@@ -442,11 +544,17 @@ def main():
     ap.add_argument("--naive-count", type=int, default=4_000)
     ap.add_argument("--exec-count", type=int, default=20_000)
     ap.add_argument("--acquire-interval", type=int, default=100, help="crash standby's acquire_interval, ms")
+    ap.add_argument("--scale-messages", type=int, default=100_000,
+                    help="listen_scale: notifications per run (twice per connection)")
+    ap.add_argument("--scale-channels", default="1,1000,10000",
+                    help="listen_scale: how many channels the connection LISTENs to; ratios against the first")
     ap.add_argument("--baseline-bin", help="bench_pgiplock built against a previous header (bench/build_baseline.py): "
                     "the listener scenario runs it next to the current one")
     ap.add_argument("--baseline-label", default="baseline", help="what the baseline header is, for the table")
     ap.add_argument("--workdir", default="/tmp/pgiplock-bench")
-    ap.add_argument("--only", default="listeners,notify,exec_lock,handover,crash")
+    ap.add_argument("--only", default="listeners,notify,exec_lock,handover,crash",
+                    help="scenarios to run, in this order; listen_scale (PostgreSQL's own cost of a long listen "
+                    "list, ~1 min) only when named")
     a = ap.parse_args()
     b = Bench(a)
     t0 = time.monotonic()
