@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The pgiplock tool against the test server ($PGIPLOCK_DSN, which the tool
 # reads too; skipped without one): notify/listen round trip as JSON lines,
-# single-listener standby and handover, status with live and stale holders.
+# single-listener standby and handover, status with live and stale holders
+# and with the fleet members (alive, dead after kill -9, gone once swept).
 source "$(dirname "$0")/cli_common.sh"
 [[ -n "${PGIPLOCK_DSN:-}" ]] || { echo "PGIPLOCK_DSN is not set: skipped"; exit 77; }
 
@@ -10,6 +11,8 @@ ch="cli_$$_$RANDOM"
 odd="cli \"odd\" $$"
 pid_re='"pid":[1-9][0-9]*'
 time_re='"time":"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z"'
+app_re='pgiplock:[0-9a-f-]{36}'
+since_re='[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:]{8}Z \([0-9]+s ago\)'
 
 # start NAME ARGS...: a background `pgiplock ARGS...`, output in $work/NAME.{out,err}.
 start() {
@@ -19,6 +22,34 @@ start() {
     children+=("$!")
     eval "${name}_pid=$!"
 }
+# holder CHANNEL: sets held_app and held_pid, CHANNEL's live holder in `status --json`.
+holder() {
+    local found
+    expect 0 status --json
+    found="$(grep -oE "\{\"channel\":\"$1\",\"alive\":true,\"pid\":[0-9]+,\"app\":\"$app_re\"" "$work/out")" \
+        || { cat "$work/out"; fail "no live holder of $1"; }
+    held_pid="$(sed -E 's/.*"pid":([0-9]+),.*/\1/' <<<"$found")"
+    held_app="$(grep -oE "$app_re" <<<"$found")"
+}
+# member APP STATE PID CHANNELS: APP is listed so in both forms of `status`.
+member() {
+    expect 0 status
+    stdout_has '^MEMBER +STATE +PID +SINCE +CHANNELS$'
+    stdout_has "^$1 +$2 +$3 +$since_re +$4\$"
+    local alive=false session=false
+    [[ "$2" == alive ]] && alive=true session=true
+    expect 0 status --json
+    stdout_has "\{\"app\":\"$1\",\"alive\":$alive,\"pid\":$3,\"since\":\"[0-9T:Z-]{20}\",\"channels\":$4,\"session\":$session\}"
+}
+# not_member APP: APP is in neither form of `status`.
+not_member() {
+    expect 0 status
+    grep -q -- "$1" "$work/out" && { cat "$work/out"; fail "$1 is still listed"; }
+    expect 0 status --json
+    grep -q -- "$1" "$work/out" && { cat "$work/out"; fail "$1 is still listed in the JSON"; }
+    return 0
+}
+
 # stop PID SIGNAL STATUS: the process ends by the signal, with its shell status.
 stop() {
     local rc=0
@@ -55,7 +86,29 @@ stdout_has '^CHANNEL +STATE +PID +APPLICATION +SESSION SINCE$'
 stdout_has "^$ch +alive +[1-9][0-9]* +pgiplock:[0-9a-f-]{36} +[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:]{8}Z \\([0-9]+s ago\\)$"
 expect 0 status --json
 stdout_has "\\{\"channel\":\"$ch\",\"alive\":true,\"pid\":[1-9][0-9]*,\"app\":\"pgiplock:[0-9a-f-]{36}\",\"since\":\"[0-9T:Z-]{20}\"\\}"
-holder_app="$(grep -oE "\"channel\":\"$ch\",\"alive\":true,\"pid\":[0-9]+,\"app\":\"pgiplock:[0-9a-f-]{36}\"" "$work/out" | grep -oE 'pgiplock:[0-9a-f-]{36}')"
+holder "$ch"
+holder_app="$held_app" holder_pid="$held_pid"
+
+# --- the fleet members: one per single-listener process --------------------
+# The holder with its channel; the standby, alive, with none (its app is
+# not in the lock table: it is the one live member besides the holder).
+member "$holder_app" alive "$holder_pid" 1
+expect 0 status
+stdout_has "^$app_re +alive +[1-9][0-9]* +$since_re +0\$"
+# A member of three channels of its own; after kill -9 it is seen dead by
+# the member that watches it, which frees its channels and deletes its row.
+start multi listen --single "${ch}_m1" "${ch}_m2" "${ch}_m3"
+wait_for "$work/multi.err" "^pgiplock: listening on \"${ch}_m3\"$"
+holder "${ch}_m1"
+multi_app="$held_app"
+member "$multi_app" alive "$held_pid" 3
+stop "$multi_pid" KILL 137
+for ((i = 0; i < 200; i++)); do
+    expect 0 status
+    grep -q -- "$multi_app" "$work/out" || break
+    sleep 0.05
+done
+not_member "$multi_app"
 
 expect 0 notify "$ch" one
 wait_for "$work/first.out" '"payload":"one"'
@@ -68,26 +121,38 @@ expect 0 notify "$ch" two
 wait_for "$work/second.out" '"payload":"two"'
 grep -q '"payload":"two"' "$work/first.out" && fail "the stopped holder printed after it stopped"
 
+# A member that left gracefully is gone from the list.
+not_member "$holder_app"
+
 # --- a holder that dies without releasing is shown stale -------------------
-expect 0 status --json
-new_app="$(grep -oE "\"channel\":\"$ch\",\"alive\":true,\"pid\":[0-9]+,\"app\":\"pgiplock:[0-9a-f-]{36}\"" "$work/out" | grep -oE 'pgiplock:[0-9a-f-]{36}')" \
-    || fail "no live holder of $ch after the handover: $(cat "$work/out")"
+holder "$ch"
+new_app="$held_app" new_pid="$held_pid"
 [[ "$new_app" != "$holder_app" ]] || fail "the holder did not change on SIGTERM"
+member "$new_app" alive "$new_pid" 1
 stop "$second_pid" KILL 137
 for ((i = 0; i < 100; i++)); do
     expect 0 status
-    grep -qE "^$ch +stale +- +$new_app +-$" "$work/out" && break
+    grep -qE "^$ch +stale +- +$new_app +-$" "$work/out" && grep -qE "^$new_app +dead " "$work/out" && break
     sleep 0.05
 done
 grep -qE "^$ch +stale +- +$new_app +-$" "$work/out" || { cat "$work/out"; fail "the killed holder is not shown stale"; }
 note "$(cat "$work/out")"
+# No other member is left to sweep it: its row stays, dead, with the pid it
+# had and the channel it still holds.
+member "$new_app" dead "$new_pid" 1
 
-# A new listener takes the stale lock over at once; SIGTERM then deletes the row.
+# A new listener takes the stale lock over at once (its claim deletes the
+# dead member's row); SIGINT then deletes the lock row and its own.
 start third listen --single "$ch"
 wait_for "$work/third.err" "^pgiplock: listening on \"$ch\"$"
+holder "$ch"
+third_app="$held_app"
+member "$third_app" alive "$held_pid" 1
+not_member "$new_app"
 stop "$third_pid" INT 130
 expect 0 status --json
 grep -q "\"channel\":\"$ch\"" "$work/out" && fail "the lock row is still there after a graceful exit: $(cat "$work/out")"
+not_member "$third_app"
 
 stop "$plain_pid" TERM 143
 note "cli: OK"

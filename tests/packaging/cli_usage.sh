@@ -11,6 +11,9 @@ unset PGIPLOCK_DSN
 expect 0 --help
 stdout_has '^Usage: pgiplock '
 stdout_has 'listen \[--single\] CH'
+stdout_has 'status \[--json\] '
+stdout_has 'then the fleet members'
+stdout_has '\{"channels":\[\.\.\.\],"members":\[\.\.\.\]\}'
 stderr_empty
 expect 0 listen --help
 stdout_has '^Usage: pgiplock '

@@ -3,7 +3,8 @@
 //
 //   pgiplock listen [--single] CH...   one JSON object per notification on stdout
 //   pgiplock notify CH PAYLOAD          PAYLOAD '-' reads standard input
-//   pgiplock status [--json]            the lock table, with alive/stale holders
+//   pgiplock status [--json]            the lock table, with alive/stale holders,
+//                                       and the fleet members (alive or dead)
 //
 // Exit codes: 0 success, 1 runtime failure (cannot connect, SQL error),
 // 2 usage error. `listen` runs until SIGINT/SIGTERM and then ends the way
@@ -13,6 +14,7 @@
 
 #include <time.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -54,7 +56,13 @@ constexpr const char* usage_text =
     "  status [--json]          list the channel locks: channel, alive or stale, the\n"
     "                           holder's backend pid and application_name, and since\n"
     "                           when its session exists (the lock table records no\n"
-    "                           time of its own). --json prints a JSON array.\n"
+    "                           time of its own); then the fleet members (processes\n"
+    "                           listening in single-listener mode): application_name,\n"
+    "                           alive (holds its member lock), dead, or unlocked (its\n"
+    "                           session lost the lock: the others treat it as dead),\n"
+    "                           the backend pid and time it joined with, and how many\n"
+    "                           channels it holds. --json prints one JSON object:\n"
+    "                           {\"channels\":[...],\"members\":[...]}.\n"
     "\n"
     "Options:\n"
     "  --dsn DSN      libpq connection string or postgresql:// URI. Default:\n"
@@ -306,6 +314,23 @@ struct lock_row {
   bool alive = false;
 };
 
+// A fleet member: a pubsub in single-listener mode (<schema>.pgiplock_member).
+// It is alive while it holds its session advisory lock, the test the other
+// members make; a member whose lock is free is dead to them, and the next
+// claim any of them makes deletes its row and frees its channels.
+struct member_row {
+  std::string app, pid, since, age, channels;
+  bool locked = false;   // its advisory lock is held
+  bool session = false;  // a session with its application_name exists
+};
+
+struct status_report {
+  std::string schema;
+  bool lock_table = false;
+  std::vector<lock_row> channels;
+  std::vector<member_row> members;
+};
+
 std::string format_age(long secs) {
   if (secs < 0) secs = 0;
   if (secs < 60) return std::to_string(secs) + "s";
@@ -314,14 +339,18 @@ std::string format_age(long secs) {
   return std::to_string(secs / 86400) + "d" + std::to_string(secs / 3600 % 24) + "h";
 }
 
-void print_table(const std::vector<lock_row>& rows) {
-  std::vector<std::vector<std::string>> cells;
-  cells.push_back({"CHANNEL", "STATE", "PID", "APPLICATION", "SESSION SINCE"});
-  for (const auto& r : rows) {
-    std::string since = r.since.empty() ? "-" : r.since + " (" + format_age(std::strtol(r.age.c_str(), nullptr, 10)) + " ago)";
-    cells.push_back({r.channel, r.alive ? "alive" : "stale", r.pid.empty() ? "-" : r.pid, r.app, since});
-  }
-  std::vector<std::size_t> width(5, 0);
+std::string since_cell(const std::string& since, const std::string& age) {
+  if (since.empty()) return "-";
+  return since + " (" + format_age(std::strtol(age.c_str(), nullptr, 10)) + " ago)";
+}
+
+const char* member_state(const member_row& m) {
+  if (m.locked) return "alive";
+  return m.session ? "unlocked" : "dead";
+}
+
+void print_columns(const std::vector<std::vector<std::string>>& cells) {
+  std::vector<std::size_t> width(cells.front().size(), 0);
   for (const auto& row : cells) {
     for (std::size_t i = 0; i < row.size(); ++i) width[i] = std::max(width[i], row[i].size());
   }
@@ -335,60 +364,141 @@ void print_table(const std::vector<lock_row>& rows) {
   }
 }
 
-void print_json(const std::vector<lock_row>& rows) {
-  std::cout << '[';
-  for (std::size_t i = 0; i < rows.size(); ++i) {
-    const auto& r = rows[i];
+void print_text(const status_report& s) {
+  if (s.channels.empty()) {
+    std::cout << "no channel is locked (lock table " << s.schema << ".lock"
+              << (s.lock_table ? " is empty)" : " does not exist yet)") << '\n';
+  } else {
+    std::vector<std::vector<std::string>> cells;
+    cells.push_back({"CHANNEL", "STATE", "PID", "APPLICATION", "SESSION SINCE"});
+    for (const auto& r : s.channels) {
+      cells.push_back({r.channel, r.alive ? "alive" : "stale", r.pid.empty() ? "-" : r.pid, r.app,
+                       since_cell(r.since, r.age)});
+    }
+    print_columns(cells);
+  }
+  if (s.members.empty()) return;
+  std::vector<std::vector<std::string>> cells;
+  cells.push_back({"MEMBER", "STATE", "PID", "SINCE", "CHANNELS"});
+  for (const auto& m : s.members) {
+    cells.push_back({m.app, member_state(m), m.pid, since_cell(m.since, m.age), m.channels});
+  }
+  std::cout << '\n';
+  print_columns(cells);
+}
+
+void print_json(const status_report& s) {
+  std::cout << "{\"channels\":[";
+  for (std::size_t i = 0; i < s.channels.size(); ++i) {
+    const auto& r = s.channels[i];
     std::cout << (i ? ",\n " : "") << "{\"channel\":" << json_string(r.channel) << ",\"alive\":"
               << (r.alive ? "true" : "false") << ",\"pid\":" << (r.pid.empty() ? "null" : r.pid)
               << ",\"app\":" << json_string(r.app)
               << ",\"since\":" << (r.since.empty() ? "null" : json_string(r.since)) << '}';
   }
-  std::cout << "]\n";
+  std::cout << "],\n \"members\":[";
+  for (std::size_t i = 0; i < s.members.size(); ++i) {
+    const auto& m = s.members[i];
+    std::cout << (i ? ",\n " : "") << "{\"app\":" << json_string(m.app) << ",\"alive\":"
+              << (m.locked ? "true" : "false") << ",\"pid\":" << m.pid << ",\"since\":" << json_string(m.since)
+              << ",\"channels\":" << m.channels << ",\"session\":" << (m.session ? "true" : "false") << '}';
+  }
+  std::cout << "]}\n";
 }
 
+task<bool> table_exists(std::shared_ptr<pgiplock::connection> conn, std::string table) {
+  auto r = co_await conn->query("SELECT to_regclass($1) IS NOT NULL", table);
+  co_return r.get(0, 0) == "t";
+}
+
+// A holder is alive while a session with its application_name exists: the
+// same test acquire() makes. backend_start is NULL for sessions of other
+// roles unless we may read all statistics (pg_read_all_stats).
+task<std::vector<lock_row>> read_channels(std::shared_ptr<pgiplock::connection> conn, std::string schema) {
+  std::string prefix(lock_prefix), pattern = prefix + "%";
+  auto r = co_await conn->query(
+      "SELECT substr(l.channel, length($1) + 1), l.app, a.pid, "
+      "       to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), "
+      "       extract(epoch FROM now() - a.backend_start)::bigint, a.app IS NOT NULL "
+      "FROM " + schema + ".lock l "
+      "LEFT JOIN LATERAL (SELECT s.pid, s.backend_start, s.application_name AS app "
+      "                   FROM pg_catalog.pg_stat_activity s WHERE s.application_name = l.app "
+      "                   ORDER BY s.backend_start LIMIT 1) a ON true "
+      "WHERE l.channel LIKE $2 ORDER BY l.channel",
+      prefix, pattern);
+  std::vector<lock_row> rows;
+  for (int i = 0; i < r.rows(); ++i) {
+    lock_row row;
+    row.channel = r.get(i, 0);
+    row.app = r.get(i, 1);
+    row.pid = r.get(i, 2);
+    row.since = r.get(i, 3);
+    row.age = r.get(i, 4);
+    row.alive = r.get(i, 5) == "t";
+    rows.push_back(std::move(row));
+  }
+  co_return rows;
+}
+
+// pid and since are what the member row recorded when it joined (its
+// listening session's backend pid), shown whether or not it is still alive.
+// The member lock is a session advisory lock on the 64-bit key, which
+// pg_locks shows as its two halves (objsubid 1), per database.
+task<std::vector<member_row>> read_members(std::shared_ptr<pgiplock::connection> conn, std::string schema,
+                                           bool lock_table) {
+  std::string pattern = std::string(lock_prefix) + "%";
+  std::string held = lock_table ? "(SELECT count(*) FROM " + schema + ".lock l WHERE l.app = m.app AND l.channel LIKE $1)"
+                                : "0";
+  std::string sql =
+      "SELECT m.app, m.pid, to_char(m.since AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), "
+      "       extract(epoch FROM now() - m.since)::bigint, " + held + ", "
+      "       EXISTS (SELECT 1 FROM pg_catalog.pg_locks k WHERE k.locktype = 'advisory' AND k.granted "
+      "               AND k.objsubid = 1 AND k.database = (SELECT d.oid FROM pg_catalog.pg_database d "
+      "                                                     WHERE d.datname = current_database()) "
+      "               AND k.classid = ((m.key >> 32) & 4294967295)::oid "
+      "               AND k.objid = (m.key & 4294967295)::oid), "
+      "       EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.application_name = m.app) "
+      "FROM " + schema + ".pgiplock_member m ORDER BY m.app";
+  pgiplock::result r;
+  if (lock_table) {
+    r = co_await conn->query(sql, pattern);
+  } else {
+    r = co_await conn->query(sql);
+  }
+  std::vector<member_row> rows;
+  for (int i = 0; i < r.rows(); ++i) {
+    member_row row;
+    row.app = r.get(i, 0);
+    row.pid = r.get(i, 1);
+    row.since = r.get(i, 2);
+    row.age = r.get(i, 3);
+    row.channels = r.get(i, 4);
+    row.locked = r.get(i, 5) == "t";
+    row.session = r.get(i, 6) == "t";
+    rows.push_back(std::move(row));
+  }
+  co_return rows;
+}
+
+// Reads only: status never creates the lock schema.
 task<int> run_status(event_loop& loop, command_line cl) {
   pgiplock::connect_options copt;
   copt.application_name = "pgiplock-status";
   copt.logger = stderr_logger();
   auto conn = co_await pgiplock::connection::connect(loop, cl.dsn, std::move(copt));
-  const std::string schema = pgiplock::ip_lock::schema_name();
-  const std::string table = conn->quote_identifier(schema) + ".lock";
-  auto exists = co_await conn->query("SELECT to_regclass($1) IS NOT NULL", table);
-  std::vector<lock_row> rows;
-  if (exists.get(0, 0) == "t") {
-    // A holder is alive while a session with its application_name exists:
-    // the same test acquire() makes. backend_start is NULL for sessions of
-    // other roles unless we may read all statistics (pg_read_all_stats).
-    auto r = co_await conn->query(
-        "SELECT substr(l.channel, length($1) + 1), l.app, a.pid, "
-        "       to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), "
-        "       extract(epoch FROM now() - a.backend_start)::bigint, a.app IS NOT NULL "
-        "FROM " + table + " l "
-        "LEFT JOIN LATERAL (SELECT s.pid, s.backend_start, s.application_name AS app "
-        "                   FROM pg_catalog.pg_stat_activity s WHERE s.application_name = l.app "
-        "                   ORDER BY s.backend_start LIMIT 1) a ON true "
-        "WHERE l.channel LIKE $2 ORDER BY l.channel",
-        std::string(lock_prefix), std::string(lock_prefix) + "%");
-    for (int i = 0; i < r.rows(); ++i) {
-      lock_row row;
-      row.channel = r.get(i, 0);
-      row.app = r.get(i, 1);
-      row.pid = r.get(i, 2);
-      row.since = r.get(i, 3);
-      row.age = r.get(i, 4);
-      row.alive = r.get(i, 5) == "t";
-      rows.push_back(std::move(row));
-    }
+  status_report s;
+  s.schema = pgiplock::ip_lock::schema_name();
+  const std::string schema = conn->quote_identifier(s.schema);
+  s.lock_table = co_await table_exists(conn, schema + ".lock");
+  if (s.lock_table) s.channels = co_await read_channels(conn, schema);
+  if (co_await table_exists(conn, schema + ".pgiplock_member")) {
+    s.members = co_await read_members(conn, schema, s.lock_table);
   }
   co_await conn->close();
   if (cl.json) {
-    print_json(rows);
-  } else if (rows.empty()) {
-    std::cout << "no channel is locked (lock table " << schema << ".lock"
-              << (exists.get(0, 0) == "t" ? " is empty)" : " does not exist yet)") << '\n';
+    print_json(s);
   } else {
-    print_table(rows);
+    print_text(s);
   }
   std::cout.flush();
   co_return std::cout ? exit_ok : exit_failure;
