@@ -1351,6 +1351,23 @@ inline std::string describe_target(PGconn* conn) {
   return describe_target(host, text(PQport(conn)), text(PQdb(conn)), text(PQuser(conn)));
 }
 
+// The server's limits, named where it only says what ran out: which
+// setting to raise. A pgiplock pubsub needs two connections whatever its
+// channels (one with fast_failover off), and no lock per channel.
+inline std::string setting_hint(const std::string& server_said) {
+  auto says = [&](const char* text) { return server_said.find(text) != std::string::npos; };
+  if (says("too many clients already") || says("connection slots are reserved")) {
+    return " (the server's max_connections is reached: raise max_connections, or use fewer connections)";
+  }
+  if (says("too many connections for role")) {
+    return " (the role's CONNECTION LIMIT is reached: ALTER ROLE ... CONNECTION LIMIT; a pubsub member needs 2)";
+  }
+  if (says("out of shared memory")) {
+    return " (the server's lock table is full: raise max_locks_per_transaction)";
+  }
+  return {};
+}
+
 inline conninfo_params parse_conninfo(const std::string& conninfo) {
   if (conninfo.find_first_not_of(" \t\r\n") == std::string::npos) {
     throw std::invalid_argument(
@@ -1593,6 +1610,7 @@ inline constexpr std::string_view insufficient_privilege = "42501";
 // Class 08 (connection exception) and 57P0x (admin shutdown, crash, cannot
 // connect now): the session is over, whatever the statement was.
 inline constexpr std::string_view connection_exception_class = "08";
+inline constexpr std::string_view deadlock_detected = "40P01";
 inline constexpr std::string_view operator_intervention_prefix = "57P0";
 // What a concurrent bootstrap by another process can raise (a Node peer
 // does not take our bootstrap lock, so these still happen).
@@ -1760,11 +1778,13 @@ END IF;
 -- PL/pgSQL. A watcher that just got a member's lock knows it is dead
 -- (`gone`): then pg_locks is not scanned. With `sweep`, the dead members'
 -- other rows are freed for whoever wants them (the Node trigger and 'free'
--- on the fleet channel tell them). Yields the won channels, then who holds
--- the others.
-IF to_regprocedure(format('%I.pgiplock_claim(text,text[],text,text,text,boolean)', s)) IS NULL THEN
+-- on the fleet channel tell them). With a `quota` (balanced members), at
+-- most that many channels that nobody alive holds are taken, picked at
+-- random so that members short of their share do not all reach for the
+-- same ones. Yields the won channels, then who holds the others.
+IF to_regprocedure(format('%I.pgiplock_claim(text,text[],text,text,text,boolean,integer)', s)) IS NULL THEN
   EXECUTE format($q$CREATE FUNCTION %1$I.pgiplock_claim(me text, want text[], fleet text, prefix text, gone text,
-                                                        sweep boolean)
+                                                        sweep boolean, quota integer)
   RETURNS TABLE (ch text, tok bigint, is_fresh boolean, held_by text, by_member boolean)
   LANGUAGE plpgsql AS $f$
   #variable_conflict use_column
@@ -1773,6 +1793,7 @@ IF to_regprocedure(format('%I.pgiplock_claim(text,text[],text,text,text,boolean)
     won text[];
     released boolean[];
     freed bigint;
+    asked text[] := want;
   BEGIN
     IF gone IS NOT NULL THEN
       dead := ARRAY[gone];
@@ -1783,6 +1804,17 @@ IF to_regprocedure(format('%I.pgiplock_claim(text,text[],text,text,text,boolean)
         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
           AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = current_database())
           AND l.classid = ((m.key >> 32) & 4294967295)::oid AND l.objid = (m.key & 4294967295)::oid);
+    END IF;
+    IF quota IS NOT NULL THEN
+      -- Sorted (bytewise, as every member sends its lists) so that claims
+      -- lock rows in one order: no deadlock between members.
+      SELECT coalesce(array_agg(t.w ORDER BY t.w COLLATE "C"), '{}') INTO want FROM (
+        SELECT w FROM unnest(asked) AS w
+        WHERE NOT EXISTS (
+          SELECT 1 FROM %1$I.lock l WHERE l.channel = prefix || w AND l.app <> me AND l.app <> ALL (dead)
+            AND (EXISTS (SELECT 1 FROM %1$I.pgiplock_member m WHERE m.app = l.app)
+                 OR EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.application_name = l.app)))
+        ORDER BY random() LIMIT quota) AS t;
     END IF;
     WITH taken AS (
       INSERT INTO %1$I.lock AS l (channel, app) SELECT prefix || w, me FROM unnest(want) AS w
@@ -1806,7 +1838,7 @@ IF to_regprocedure(format('%I.pgiplock_claim(text,text[],text,text,text,boolean)
     RETURN QUERY SELECT x.w, nextval(%2$L), x.f, me, true FROM unnest(won, released) AS x(w, f);
     RETURN QUERY SELECT substr(l.channel, length(prefix) + 1), NULL::bigint, false, l.app::text,
       EXISTS (SELECT 1 FROM %1$I.pgiplock_member m WHERE m.app = l.app)
-      FROM %1$I.lock l WHERE l.channel IN (SELECT prefix || w FROM unnest(want) AS w) AND l.app <> me;
+      FROM %1$I.lock l WHERE l.channel IN (SELECT prefix || w FROM unnest(asked) AS w) AND l.app <> me;
   END; $f$$q$, s, format('%I.pgiplock_tenure', s));
 END IF;
 -- LISTEN and UNLISTEN many channels in one round trip.
@@ -1824,19 +1856,26 @@ END $pgiplock$)sql";
 // ---- fleet members (pubsub in single-listener mode) ----
 
 // Joins the fleet: the session lock first, then the row, so a member whose
-// row is visible always holds its lock. $1 app, $2 key.
+// row is visible always holds its lock; 'join' on the fleet channel tells
+// balanced members to make room. $1 app, $2 key, $3 fleet channel.
 inline constexpr std::string_view member_join =
-    "WITH l AS MATERIALIZED (SELECT pg_try_advisory_lock($2::bigint) AS got) "
-    "INSERT INTO @schema@.pgiplock_member (app, key, pid) SELECT $1, $2, pg_backend_pid() FROM l WHERE l.got "
-    "ON CONFLICT (app) DO NOTHING RETURNING 1";
+    "WITH l AS MATERIALIZED (SELECT pg_try_advisory_lock($2::bigint) AS got), "
+    "i AS (INSERT INTO @schema@.pgiplock_member (app, key, pid) SELECT $1, $2, pg_backend_pid() FROM l WHERE l.got "
+    "ON CONFLICT (app) DO NOTHING RETURNING 1) "
+    "SELECT count(*), (SELECT count(pg_notify($3, 'join')) FROM i) FROM i";
 // One statement per slice, whatever the channel count (see pgiplock_watch).
 inline constexpr std::string_view member_watch = "SELECT @schema@.pgiplock_watch($1, $2::integer, $3::integer)";
 // Every channel a member wants and lacks, in one round trip.
 // $1 app, $2 channels (text[]), $3 fleet channel, $4 lock prefix.
 // $5: a member the watcher found dead, or NULL; $6: sweep the dead (the
-// last of a claim's chunks does).
+// last of a claim's chunks does); $7: a balanced member's quota, or NULL.
 inline constexpr std::string_view member_claim =
-    "SELECT ch, tok, is_fresh, held_by, by_member FROM @schema@.pgiplock_claim($1, $2::text[], $3, $4, $5, $6)";
+    "SELECT ch, tok, is_fresh, held_by, by_member "
+    "FROM @schema@.pgiplock_claim($1, $2::text[], $3, $4, $5, $6, $7::integer)";
+// A balanced member's view of the fleet: how many members, and how many
+// come before it (its rank decides who holds one more when shares are uneven).
+inline constexpr std::string_view member_census =
+    "SELECT count(*), count(*) FILTER (WHERE app < $1) FROM @schema@.pgiplock_member";
 // The holder's liveness check, for all its channels at once: how many rows
 // it still has (a DELETE or TRUNCATE fires no event we hear); its member row
 // is put back if someone deleted it. $1 app, $2 key.
@@ -2372,7 +2411,7 @@ inline connection_error connection::cannot_connect(const detail::conninfo_params
                                                    const std::string& why) const {
   std::string target = conn_ ? detail::describe_target(conn_.get()) : std::string();
   if (target.empty()) target = params.target;
-  return connection_error("pgiplock: cannot connect to " + target + ": " + why);
+  return connection_error("pgiplock: cannot connect to " + target + ": " + why + detail::setting_hint(why));
 }
 
 inline task<void> connection::close_quietly(std::shared_ptr<connection> c) { co_await c->close(); }
@@ -2632,7 +2671,8 @@ inline std::exception_ptr connection::to_error(const PGresult* r) const {
   if (detail::sqlstate::ends_session(code)) {
     return std::make_exception_ptr(connection_error("pgiplock: connection lost: " + msg));
   }
-  return std::make_exception_ptr(sql_error("pgiplock: " + msg + (code.empty() ? "" : " (SQLSTATE " + code + ")"), code));
+  return std::make_exception_ptr(
+      sql_error("pgiplock: " + msg + (code.empty() ? "" : " (SQLSTATE " + code + ")") + detail::setting_hint(msg), code));
 }
 
 inline void connection::dispatch_notifications() {
@@ -2745,7 +2785,7 @@ inline task<void> ensure_lock_schema(std::shared_ptr<connection> client, std::st
                                         s + ".deadlock_check(text,text)", s + ".pgiplock_wait_free(bigint,integer)",
                                         s + ".pgiplock_tenure", s + ".pgiplock_listen(text,text)",
                                         s + ".pgiplock_member", s + ".pgiplock_watch(text,integer,integer)",
-                                        s + ".pgiplock_claim(text,text[],text,text,text,boolean)",
+                                        s + ".pgiplock_claim(text,text[],text,text,text,boolean,integer)",
                                         s + ".pgiplock_listen_many(text[],text[])");
   if (present.get(0, 0) == "t") co_return;
   co_await run_bootstrap(client, sql::lock_schema_setting, std::move(schema), sql::lock_schema_ddl, "the lock schema");
@@ -3678,7 +3718,10 @@ struct member_options {
   std::chrono::milliseconds acquire_interval{30000};
   std::chrono::milliseconds liveness_timeout{10000};  // the holder's heartbeat; see ip_lock_options
   std::chrono::milliseconds handover_timeout{500};
-  bool fast_failover = true;  // off: no watcher, no member lock; crashes are seen by the retry timer
+  bool fast_failover = true;  // off: no watcher; crashes are seen by the retry timer
+  // Spread the channels over the members (pubsub_options::balance): hold a
+  // fair share, hand the excess over gracefully, claim up to the share.
+  bool balance = false;
   log_handler logger;
 };
 
@@ -3736,10 +3779,14 @@ class member final : public lock_holder {
   task<void> claim_now();
   task<void> claim_loop();
   task<void> claim_once();
+  task<std::optional<std::size_t>> fair_share();
+  std::vector<std::string> excess(std::size_t share) const;
   task<void> claim_chunk(std::vector<std::string> channels, std::optional<std::string> gone, bool sweep,
-                         std::shared_ptr<int> left, std::shared_ptr<async_event> done);
+                         std::optional<std::size_t> quota, std::shared_ptr<int> left,
+                         std::shared_ptr<async_event> done);
   claim_result take_claim(const result& r);
-  task<void> release_impl(std::vector<std::string> channels, bool leaving);
+  // `keep`: still wanted afterwards (a balanced member's excess).
+  task<void> release_impl(std::vector<std::string> channels, bool leaving, bool keep = false);
   task<void> wait_for_successors(long others);
   task<void> listen_many(std::vector<std::string> listen, std::vector<std::string> unlisten);
   static task<void> release_quietly(std::shared_ptr<connection> c, std::string sql, std::string app,
@@ -3772,6 +3819,7 @@ class member final : public lock_holder {
   cancel_source claim_wake_;
   std::shared_ptr<async_event> next_claim_done_;  // set when the next claim round has run
   std::optional<std::string> gone_;  // a member the watcher found dead: the next claim sweeps it
+  std::size_t won_in_round_ = 0;
   std::shared_ptr<async_event> drained_;  // set when no channel is draining any more
   bool watcher_failing_ = false;          // said once, until it works again
   std::uint64_t notify_sub_ = 0, lost_sub_ = 0;
@@ -3829,9 +3877,9 @@ inline task<void> member::start() {
     demote(all, "");  // the session is gone: nothing to say beyond the lost link
   });
   co_await client_->listen(fleet_);
-  if (options_.fast_failover) {
-    auto r = co_await client_->query(sql::in_schema(sql::member_join, schema_), app_, key_);
-    registered_ = r.rows() == 1;
+  if (options_.fast_failover || options_.balance) {  // watched by the ring, counted by balanced members
+    auto r = co_await client_->query(sql::in_schema(sql::member_join, schema_), app_, key_, fleet_);
+    registered_ = r.get(0, 0) == "1";
     if (!registered_) throw error("pgiplock: member " + app_ + " could not take its member lock");
   }
   auto& loop = client_->loop();
@@ -3953,24 +4001,68 @@ inline constexpr std::size_t claim_chunk_size = 256;
 inline task<void> member::claim_once() {
   auto want = lacking();
   auto gone = std::exchange(gone_, std::nullopt);
+  std::optional<std::size_t> quota;
+  if (options_.balance && !gone && registered_) {
+    auto share = co_await fair_share();
+    if (share && held() >= *share) {
+      auto extra = excess(*share);
+      if (!extra.empty()) co_await release_impl(std::move(extra), false, true);
+      co_return;
+    }
+    if (share) quota = *share - held();
+  }
   if (want.empty() && !gone) co_return;
   for (auto& ch : want) tenures_[ch].cut_seen = false;  // our announcement may come back before the result
-  std::size_t chunks = std::max<std::size_t>(1, (want.size() + claim_chunk_size - 1) / claim_chunk_size);
+  won_in_round_ = 0;
+  std::size_t chunks = quota ? 1 : std::max<std::size_t>(1, (want.size() + claim_chunk_size - 1) / claim_chunk_size);
   auto left = std::make_shared<int>(static_cast<int>(chunks));
   auto done = std::make_shared<async_event>(client_->loop());
   std::vector<task<void>> running(chunks);  // owned here: they die with this frame
   for (std::size_t i = 0; i < chunks; ++i) {
     auto from = want.begin() + static_cast<std::ptrdiff_t>(std::min(want.size(), i * claim_chunk_size));
-    auto to = want.begin() + static_cast<std::ptrdiff_t>(std::min(want.size(), (i + 1) * claim_chunk_size));
-    running[i] = claim_chunk(std::vector<std::string>(from, to), gone, i + 1 == chunks, left, done);
+    auto to = quota ? want.end()
+                    : want.begin() + static_cast<std::ptrdiff_t>(std::min(want.size(), (i + 1) * claim_chunk_size));
+    running[i] = claim_chunk(std::vector<std::string>(from, to), gone, i + 1 == chunks, quota, left, done);
     client_->loop().start(running[i]);
   }
   co_await done->wait();
   note(log_level::debug, "claimed " + std::to_string(want.size()) + " in " + std::to_string(chunks) + " statement(s)");
+  if (gone && options_.balance) schedule_claim();  // a sweep takes all first; then the excess goes back
+  // Members short of their share pick free channels at random and may pick
+  // the same ones: while a round makes progress and room is left, go on.
+  if (quota && won_in_round_ > 0 && won_in_round_ < *quota) schedule_claim();
+}
+
+// This member's fair share of its channels: even over the members, the
+// first (count mod members) of them in app order holding one more.
+inline task<std::optional<std::size_t>> member::fair_share() {
+  try {
+    auto r = co_await client_->query_prepared(sql::in_schema(sql::member_census, schema_), app_);
+    auto members = static_cast<std::size_t>(std::strtoull(std::string(r.get(0, 0)).c_str(), nullptr, 10));
+    auto rank = static_cast<std::size_t>(std::strtoull(std::string(r.get(0, 1)).c_str(), nullptr, 10));
+    if (members == 0) co_return std::nullopt;
+    auto all = tenures_.size();
+    co_return all / members + (rank < all % members ? 1 : 0);
+  } catch (const std::exception& e) {
+    note(log_level::debug, std::string("census failed: ") + e.what());
+  }
+  co_return std::nullopt;
+}
+
+// What is held beyond the share: the last channels in name order, so the
+// choice is stable.
+inline std::vector<std::string> member::excess(std::size_t share) const {
+  std::vector<std::string> held_now;
+  for (auto& [ch, t] : tenures_) {
+    if (t.state == lock_state::holding) held_now.push_back(ch);
+  }
+  if (held_now.size() <= share) return {};
+  return std::vector<std::string>(held_now.begin() + static_cast<std::ptrdiff_t>(share), held_now.end());
 }
 
 inline task<void> member::claim_chunk(std::vector<std::string> channels, std::optional<std::string> gone, bool sweep,
-                                      std::shared_ptr<int> left, std::shared_ptr<async_event> done) {
+                                      std::optional<std::size_t> quota, std::shared_ptr<int> left,
+                                      std::shared_ptr<async_event> done) {
   struct settle {
     std::shared_ptr<int> left;
     std::shared_ptr<async_event> done;
@@ -3982,12 +4074,22 @@ inline task<void> member::claim_chunk(std::vector<std::string> channels, std::op
   for (auto& ch : channels) list.add(ch);
   result r;
   try {
-    r = co_await client_->query_prepared(claim_sql_, app_, list.literal(), fleet_, lock_prefix, gone, sweep);
+    std::optional<long long> limit;
+    if (quota) limit = static_cast<long long>(*quota);
+    r = co_await client_->query_prepared(claim_sql_, app_, list.literal(), fleet_, lock_prefix, gone, sweep, limit);
+  } catch (const sql_error& e) {
+    // Two members' claims can still cross (a Node peer's inserts, a TRUNCATE):
+    // the server picks one to fail; it tries again at once.
+    bool crossed = e.sqlstate() == sqlstate::deadlock_detected;
+    note(crossed ? log_level::debug : log_level::warn, std::string("claiming channels failed: ") + e.what());
+    if (crossed) schedule_claim();
+    co_return;
   } catch (const std::exception& e) {
     note(client_->is_open() ? log_level::warn : log_level::debug, std::string("claiming channels failed: ") + e.what());
     co_return;
   }
   auto got = take_claim(r);
+  won_in_round_ += got.won.size();
   // Synchronous up to here: the won channels deliver from the next
   // notification on, which may sit in the very read that brought the result.
   for (auto& ch : got.won) hooks_.won(ch);
@@ -4039,7 +4141,7 @@ inline task<void> member::listen_many(std::vector<std::string> listen, std::vect
   }
 }
 
-inline task<void> member::release_impl(std::vector<std::string> channels, bool leaving) {
+inline task<void> member::release_impl(std::vector<std::string> channels, bool leaving, bool keep) {
   text_array held;
   std::vector<std::string> data, locks;
   for (auto& ch : channels) {
@@ -4066,7 +4168,11 @@ inline task<void> member::release_impl(std::vector<std::string> channels, bool l
   for (auto& ch : channels) {
     auto it = tenures_.find(ch);
     if (it == tenures_.end()) continue;
-    tenures_.erase(it);
+    if (keep) {
+      it->second = tenure{};
+    } else {
+      tenures_.erase(it);
+    }
     hooks_.lost(ch, "");
   }
   for (auto& l : locks) data.push_back(std::move(l));
@@ -4139,6 +4245,10 @@ inline void member::on_fleet_event(const notification& n) {
   static constexpr std::string_view listening = "listening:";
   if (n.payload == "free") {
     if (!lacking().empty()) schedule_claim();
+    return;
+  }
+  if (n.payload == "join") {
+    if (options_.balance && n.sender_pid != client_->backend_pid()) schedule_claim();  // make room
     return;
   }
   if (n.payload.substr(0, listening.size()) != listening) return;
@@ -4359,6 +4469,11 @@ struct pubsub_options {
   bool fast_failover = true;
   // Lossless graceful handover (see ip_lock_options::handover_timeout).
   std::chrono::milliseconds handover_timeout{500};
+  // Single-listener mode: spread the channels over the members of the
+  // fleet (each holds its fair share, +-1), moving them by lossless
+  // graceful handovers when a member joins or leaves. Assumes the members
+  // listen to the same channels.
+  bool balance = false;
   // Dead-link detection and holder self-demotion (see connect_options and
   // ip_lock_options); 0 disables.
   std::chrono::milliseconds liveness_timeout{10000};
@@ -4723,6 +4838,7 @@ inline std::unique_ptr<detail::member> pubsub::make_member() {
   mo.acquire_interval = options_.acquire_interval;
   mo.fast_failover = options_.fast_failover;
   mo.handover_timeout = options_.handover_timeout;
+  mo.balance = options_.balance;
   mo.logger = options_.logger;
   // 0 disables the demotion: a day stands for "never" in the heartbeat.
   mo.liveness_timeout = options_.liveness_timeout.count() > 0 ? options_.liveness_timeout

@@ -308,7 +308,7 @@ inline connection_error connection::cannot_connect(const detail::conninfo_params
                                                    const std::string& why) const {
   std::string target = conn_ ? detail::describe_target(conn_.get()) : std::string();
   if (target.empty()) target = params.target;
-  return connection_error("pgiplock: cannot connect to " + target + ": " + why);
+  return connection_error("pgiplock: cannot connect to " + target + ": " + why + detail::setting_hint(why));
 }
 
 inline task<void> connection::close_quietly(std::shared_ptr<connection> c) { co_await c->close(); }
@@ -568,7 +568,8 @@ inline std::exception_ptr connection::to_error(const PGresult* r) const {
   if (detail::sqlstate::ends_session(code)) {
     return std::make_exception_ptr(connection_error("pgiplock: connection lost: " + msg));
   }
-  return std::make_exception_ptr(sql_error("pgiplock: " + msg + (code.empty() ? "" : " (SQLSTATE " + code + ")"), code));
+  return std::make_exception_ptr(
+      sql_error("pgiplock: " + msg + (code.empty() ? "" : " (SQLSTATE " + code + ")") + detail::setting_hint(msg), code));
 }
 
 inline void connection::dispatch_notifications() {

@@ -34,6 +34,11 @@ struct pubsub_options {
   bool fast_failover = true;
   // Lossless graceful handover (see ip_lock_options::handover_timeout).
   std::chrono::milliseconds handover_timeout{500};
+  // Single-listener mode: spread the channels over the members of the
+  // fleet (each holds its fair share, +-1), moving them by lossless
+  // graceful handovers when a member joins or leaves. Assumes the members
+  // listen to the same channels.
+  bool balance = false;
   // Dead-link detection and holder self-demotion (see connect_options and
   // ip_lock_options); 0 disables.
   std::chrono::milliseconds liveness_timeout{10000};
@@ -398,6 +403,7 @@ inline std::unique_ptr<detail::member> pubsub::make_member() {
   mo.acquire_interval = options_.acquire_interval;
   mo.fast_failover = options_.fast_failover;
   mo.handover_timeout = options_.handover_timeout;
+  mo.balance = options_.balance;
   mo.logger = options_.logger;
   // 0 disables the demotion: a day stands for "never" in the heartbeat.
   mo.liveness_timeout = options_.liveness_timeout.count() > 0 ? options_.liveness_timeout

@@ -10,7 +10,7 @@
 // With --channels N it listens to CHANNEL.0 .. CHANNEL.<N-1> (one listen()
 // call) and says which: HOLD <t> <channel>, MSG <payload> <t> <channel>.
 // Usage: member DSN CHANNEL [--graceful] [--interval MS] [--liveness MS] [--retry MS] [--watch-active]
-//                           [--no-fast-failover] [--channels N]
+//                           [--no-fast-failover] [--channels N] [--balance]
 //        member DSN --probe  connects once; prints PROBE OK, or PROBE FAIL <why>
 //                            and exits 1 (can this network reach the server?)
 // pubsub has no event for "stopped delivering" (a lock demoted by its
@@ -115,6 +115,7 @@ int main(int argc, char** argv) {
     else if (a == "--watch-active") watch = true;
     else if (a == "--no-fast-failover") o.fast_failover = false;
     else if (a == "--channels" && i + 1 < argc) many = std::atol(argv[++i]);
+    else if (a == "--balance") o.balance = true;
   }
   bool trace = std::getenv("PGIPLOCK_MEMBER_TRACE") != nullptr;
   o.logger = [trace](pgiplock::log_level level, std::string_view m) {

@@ -8,6 +8,7 @@
 //   - listen() of 10,000 channels on one member.
 //   - A member whose watching connection is refused keeps delivering and
 //     says so once.
+//   - Balanced members share the channels and move them without loss.
 #include "fleet.hpp"
 
 #include <set>
@@ -404,4 +405,114 @@ TEST_CASE("a member whose watching connection is refused keeps delivering and sa
   CHECK(r.warnings == 1);
   CHECK(r.sent > 1000);
   CHECK(static_cast<long>(r.delivered) >= r.sent - 10);  // the last few may still be in flight
+}
+
+namespace {
+
+constexpr long balanced_channels = 300;
+
+// Who holds how many of the fleet's channels, by the lock table.
+task<std::map<std::string, long>> holdings(std::shared_ptr<pgiplock::connection> c, std::string stem) {
+  auto r = co_await c->query("SELECT app, count(*) FROM " + lock_schema(*c) +
+                                 ".lock WHERE starts_with(channel, $1) GROUP BY app",
+                             "__PgIpLock__:" + stem + ".");
+  std::map<std::string, long> out;
+  for (int i = 0; i < r.rows(); ++i) out[std::string(r.get(i, 0))] = std::stol(std::string(r.get(i, 1)));
+  co_return out;
+}
+
+bool shares_are(const std::map<std::string, long>& held, std::size_t members, long total) {
+  if (held.size() != members) return false;
+  long even = total / static_cast<long>(members), sum = 0;
+  for (auto& [app, n] : held) {
+    if (n < even || n > even + 1) return false;
+    sum += n;
+  }
+  return sum == total;
+}
+
+std::string show(const std::map<std::string, long>& held) {
+  std::ostringstream o;
+  for (auto& [app, n] : held) o << " " << app << ":" << n;
+  return o.str();
+}
+
+// Polls the lock table until the shares are even (+-1) over `members`:
+// the time it took, or -1 after 5 s; `view` gets the last holdings seen.
+task<double> settle(event_loop& loop, std::shared_ptr<pgiplock::connection> admin, std::string stem,
+                    std::size_t members, std::string& view) {
+  auto t0 = clock::now();
+  for (;;) {
+    std::map<std::string, long> held;
+    try {
+      held = co_await holdings(admin, stem);
+    } catch (const pgiplock::sql_error&) {
+      // the first member has not made the lock schema yet
+    }
+    view = show(held);
+    if (shares_are(held, members, balanced_channels)) co_return ms_since(t0);
+    if (clock::now() - t0 > 5s) co_return -1.0;
+    co_await loop.sleep(20ms);
+  }
+}
+
+struct balance_result {
+  std::vector<double> settle_ms;  // after each join, then after the leave
+  std::vector<std::string> views;
+  long sent = 0, lost = 0, duplicated = 0;
+};
+
+task<balance_result> balance_run(event_loop& loop) {
+  balance_result out;
+  auto admin = co_await pgiplock::connection::connect(loop, dsn());
+  many_fleet fl(loop, fresh_channel("balance"), balanced_channels);
+  pgiplock::pubsub_options po;
+  po.conninfo = dsn();
+  pubsub pub(loop, po);
+  co_await pub.connect();
+  std::vector<std::string> extra{"--balance", "--graceful"};
+  for (std::size_t joined = 1; joined <= 3; ++joined) {
+    if (joined > 1) co_await loop.sleep(1s);
+    fl.start(extra);
+    std::string view;
+    out.settle_ms.push_back(co_await settle(loop, admin, fl.stem, joined, view));
+    out.views.push_back(view);
+    if (joined == 1) loop.spawn(many_fleet::publish(fl, pub));  // from the first tenure on: none is lost
+  }
+  co_await loop.sleep(1s);
+  fl.members.front()->proc->signal(SIGTERM);  // a graceful leave
+  fl.members.front()->alive = false;
+  std::string view;
+  out.settle_ms.push_back(co_await settle(loop, admin, fl.stem, 2, view));
+  out.views.push_back(view);
+  co_await loop.sleep(1s);
+  fl.publishing = false;
+  co_await loop.sleep(500ms);
+  out.sent = fl.sent;
+  for (long n = 0; n < fl.sent; ++n) {
+    auto it = fl.delivered.find(n);
+    if (it == fl.delivered.end()) ++out.lost;
+    else out.duplicated += static_cast<long>(it->second.size()) - 1;
+  }
+  co_await fl.stop();
+  co_await pub.close();
+  co_await admin->close();
+  co_return out;
+}
+
+}  // namespace
+
+TEST_CASE("balanced: 3 members joining 1 s apart on 300 channels hold 100 +- 1 each within 5 s; joins and a "
+          "graceful leave lose and duplicate nothing",
+          "[fault][fleet][balance]") {
+  event_loop loop;
+  auto r = loop.run(balance_run(loop));
+  std::ostringstream o;
+  for (std::size_t i = 0; i < r.settle_ms.size(); ++i) o << "\n  " << r.settle_ms[i] << " ms:" << r.views[i];
+  WARN("balanced, settled after each join and the leave:" << o.str() << "\n  " << r.sent << " messages, " << r.lost
+                                                          << " lost, " << r.duplicated << " twice");
+  REQUIRE(r.settle_ms.size() == 4);
+  for (auto ms : r.settle_ms) CHECK(ms >= 0);
+  CHECK(r.lost == 0);
+  CHECK(r.duplicated == 0);
 }

@@ -91,6 +91,23 @@ inline std::string describe_target(PGconn* conn) {
   return describe_target(host, text(PQport(conn)), text(PQdb(conn)), text(PQuser(conn)));
 }
 
+// The server's limits, named where it only says what ran out: which
+// setting to raise. A pgiplock pubsub needs two connections whatever its
+// channels (one with fast_failover off), and no lock per channel.
+inline std::string setting_hint(const std::string& server_said) {
+  auto says = [&](const char* text) { return server_said.find(text) != std::string::npos; };
+  if (says("too many clients already") || says("connection slots are reserved")) {
+    return " (the server's max_connections is reached: raise max_connections, or use fewer connections)";
+  }
+  if (says("too many connections for role")) {
+    return " (the role's CONNECTION LIMIT is reached: ALTER ROLE ... CONNECTION LIMIT; a pubsub member needs 2)";
+  }
+  if (says("out of shared memory")) {
+    return " (the server's lock table is full: raise max_locks_per_transaction)";
+  }
+  return {};
+}
+
 inline conninfo_params parse_conninfo(const std::string& conninfo) {
   if (conninfo.find_first_not_of(" \t\r\n") == std::string::npos) {
     throw std::invalid_argument(

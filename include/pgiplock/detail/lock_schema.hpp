@@ -66,7 +66,7 @@ inline task<void> ensure_lock_schema(std::shared_ptr<connection> client, std::st
                                         s + ".deadlock_check(text,text)", s + ".pgiplock_wait_free(bigint,integer)",
                                         s + ".pgiplock_tenure", s + ".pgiplock_listen(text,text)",
                                         s + ".pgiplock_member", s + ".pgiplock_watch(text,integer,integer)",
-                                        s + ".pgiplock_claim(text,text[],text,text,text,boolean)",
+                                        s + ".pgiplock_claim(text,text[],text,text,text,boolean,integer)",
                                         s + ".pgiplock_listen_many(text[],text[])");
   if (present.get(0, 0) == "t") co_return;
   co_await run_bootstrap(client, sql::lock_schema_setting, std::move(schema), sql::lock_schema_ddl, "the lock schema");

@@ -41,7 +41,10 @@ struct member_options {
   std::chrono::milliseconds acquire_interval{30000};
   std::chrono::milliseconds liveness_timeout{10000};  // the holder's heartbeat; see ip_lock_options
   std::chrono::milliseconds handover_timeout{500};
-  bool fast_failover = true;  // off: no watcher, no member lock; crashes are seen by the retry timer
+  bool fast_failover = true;  // off: no watcher; crashes are seen by the retry timer
+  // Spread the channels over the members (pubsub_options::balance): hold a
+  // fair share, hand the excess over gracefully, claim up to the share.
+  bool balance = false;
   log_handler logger;
 };
 
@@ -99,10 +102,14 @@ class member final : public lock_holder {
   task<void> claim_now();
   task<void> claim_loop();
   task<void> claim_once();
+  task<std::optional<std::size_t>> fair_share();
+  std::vector<std::string> excess(std::size_t share) const;
   task<void> claim_chunk(std::vector<std::string> channels, std::optional<std::string> gone, bool sweep,
-                         std::shared_ptr<int> left, std::shared_ptr<async_event> done);
+                         std::optional<std::size_t> quota, std::shared_ptr<int> left,
+                         std::shared_ptr<async_event> done);
   claim_result take_claim(const result& r);
-  task<void> release_impl(std::vector<std::string> channels, bool leaving);
+  // `keep`: still wanted afterwards (a balanced member's excess).
+  task<void> release_impl(std::vector<std::string> channels, bool leaving, bool keep = false);
   task<void> wait_for_successors(long others);
   task<void> listen_many(std::vector<std::string> listen, std::vector<std::string> unlisten);
   static task<void> release_quietly(std::shared_ptr<connection> c, std::string sql, std::string app,
@@ -135,6 +142,7 @@ class member final : public lock_holder {
   cancel_source claim_wake_;
   std::shared_ptr<async_event> next_claim_done_;  // set when the next claim round has run
   std::optional<std::string> gone_;  // a member the watcher found dead: the next claim sweeps it
+  std::size_t won_in_round_ = 0;
   std::shared_ptr<async_event> drained_;  // set when no channel is draining any more
   bool watcher_failing_ = false;          // said once, until it works again
   std::uint64_t notify_sub_ = 0, lost_sub_ = 0;
@@ -192,9 +200,9 @@ inline task<void> member::start() {
     demote(all, "");  // the session is gone: nothing to say beyond the lost link
   });
   co_await client_->listen(fleet_);
-  if (options_.fast_failover) {
-    auto r = co_await client_->query(sql::in_schema(sql::member_join, schema_), app_, key_);
-    registered_ = r.rows() == 1;
+  if (options_.fast_failover || options_.balance) {  // watched by the ring, counted by balanced members
+    auto r = co_await client_->query(sql::in_schema(sql::member_join, schema_), app_, key_, fleet_);
+    registered_ = r.get(0, 0) == "1";
     if (!registered_) throw error("pgiplock: member " + app_ + " could not take its member lock");
   }
   auto& loop = client_->loop();
@@ -316,24 +324,68 @@ inline constexpr std::size_t claim_chunk_size = 256;
 inline task<void> member::claim_once() {
   auto want = lacking();
   auto gone = std::exchange(gone_, std::nullopt);
+  std::optional<std::size_t> quota;
+  if (options_.balance && !gone && registered_) {
+    auto share = co_await fair_share();
+    if (share && held() >= *share) {
+      auto extra = excess(*share);
+      if (!extra.empty()) co_await release_impl(std::move(extra), false, true);
+      co_return;
+    }
+    if (share) quota = *share - held();
+  }
   if (want.empty() && !gone) co_return;
   for (auto& ch : want) tenures_[ch].cut_seen = false;  // our announcement may come back before the result
-  std::size_t chunks = std::max<std::size_t>(1, (want.size() + claim_chunk_size - 1) / claim_chunk_size);
+  won_in_round_ = 0;
+  std::size_t chunks = quota ? 1 : std::max<std::size_t>(1, (want.size() + claim_chunk_size - 1) / claim_chunk_size);
   auto left = std::make_shared<int>(static_cast<int>(chunks));
   auto done = std::make_shared<async_event>(client_->loop());
   std::vector<task<void>> running(chunks);  // owned here: they die with this frame
   for (std::size_t i = 0; i < chunks; ++i) {
     auto from = want.begin() + static_cast<std::ptrdiff_t>(std::min(want.size(), i * claim_chunk_size));
-    auto to = want.begin() + static_cast<std::ptrdiff_t>(std::min(want.size(), (i + 1) * claim_chunk_size));
-    running[i] = claim_chunk(std::vector<std::string>(from, to), gone, i + 1 == chunks, left, done);
+    auto to = quota ? want.end()
+                    : want.begin() + static_cast<std::ptrdiff_t>(std::min(want.size(), (i + 1) * claim_chunk_size));
+    running[i] = claim_chunk(std::vector<std::string>(from, to), gone, i + 1 == chunks, quota, left, done);
     client_->loop().start(running[i]);
   }
   co_await done->wait();
   note(log_level::debug, "claimed " + std::to_string(want.size()) + " in " + std::to_string(chunks) + " statement(s)");
+  if (gone && options_.balance) schedule_claim();  // a sweep takes all first; then the excess goes back
+  // Members short of their share pick free channels at random and may pick
+  // the same ones: while a round makes progress and room is left, go on.
+  if (quota && won_in_round_ > 0 && won_in_round_ < *quota) schedule_claim();
+}
+
+// This member's fair share of its channels: even over the members, the
+// first (count mod members) of them in app order holding one more.
+inline task<std::optional<std::size_t>> member::fair_share() {
+  try {
+    auto r = co_await client_->query_prepared(sql::in_schema(sql::member_census, schema_), app_);
+    auto members = static_cast<std::size_t>(std::strtoull(std::string(r.get(0, 0)).c_str(), nullptr, 10));
+    auto rank = static_cast<std::size_t>(std::strtoull(std::string(r.get(0, 1)).c_str(), nullptr, 10));
+    if (members == 0) co_return std::nullopt;
+    auto all = tenures_.size();
+    co_return all / members + (rank < all % members ? 1 : 0);
+  } catch (const std::exception& e) {
+    note(log_level::debug, std::string("census failed: ") + e.what());
+  }
+  co_return std::nullopt;
+}
+
+// What is held beyond the share: the last channels in name order, so the
+// choice is stable.
+inline std::vector<std::string> member::excess(std::size_t share) const {
+  std::vector<std::string> held_now;
+  for (auto& [ch, t] : tenures_) {
+    if (t.state == lock_state::holding) held_now.push_back(ch);
+  }
+  if (held_now.size() <= share) return {};
+  return std::vector<std::string>(held_now.begin() + static_cast<std::ptrdiff_t>(share), held_now.end());
 }
 
 inline task<void> member::claim_chunk(std::vector<std::string> channels, std::optional<std::string> gone, bool sweep,
-                                      std::shared_ptr<int> left, std::shared_ptr<async_event> done) {
+                                      std::optional<std::size_t> quota, std::shared_ptr<int> left,
+                                      std::shared_ptr<async_event> done) {
   struct settle {
     std::shared_ptr<int> left;
     std::shared_ptr<async_event> done;
@@ -345,12 +397,22 @@ inline task<void> member::claim_chunk(std::vector<std::string> channels, std::op
   for (auto& ch : channels) list.add(ch);
   result r;
   try {
-    r = co_await client_->query_prepared(claim_sql_, app_, list.literal(), fleet_, lock_prefix, gone, sweep);
+    std::optional<long long> limit;
+    if (quota) limit = static_cast<long long>(*quota);
+    r = co_await client_->query_prepared(claim_sql_, app_, list.literal(), fleet_, lock_prefix, gone, sweep, limit);
+  } catch (const sql_error& e) {
+    // Two members' claims can still cross (a Node peer's inserts, a TRUNCATE):
+    // the server picks one to fail; it tries again at once.
+    bool crossed = e.sqlstate() == sqlstate::deadlock_detected;
+    note(crossed ? log_level::debug : log_level::warn, std::string("claiming channels failed: ") + e.what());
+    if (crossed) schedule_claim();
+    co_return;
   } catch (const std::exception& e) {
     note(client_->is_open() ? log_level::warn : log_level::debug, std::string("claiming channels failed: ") + e.what());
     co_return;
   }
   auto got = take_claim(r);
+  won_in_round_ += got.won.size();
   // Synchronous up to here: the won channels deliver from the next
   // notification on, which may sit in the very read that brought the result.
   for (auto& ch : got.won) hooks_.won(ch);
@@ -402,7 +464,7 @@ inline task<void> member::listen_many(std::vector<std::string> listen, std::vect
   }
 }
 
-inline task<void> member::release_impl(std::vector<std::string> channels, bool leaving) {
+inline task<void> member::release_impl(std::vector<std::string> channels, bool leaving, bool keep) {
   text_array held;
   std::vector<std::string> data, locks;
   for (auto& ch : channels) {
@@ -429,7 +491,11 @@ inline task<void> member::release_impl(std::vector<std::string> channels, bool l
   for (auto& ch : channels) {
     auto it = tenures_.find(ch);
     if (it == tenures_.end()) continue;
-    tenures_.erase(it);
+    if (keep) {
+      it->second = tenure{};
+    } else {
+      tenures_.erase(it);
+    }
     hooks_.lost(ch, "");
   }
   for (auto& l : locks) data.push_back(std::move(l));
@@ -502,6 +568,10 @@ inline void member::on_fleet_event(const notification& n) {
   static constexpr std::string_view listening = "listening:";
   if (n.payload == "free") {
     if (!lacking().empty()) schedule_claim();
+    return;
+  }
+  if (n.payload == "join") {
+    if (options_.balance && n.sender_pid != client_->backend_pid()) schedule_claim();  // make room
     return;
   }
   if (n.payload.substr(0, listening.size()) != listening) return;

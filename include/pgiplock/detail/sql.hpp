@@ -20,6 +20,7 @@ inline constexpr std::string_view insufficient_privilege = "42501";
 // Class 08 (connection exception) and 57P0x (admin shutdown, crash, cannot
 // connect now): the session is over, whatever the statement was.
 inline constexpr std::string_view connection_exception_class = "08";
+inline constexpr std::string_view deadlock_detected = "40P01";
 inline constexpr std::string_view operator_intervention_prefix = "57P0";
 // What a concurrent bootstrap by another process can raise (a Node peer
 // does not take our bootstrap lock, so these still happen).
@@ -187,11 +188,13 @@ END IF;
 -- PL/pgSQL. A watcher that just got a member's lock knows it is dead
 -- (`gone`): then pg_locks is not scanned. With `sweep`, the dead members'
 -- other rows are freed for whoever wants them (the Node trigger and 'free'
--- on the fleet channel tell them). Yields the won channels, then who holds
--- the others.
-IF to_regprocedure(format('%I.pgiplock_claim(text,text[],text,text,text,boolean)', s)) IS NULL THEN
+-- on the fleet channel tell them). With a `quota` (balanced members), at
+-- most that many channels that nobody alive holds are taken, picked at
+-- random so that members short of their share do not all reach for the
+-- same ones. Yields the won channels, then who holds the others.
+IF to_regprocedure(format('%I.pgiplock_claim(text,text[],text,text,text,boolean,integer)', s)) IS NULL THEN
   EXECUTE format($q$CREATE FUNCTION %1$I.pgiplock_claim(me text, want text[], fleet text, prefix text, gone text,
-                                                        sweep boolean)
+                                                        sweep boolean, quota integer)
   RETURNS TABLE (ch text, tok bigint, is_fresh boolean, held_by text, by_member boolean)
   LANGUAGE plpgsql AS $f$
   #variable_conflict use_column
@@ -200,6 +203,7 @@ IF to_regprocedure(format('%I.pgiplock_claim(text,text[],text,text,text,boolean)
     won text[];
     released boolean[];
     freed bigint;
+    asked text[] := want;
   BEGIN
     IF gone IS NOT NULL THEN
       dead := ARRAY[gone];
@@ -210,6 +214,17 @@ IF to_regprocedure(format('%I.pgiplock_claim(text,text[],text,text,text,boolean)
         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
           AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = current_database())
           AND l.classid = ((m.key >> 32) & 4294967295)::oid AND l.objid = (m.key & 4294967295)::oid);
+    END IF;
+    IF quota IS NOT NULL THEN
+      -- Sorted (bytewise, as every member sends its lists) so that claims
+      -- lock rows in one order: no deadlock between members.
+      SELECT coalesce(array_agg(t.w ORDER BY t.w COLLATE "C"), '{}') INTO want FROM (
+        SELECT w FROM unnest(asked) AS w
+        WHERE NOT EXISTS (
+          SELECT 1 FROM %1$I.lock l WHERE l.channel = prefix || w AND l.app <> me AND l.app <> ALL (dead)
+            AND (EXISTS (SELECT 1 FROM %1$I.pgiplock_member m WHERE m.app = l.app)
+                 OR EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.application_name = l.app)))
+        ORDER BY random() LIMIT quota) AS t;
     END IF;
     WITH taken AS (
       INSERT INTO %1$I.lock AS l (channel, app) SELECT prefix || w, me FROM unnest(want) AS w
@@ -233,7 +248,7 @@ IF to_regprocedure(format('%I.pgiplock_claim(text,text[],text,text,text,boolean)
     RETURN QUERY SELECT x.w, nextval(%2$L), x.f, me, true FROM unnest(won, released) AS x(w, f);
     RETURN QUERY SELECT substr(l.channel, length(prefix) + 1), NULL::bigint, false, l.app::text,
       EXISTS (SELECT 1 FROM %1$I.pgiplock_member m WHERE m.app = l.app)
-      FROM %1$I.lock l WHERE l.channel IN (SELECT prefix || w FROM unnest(want) AS w) AND l.app <> me;
+      FROM %1$I.lock l WHERE l.channel IN (SELECT prefix || w FROM unnest(asked) AS w) AND l.app <> me;
   END; $f$$q$, s, format('%I.pgiplock_tenure', s));
 END IF;
 -- LISTEN and UNLISTEN many channels in one round trip.
@@ -251,19 +266,26 @@ END $pgiplock$)sql";
 // ---- fleet members (pubsub in single-listener mode) ----
 
 // Joins the fleet: the session lock first, then the row, so a member whose
-// row is visible always holds its lock. $1 app, $2 key.
+// row is visible always holds its lock; 'join' on the fleet channel tells
+// balanced members to make room. $1 app, $2 key, $3 fleet channel.
 inline constexpr std::string_view member_join =
-    "WITH l AS MATERIALIZED (SELECT pg_try_advisory_lock($2::bigint) AS got) "
-    "INSERT INTO @schema@.pgiplock_member (app, key, pid) SELECT $1, $2, pg_backend_pid() FROM l WHERE l.got "
-    "ON CONFLICT (app) DO NOTHING RETURNING 1";
+    "WITH l AS MATERIALIZED (SELECT pg_try_advisory_lock($2::bigint) AS got), "
+    "i AS (INSERT INTO @schema@.pgiplock_member (app, key, pid) SELECT $1, $2, pg_backend_pid() FROM l WHERE l.got "
+    "ON CONFLICT (app) DO NOTHING RETURNING 1) "
+    "SELECT count(*), (SELECT count(pg_notify($3, 'join')) FROM i) FROM i";
 // One statement per slice, whatever the channel count (see pgiplock_watch).
 inline constexpr std::string_view member_watch = "SELECT @schema@.pgiplock_watch($1, $2::integer, $3::integer)";
 // Every channel a member wants and lacks, in one round trip.
 // $1 app, $2 channels (text[]), $3 fleet channel, $4 lock prefix.
 // $5: a member the watcher found dead, or NULL; $6: sweep the dead (the
-// last of a claim's chunks does).
+// last of a claim's chunks does); $7: a balanced member's quota, or NULL.
 inline constexpr std::string_view member_claim =
-    "SELECT ch, tok, is_fresh, held_by, by_member FROM @schema@.pgiplock_claim($1, $2::text[], $3, $4, $5, $6)";
+    "SELECT ch, tok, is_fresh, held_by, by_member "
+    "FROM @schema@.pgiplock_claim($1, $2::text[], $3, $4, $5, $6, $7::integer)";
+// A balanced member's view of the fleet: how many members, and how many
+// come before it (its rank decides who holds one more when shares are uneven).
+inline constexpr std::string_view member_census =
+    "SELECT count(*), count(*) FILTER (WHERE app < $1) FROM @schema@.pgiplock_member";
 // The holder's liveness check, for all its channels at once: how many rows
 // it still has (a DELETE or TRUNCATE fires no event we hear); its member row
 // is put back if someone deleted it. $1 app, $2 key.
