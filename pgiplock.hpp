@@ -597,6 +597,7 @@ class event_loop {
   std::uint64_t post(std::coroutine_handle<> h);
   template <class P>
   void post_task(std::coroutine_handle<P> h);
+  op* open_unless_cancelled(op_awaiter& a, std::coroutine_handle<> h);
   bool start_poll(op_awaiter& a, std::coroutine_handle<> h, int fd, unsigned events,
                   std::optional<clock::time_point> deadline);
   bool start_timer(op_awaiter& a, std::coroutine_handle<> h, clock::time_point when);
@@ -1067,15 +1068,21 @@ void event_loop::post_task(std::coroutine_handle<P> h) {
   p.start_op = post(h);
 }
 
-inline bool event_loop::start_poll(op_awaiter& a, std::coroutine_handle<> h, int fd, unsigned events,
-                                   std::optional<clock::time_point> deadline) {
+// Opens the awaiter's operation; nullptr when its cancel_source has fired
+// already (the operation is then ready, as cancelled).
+inline event_loop::op* event_loop::open_unless_cancelled(op_awaiter& a, std::coroutine_handle<> h) {
   a.id = open_op(h, a.cancel);
   op* o = find(a.id);
-  if (a.cancel && a.cancel->cancelled_) {
-    o->result = -ECANCELED;
-    make_ready(*o, a.id);
-    return true;
-  }
+  if (!a.cancel || !a.cancel->cancelled_) return o;
+  o->result = -ECANCELED;
+  make_ready(*o, a.id);
+  return nullptr;
+}
+
+inline bool event_loop::start_poll(op_awaiter& a, std::coroutine_handle<> h, int fd, unsigned events,
+                                   std::optional<clock::time_point> deadline) {
+  op* o = open_unless_cancelled(a, h);
+  if (!o) return true;
   o->fd = fd;
   o->poll_armed = true;
   backend_->arm_poll(fd, events, a.id);
@@ -1084,13 +1091,8 @@ inline bool event_loop::start_poll(op_awaiter& a, std::coroutine_handle<> h, int
 }
 
 inline bool event_loop::start_timer(op_awaiter& a, std::coroutine_handle<> h, clock::time_point when) {
-  a.id = open_op(h, a.cancel);
-  op* o = find(a.id);
-  if (a.cancel && a.cancel->cancelled_) {
-    o->result = -ECANCELED;
-    make_ready(*o, a.id);
-    return true;
-  }
+  op* o = open_unless_cancelled(a, h);
+  if (!o) return true;
   arm_timer(*o, a.id, when);
   return true;
 }
