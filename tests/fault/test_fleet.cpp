@@ -159,6 +159,9 @@ struct scale_result {
 };
 
 constexpr long scale_channels = 2000;
+// The targets; the ASan+UBSan build's members do their own part two to three
+// times slower (the server's part, most of a takeover, is the same).
+constexpr double slower = sanitized ? 2.5 : 1;
 
 task<scale_result> scale_run(event_loop& loop) {
   scale_result out;
@@ -232,8 +235,8 @@ TEST_CASE("3 members x 2,000 channels: a constant server cost per member; kill -
   INFO(r.other_client);
   CHECK(r.other_client.empty());
   CHECK(r.taken_over == static_cast<std::size_t>(scale_channels));
-  CHECK(percentile(r.takeover_ms, 0.5) <= 50);
-  CHECK(percentile(r.takeover_ms, 0.99) <= 200);
+  CHECK(percentile(r.takeover_ms, 0.5) <= 50 * slower);
+  CHECK(percentile(r.takeover_ms, 0.99) <= 200 * slower);
   CHECK(percentile(r.takeover_ms, 1.0) <= 1000);
   CHECK(r.duplicated == 0);
   CHECK(r.lost_after_takeover == 0);
@@ -284,7 +287,7 @@ TEST_CASE("successive crashes: 4 members, the holder killed, then each new holde
   for (auto ms : t) o << " " << ms << " ms";
   WARN("successive SIGKILL takeovers:" << o.str());
   REQUIRE(t.size() == 3);
-  for (auto ms : t) CHECK(ms <= 50);
+  for (auto ms : t) CHECK(ms <= 50 * slower);
 }
 
 namespace {
@@ -328,7 +331,7 @@ TEST_CASE("listen() of 10,000 channels on one member: all active within 1 s, two
                                            << (r.after.advisory_locks - r.before.advisory_locks)
                                            << " advisory locks");
   CHECK(r.active == 10000);
-  CHECK(r.ms <= 1000);
+  CHECK(r.ms <= 1000 * slower);
   CHECK(r.after.backends - r.before.backends <= 2);
   CHECK(r.after.advisory_locks - r.before.advisory_locks <= 1);
 }
