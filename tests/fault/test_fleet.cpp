@@ -362,7 +362,7 @@ struct one_connection_role {
 };
 
 struct refused_result {
-  std::size_t warnings = 0, delivered = 0;
+  std::size_t warnings = 0, named_setting = 0, delivered = 0;
   long sent = 0;
   std::vector<std::string> lines;
 };
@@ -390,6 +390,7 @@ task<refused_result> refused_run(event_loop& loop) {
   for (auto& w : m.warnings) {
     out.lines.push_back(w);
     out.warnings += w.find("fast failover unavailable") != std::string::npos;
+    out.named_setting += w.find("CONNECTION LIMIT") != std::string::npos;  // the setting to raise
   }
   co_await fl.stop();
   co_await role->drop();
@@ -406,6 +407,7 @@ TEST_CASE("a member whose watching connection is refused keeps delivering and sa
   for (auto& l : r.lines) o << "\n  " << l;
   INFO("its warnings:" << o.str());
   CHECK(r.warnings == 1);
+  CHECK(r.named_setting == 1);
   CHECK(r.sent > 1000);
   CHECK(static_cast<long>(r.delivered) >= r.sent - 10);  // the last few may still be in flight
 }
