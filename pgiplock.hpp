@@ -1491,6 +1491,7 @@ inline bool is_lock_channel(std::string_view channel) {
 
 // Lock channels and the fleet channel: the library's own traffic.
 inline bool is_internal_channel(std::string_view channel) {
+  if (channel.empty() || channel[0] != '_') return false;  // per notification: the common case decides at once
   return is_lock_channel(channel) || channel.substr(0, fleet_prefix.size()) == fleet_prefix;
 }
 
@@ -3758,6 +3759,9 @@ class member final : public lock_holder {
   [[nodiscard]] std::int64_t token(std::string_view ch) const;
   [[nodiscard]] std::size_t held() const;
   [[nodiscard]] const std::string& app() const noexcept { return app_; }
+  // The fleet channel and lock channels, handed over by pubsub, whose own
+  // subscription sees every notification: one handler per notification.
+  void on_internal(const notification& n);
 
   event_loop& holder_loop() const override { return client_->loop(); }
   task<void> release_for_shutdown() override { return leave(); }
@@ -3796,7 +3800,6 @@ class member final : public lock_holder {
                                     bool registered);
   void demote(const std::vector<std::string>& channels, const std::string& why);
   task<void> demote_and_free(std::vector<std::string> channels, std::string why);
-  void on_notification(const notification& n);
   void on_fleet_event(const notification& n);
   task<void> watch_loop();
   task<void> open_watcher();
@@ -3824,7 +3827,7 @@ class member final : public lock_holder {
   std::size_t won_in_round_ = 0;
   std::shared_ptr<async_event> drained_;  // set when no channel is draining any more
   bool watcher_failing_ = false;          // said once, until it works again
-  std::uint64_t notify_sub_ = 0, lost_sub_ = 0;
+  std::uint64_t lost_sub_ = 0;
   std::shared_ptr<connection> watcher_;
   // Last: destroyed first. Every coroutine bound to this member is one of
   // these (or awaited by one), so none outlives it.
@@ -3853,7 +3856,6 @@ inline member::member(std::shared_ptr<connection> client, member_options options
 inline member::~member() {
   forget_lock_holder(this);
   stop_loops();
-  if (notify_sub_) client_->unsubscribe(notify_sub_);
   if (lost_sub_) client_->remove_on_lost(lost_sub_);
   if (left_ || !client_->is_open()) return;
   text_array all;
@@ -3872,7 +3874,6 @@ inline void member::note(log_level level, std::string_view message) const {
 inline task<void> member::start() {
   co_await ensure_lock_schema(client_, lock_schema_name());
   lock_holders().push_back(this);
-  notify_sub_ = client_->subscribe("", [this](const notification& n) { on_notification(n); });
   lost_sub_ = client_->on_lost([this](const connection_error&) {
     std::vector<std::string> all;
     for (auto& [ch, t] : tenures_) all.push_back(ch);
@@ -3929,7 +3930,8 @@ inline bool member::delivering(std::string_view ch) const {
   return it != tenures_.end() && (it->second.state == lock_state::holding || it->second.state == lock_state::draining);
 }
 
-// A fresh tenure leaves what precedes its own announcement to the draining
+// Whether a notification that reached the connection is ours to deliver: a
+// fresh tenure leaves what precedes its own announcement to the draining
 // predecessor (see ip_lock::past_handover_cut); a draining one delivers
 // until its successor's announcement.
 inline bool member::deliverable(std::string_view ch) const {
@@ -4233,7 +4235,7 @@ inline task<void> member::demote_and_free(std::vector<std::string> channels, std
   }
 }
 
-inline void member::on_notification(const notification& n) {
+inline void member::on_internal(const notification& n) {
   if (n.channel == fleet_) {
     on_fleet_event(n);
     return;
@@ -4565,7 +4567,6 @@ class pubsub {
 
   bool locked() const { return options_.single_listener && !options_.execution_lock; }
   bool active(std::string_view ch, const channel_state& st) const;
-  bool deliverable(std::string_view ch, const channel_state& st) const;
   bool connected() const { return client_ && client_->is_open(); }
   std::vector<std::string> channels_where(bool want_active) const;
   void report(const std::exception& e);
@@ -4772,16 +4773,6 @@ inline bool pubsub::active(std::string_view ch, const channel_state& st) const {
   return !locked() || (member_ && member_->delivering(ch));
 }
 
-// Whether a notification that reached this connection is ours to deliver.
-// Once our LISTEN is on its way, whatever arrives for the channel was
-// committed after it; in single-listener mode the member says (holding and
-// past the handover cut, or draining).
-inline bool pubsub::deliverable(std::string_view ch, const channel_state& st) const {
-  if (!connected()) return false;
-  if (!locked()) return st.listen_started;
-  return member_ && member_->deliverable(ch);
-}
-
 inline void pubsub::report(const std::exception& e) {
   if (on_error_.empty()) {
     detail::log(options_.logger, log_level::error, e.what());
@@ -4910,15 +4901,23 @@ inline void pubsub::on_lost(const std::string& ch, const std::string& reason) {
   if (was && !reason.empty()) report(error("pgiplock: stopped delivering channel " + ch + ": " + reason));
 }
 
+// The hot path: one map lookup per notification in every mode.
 inline void pubsub::on_notification(const notification& n) {
-  if (detail::is_internal_channel(n.channel)) return;
-  if (options_.filtered && n.sender_pid == client_->backend_pid()) return;
-  auto it = channels_.find(n.channel);
-  if (options_.execution_lock) {
-    if (it != channels_.end() && it->second.listen_started) claims_.add(n);
+  if (detail::is_internal_channel(n.channel)) {
+    if (member_) member_->on_internal(n);
     return;
   }
-  if (it == channels_.end() || !deliverable(it->first, it->second)) return;
+  if (options_.filtered && n.sender_pid == client_->backend_pid()) return;
+  if (locked()) {  // the member's tenures are a subset of channels_
+    if (member_ && member_->deliverable(n.channel)) deliver(n.channel, n.payload);
+    return;
+  }
+  auto it = channels_.find(n.channel);
+  if (it == channels_.end() || !it->second.listen_started) return;
+  if (options_.execution_lock) {
+    claims_.add(n);
+    return;
+  }
   deliver(n.channel, n.payload);
 }
 

@@ -128,7 +128,6 @@ class pubsub {
 
   bool locked() const { return options_.single_listener && !options_.execution_lock; }
   bool active(std::string_view ch, const channel_state& st) const;
-  bool deliverable(std::string_view ch, const channel_state& st) const;
   bool connected() const { return client_ && client_->is_open(); }
   std::vector<std::string> channels_where(bool want_active) const;
   void report(const std::exception& e);
@@ -335,16 +334,6 @@ inline bool pubsub::active(std::string_view ch, const channel_state& st) const {
   return !locked() || (member_ && member_->delivering(ch));
 }
 
-// Whether a notification that reached this connection is ours to deliver.
-// Once our LISTEN is on its way, whatever arrives for the channel was
-// committed after it; in single-listener mode the member says (holding and
-// past the handover cut, or draining).
-inline bool pubsub::deliverable(std::string_view ch, const channel_state& st) const {
-  if (!connected()) return false;
-  if (!locked()) return st.listen_started;
-  return member_ && member_->deliverable(ch);
-}
-
 inline void pubsub::report(const std::exception& e) {
   if (on_error_.empty()) {
     detail::log(options_.logger, log_level::error, e.what());
@@ -473,15 +462,23 @@ inline void pubsub::on_lost(const std::string& ch, const std::string& reason) {
   if (was && !reason.empty()) report(error("pgiplock: stopped delivering channel " + ch + ": " + reason));
 }
 
+// The hot path: one map lookup per notification in every mode.
 inline void pubsub::on_notification(const notification& n) {
-  if (detail::is_internal_channel(n.channel)) return;
-  if (options_.filtered && n.sender_pid == client_->backend_pid()) return;
-  auto it = channels_.find(n.channel);
-  if (options_.execution_lock) {
-    if (it != channels_.end() && it->second.listen_started) claims_.add(n);
+  if (detail::is_internal_channel(n.channel)) {
+    if (member_) member_->on_internal(n);
     return;
   }
-  if (it == channels_.end() || !deliverable(it->first, it->second)) return;
+  if (options_.filtered && n.sender_pid == client_->backend_pid()) return;
+  if (locked()) {  // the member's tenures are a subset of channels_
+    if (member_ && member_->deliverable(n.channel)) deliver(n.channel, n.payload);
+    return;
+  }
+  auto it = channels_.find(n.channel);
+  if (it == channels_.end() || !it->second.listen_started) return;
+  if (options_.execution_lock) {
+    claims_.add(n);
+    return;
+  }
   deliver(n.channel, n.payload);
 }
 

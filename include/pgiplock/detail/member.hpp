@@ -79,6 +79,9 @@ class member final : public lock_holder {
   [[nodiscard]] std::int64_t token(std::string_view ch) const;
   [[nodiscard]] std::size_t held() const;
   [[nodiscard]] const std::string& app() const noexcept { return app_; }
+  // The fleet channel and lock channels, handed over by pubsub, whose own
+  // subscription sees every notification: one handler per notification.
+  void on_internal(const notification& n);
 
   event_loop& holder_loop() const override { return client_->loop(); }
   task<void> release_for_shutdown() override { return leave(); }
@@ -117,7 +120,6 @@ class member final : public lock_holder {
                                     bool registered);
   void demote(const std::vector<std::string>& channels, const std::string& why);
   task<void> demote_and_free(std::vector<std::string> channels, std::string why);
-  void on_notification(const notification& n);
   void on_fleet_event(const notification& n);
   task<void> watch_loop();
   task<void> open_watcher();
@@ -145,7 +147,7 @@ class member final : public lock_holder {
   std::size_t won_in_round_ = 0;
   std::shared_ptr<async_event> drained_;  // set when no channel is draining any more
   bool watcher_failing_ = false;          // said once, until it works again
-  std::uint64_t notify_sub_ = 0, lost_sub_ = 0;
+  std::uint64_t lost_sub_ = 0;
   std::shared_ptr<connection> watcher_;
   // Last: destroyed first. Every coroutine bound to this member is one of
   // these (or awaited by one), so none outlives it.
@@ -174,7 +176,6 @@ inline member::member(std::shared_ptr<connection> client, member_options options
 inline member::~member() {
   forget_lock_holder(this);
   stop_loops();
-  if (notify_sub_) client_->unsubscribe(notify_sub_);
   if (lost_sub_) client_->remove_on_lost(lost_sub_);
   if (left_ || !client_->is_open()) return;
   text_array all;
@@ -193,7 +194,6 @@ inline void member::note(log_level level, std::string_view message) const {
 inline task<void> member::start() {
   co_await ensure_lock_schema(client_, lock_schema_name());
   lock_holders().push_back(this);
-  notify_sub_ = client_->subscribe("", [this](const notification& n) { on_notification(n); });
   lost_sub_ = client_->on_lost([this](const connection_error&) {
     std::vector<std::string> all;
     for (auto& [ch, t] : tenures_) all.push_back(ch);
@@ -250,7 +250,8 @@ inline bool member::delivering(std::string_view ch) const {
   return it != tenures_.end() && (it->second.state == lock_state::holding || it->second.state == lock_state::draining);
 }
 
-// A fresh tenure leaves what precedes its own announcement to the draining
+// Whether a notification that reached the connection is ours to deliver: a
+// fresh tenure leaves what precedes its own announcement to the draining
 // predecessor (see ip_lock::past_handover_cut); a draining one delivers
 // until its successor's announcement.
 inline bool member::deliverable(std::string_view ch) const {
@@ -554,7 +555,7 @@ inline task<void> member::demote_and_free(std::vector<std::string> channels, std
   }
 }
 
-inline void member::on_notification(const notification& n) {
+inline void member::on_internal(const notification& n) {
   if (n.channel == fleet_) {
     on_fleet_event(n);
     return;

@@ -92,6 +92,7 @@ inline bool is_lock_channel(std::string_view channel) {
 
 // Lock channels and the fleet channel: the library's own traffic.
 inline bool is_internal_channel(std::string_view channel) {
+  if (channel.empty() || channel[0] != '_') return false;  // per notification: the common case decides at once
   return is_lock_channel(channel) || channel.substr(0, fleet_prefix.size()) == fleet_prefix;
 }
 
