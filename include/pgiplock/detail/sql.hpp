@@ -246,6 +246,7 @@ IF to_regprocedure(format('%I.pgiplock_claim(text,text[],text,text,text,boolean,
       IF freed > 0 THEN PERFORM pg_notify(fleet, 'free'); END IF;
     END IF;
     RETURN QUERY SELECT x.w, nextval(%2$L), x.f, me, true FROM unnest(won, released) AS x(w, f);
+    IF cardinality(won) = cardinality(asked) THEN RETURN; END IF;  -- a takeover won them all: nobody else to name
     RETURN QUERY SELECT substr(l.channel, length(prefix) + 1), NULL::bigint, false, l.app::text,
       EXISTS (SELECT 1 FROM %1$I.pgiplock_member m WHERE m.app = l.app)
       FROM %1$I.lock l WHERE l.channel IN (SELECT prefix || w FROM unnest(asked) AS w) AND l.app <> me;
