@@ -10,6 +10,7 @@
  * Usage:
  *   node node_peer.js lock   <dsn> <channel> <acquireIntervalMs> [auto|manual]
  *   node node_peer.js pubsub <dsn> <channel> [acquireIntervalMs]
+ *   node node_peer.js fleet  <dsn> <stem> <count> [acquireIntervalMs]
  *
  * <dsn>: libpq key=value conninfo ("host=127.0.0.1 port=5432 user=postgres
  *        dbname=postgres", single-quoted values allowed) or a postgres:// URL.
@@ -43,6 +44,22 @@
  *                                       the pg client BEFORE the locks' UNLISTEN/DELETE
  *                                       run, so the lock row is NOT deleted (prints
  *                                       `error Client was closed and is not queryable`)
+ *
+ *   fleet  : one PgPubSub (single-listener) on channels <stem>.0 .. <stem>.<count-1>,
+ *            one listen() call each, one after another:
+ *            `app <uuid>`, `ready <n>` (n: how many it holds then),
+ *            `holding <n>` whenever the number of its channels that PgPubSub
+ *            counts active (lock acquired) changes (polled every 5 ms, whatever
+ *            caused it), `event listen <channel>` when PgPubSub LISTENs one of
+ *            them (after its lock was won: only then does it deliver),
+ *            `message <channel> <JSON payload>`,
+ *            `listening <n>` (reply to `listening`: how many of its channels the
+ *            session LISTENs, from pg_listening_channels()), the events as in pubsub.
+ *
+ * Commands (fleet): release -> pubSub.unlisten(ch) for each channel, one after
+ *            another (UNLISTEN, then the lock's UNLISTEN and DELETE: the trigger's
+ *            release NOTIFY tells standbys at once); replies `released`.
+ *            status -> `holding <n>`; listening; exit -> release, close(), `bye`.
  *
  * lock mode, 5th arg (default `auto`): on a release notification the peer prints
  * `on-release <channel>` and, in `auto` mode, immediately calls lock.acquire() the
@@ -326,6 +343,100 @@ async function runPubSub(dsn, channel, intervalArg) {
     commandLoop(cmd, shutdown);
 }
 
+async function runFleet(dsn, stem, countArg, intervalArg) {
+    const count = +countArg;
+    if (!stem || !(count > 0)) { throw new Error('usage: fleet <dsn> <stem> <count> [acquireIntervalMs]'); }
+    const opts = { ...parseDsn(dsn), singleListener: true };
+    if (intervalArg !== undefined) {
+        const iv = +intervalArg;
+        if (!(iv > 0)) { throw new Error('acquireIntervalMs must be > 0'); }
+        opts.acquireInterval = iv;
+    }
+    const channels = [];
+    for (let i = 0; i < count; i++) { channels.push(`${stem}.${i}`); }
+    const mine = new Set(channels);
+    const pubSub = new PgPubSub(opts, logger);
+    // Each lock adds a 'notification' listener to the one pg client: 50 of
+    // them are expected, not a leak to warn about.
+    pubSub.pgClient.setMaxListeners(0);
+    pubSub.on('error', err => out('event error' + (err ? ' ' + errMsg(err) : '')));
+    pubSub.on('end', () => out('event end'));
+    pubSub.on('close', () => out('event close'));
+    pubSub.on('reconnect', n => out('event reconnect ' + n));
+    pubSub.on('listen', (ch) => { if (mine.has(ch)) { out('event listen ' + ch); } });
+    pubSub.on('message', (ch, payload) => {
+        if (mine.has(ch)) {
+            out(`message ${ch} ${JSON.stringify(payload === undefined ? null : payload)}`);
+        }
+    });
+
+    // Of our channels only: PgPubSub.onNotification makes a lock object for a
+    // lock channel's own release event too (lock() before the skip test), and
+    // activeChannels() would count those if they ever won.
+    const held = () => {
+        const active = new Set(pubSub.activeChannels());
+        return channels.filter(ch => active.has(ch)).length;
+    };
+    await pubSub.connect();
+    out('app ' + pubSub.pgClient.appName);
+    for (const ch of channels) { await pubSub.listen(ch); }
+    let last = held();
+    out('ready ' + last);
+    const poller = setInterval(() => {
+        const now = held();
+        if (now !== last) {
+            last = now;
+            out('holding ' + now);
+        }
+    }, 5);
+
+    let released = false;
+    async function release() {
+        released = true;
+        for (const ch of channels) { await pubSub.unlisten(ch); }
+    }
+    async function shutdown() {
+        clearInterval(poller);
+        try {
+            if (!released) { await release(); }
+            await pubSub.close();
+        } catch (err) { out('error ' + errMsg(err)); }
+        out('bye');
+        process.exit(0);
+    }
+
+    const cmd = async (line) => {
+        const verb = line.trim().split(/\s+/)[0];
+        try {
+            switch (verb) {
+                case 'release':
+                    await release();
+                    out('released');
+                    break;
+                case 'status':
+                    out('holding ' + held());
+                    break;
+                case 'listening': {
+                    const { rows } = await pubSub.pgClient.query(
+                        'SELECT count(*) AS n FROM pg_listening_channels() c WHERE c = ANY($1::text[])',
+                        [channels]);
+                    out('listening ' + rows[0].n);
+                    break;
+                }
+                case 'exit':
+                    await shutdown();
+                    break;
+                default:
+                    out('error unknown command: ' + verb);
+            }
+        } catch (err) {
+            out('error ' + errMsg(err));
+        }
+    };
+
+    commandLoop(cmd, shutdown);
+}
+
 process.stdout.on('error', (err) => {
     // parent went away (EPIPE): nothing left to talk to
     process.exit(err && err.code === 'EPIPE' ? 0 : 1);
@@ -336,8 +447,9 @@ async function main() {
     const [mode, ...args] = process.argv.slice(2);
     if (mode === 'lock') { return runLock(...args); }
     if (mode === 'pubsub') { return runPubSub(...args); }
+    if (mode === 'fleet') { return runFleet(...args); }
     throw new Error('usage: node_peer.js lock <dsn> <channel> <acquireIntervalMs> [auto|manual]'
-        + ' | pubsub <dsn> <channel> [acquireIntervalMs]');
+        + ' | pubsub <dsn> <channel> [acquireIntervalMs] | fleet <dsn> <stem> <count> [acquireIntervalMs]');
 }
 
 main().catch((err) => {
