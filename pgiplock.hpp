@@ -24,6 +24,7 @@
 //   detail/lock_schema.hpp   detail: the lock schema on the server
 //   ip_lock.hpp              ip_lock
 //   detail/claims.hpp        detail: the execution lock's claims
+//   detail/journal.hpp       detail: durable channels, the holder's side of the journal
 //   detail/member.hpp        detail: a fleet member, the single-listener engine of pubsub
 //   detail/notify_batch.hpp  detail: notify() batching
 //   pubsub.hpp               pubsub
@@ -1422,6 +1423,7 @@ inline constexpr std::string_view release_payload = "1";            // the Node 
 inline constexpr std::size_t max_identifier = 63;                   // NAMEDATALEN - 1
 inline constexpr std::size_t max_channel = max_identifier - lock_prefix.size();
 inline constexpr std::size_t max_payload = 7999;                    // the server rejects 8000 bytes
+inline constexpr std::size_t max_durable_payload = (1u << 30) - 1024;  // a text value is at most 1 GiB
 inline constexpr std::string_view default_schema = "pgip_lock";
 inline constexpr std::string_view claim_schema_suffix = "_unique";  // execution-lock markers
 inline constexpr std::size_t max_schema = max_identifier - claim_schema_suffix.size();
@@ -1495,15 +1497,24 @@ inline bool is_internal_channel(std::string_view channel) {
   return is_lock_channel(channel) || channel.substr(0, fleet_prefix.size()) == fleet_prefix;
 }
 
-inline void validate_payload(std::string_view payload) {
-  if (payload.size() > max_payload) {
-    throw std::length_error("pgiplock: notification payload is " + std::to_string(payload.size()) +
-                            " bytes; PostgreSQL accepts at most " + std::to_string(max_payload));
+inline void validate_durable_payload(std::string_view payload) {
+  if (payload.size() > max_durable_payload) {
+    throw std::length_error("pgiplock: payload is " + std::to_string(payload.size()) +
+                            " bytes; a durable channel takes at most " + std::to_string(max_durable_payload));
   }
   if (payload.find('\0') != std::string_view::npos) {
     throw std::invalid_argument("pgiplock: notification payload contains a NUL byte at offset " +
                                 std::to_string(payload.find('\0')) + "; payloads are text");
   }
+}
+
+inline void validate_payload(std::string_view payload) {
+  if (payload.size() > max_payload) {
+    throw std::length_error("pgiplock: notification payload is " + std::to_string(payload.size()) +
+                            " bytes; PostgreSQL accepts at most " + std::to_string(max_payload) +
+                            " on a plain channel (durable channels, pubsub_options::durable, take larger ones)");
+  }
+  validate_durable_payload(payload);
 }
 
 // "pgip_lock", or $PG_PUBSUB_SCHEMA_NAME as the Node package reads it. A name
@@ -1614,6 +1625,8 @@ inline constexpr std::string_view insufficient_privilege = "42501";
 // connect now): the session is over, whatever the statement was.
 inline constexpr std::string_view connection_exception_class = "08";
 inline constexpr std::string_view deadlock_detected = "40P01";
+inline constexpr std::string_view fenced = "PGF01";  // pgiplock_ack: the tenure was replaced
+inline constexpr std::string_view undefined_table = "42P01";
 inline constexpr std::string_view operator_intervention_prefix = "57P0";
 // What a concurrent bootstrap by another process can raise (a Node peer
 // does not take our bootstrap lock, so these still happen).
@@ -1972,6 +1985,166 @@ inline constexpr std::string_view listen_and_announce = "SELECT @schema@.pgiploc
 inline constexpr std::string_view notify_many =
     "SELECT count(pg_notify(c, p)) FROM unnest($1::text[], $2::text[]) AS t(c, p)";
 
+// ---- durable channels (DESIGN.md section 8, docs/durable.md) ----
+
+// Order and completeness: each channel's publishers serialise on its row in
+// pgiplock_channel (an upsert holds the row lock until commit), so ids are
+// drawn in commit order with no gaps: id n commits before id n + 1 can be
+// drawn, and a rolled-back draw is drawn again. A reader that saw id n has
+// seen everything below it. (A sequence read "by value" is not enough: a
+// transaction holding a smaller id may commit after a larger one was read.)
+// The cursor lives in a table of its own, so acknowledging never waits for
+// an open publisher. The journal is list-partitioned into time slots that
+// are truncated whole once every row in them is acknowledged (or older than
+// the retention): no per-message DELETE on the hot path, and the disk space
+// comes back at once. A nudge is "<id>:<payload>" when it fits in a
+// notification, else "<id>" (the payload is read from the journal).
+inline constexpr std::string_view journal_setting = "pgiplock.journal_schema";
+inline constexpr int journal_slots = 8;
+inline constexpr std::string_view journal_present =
+    "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL AND to_regclass($3) IS NOT NULL "
+    "AND to_regprocedure($4) IS NOT NULL AND to_regprocedure($5) IS NOT NULL AND to_regprocedure($6) IS NOT NULL "
+    "AND to_regprocedure($7) IS NOT NULL";
+inline constexpr std::string_view journal_ddl = R"sql(DO $pgiplock$
+DECLARE s text := current_setting('pgiplock.journal_schema');
+BEGIN
+PERFORM pg_advisory_xact_lock(hashtext('pgiplock journal ' || s));
+EXECUTE format('CREATE SCHEMA IF NOT EXISTS %I', s);
+EXECUTE format('CREATE TABLE IF NOT EXISTS %I.pgiplock_channel ('
+  'channel text PRIMARY KEY, last_id bigint NOT NULL DEFAULT 0)', s);
+EXECUTE format('CREATE TABLE IF NOT EXISTS %I.pgiplock_cursor ('
+  'channel text PRIMARY KEY, acked bigint NOT NULL DEFAULT 0, token bigint NOT NULL DEFAULT 0, '
+  'acked_at timestamptz)', s);
+EXECUTE format('CREATE TABLE IF NOT EXISTS %I.pgiplock_journal (slot smallint NOT NULL, channel text NOT NULL, '
+  'id bigint NOT NULL, payload text NOT NULL, published timestamptz NOT NULL DEFAULT now()) '
+  'PARTITION BY LIST (slot)', s);
+FOR i IN 0..7 LOOP
+  IF to_regclass(format('%I.pgiplock_journal_%s', s, i)) IS NULL THEN
+    EXECUTE format('CREATE TABLE %1$I.pgiplock_journal_%2$s PARTITION OF %1$I.pgiplock_journal '
+      'FOR VALUES IN (%2$s)', s, i);
+    EXECUTE format('ALTER TABLE %I.pgiplock_journal_%s ADD PRIMARY KEY (channel, id)', s, i);
+  END IF;
+END LOOP;
+-- The current time slot: 4 s each, 8 of them, so a slot is written for 4 s
+-- and can be truncated from then on, for 28 s, before it comes round again.
+EXECUTE format($q$CREATE OR REPLACE FUNCTION %I.pgiplock_slot() RETURNS smallint LANGUAGE sql STABLE AS
+  $b$SELECT (floor(extract(epoch FROM now()) / 4)::bigint %% 8)::smallint$b$$q$, s);
+-- Journals messages in the order given and nudges their channels, all at the
+-- commit of the caller's transaction. Counter rows are locked in channel
+-- order (bytewise): two publishers of several channels cannot deadlock.
+EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_publish_many(chs text[], payloads text[])
+  RETURNS SETOF bigint LANGUAGE plpgsql AS $f$
+  DECLARE ids bigint[]; nudges text[]; names text[];
+  BEGIN
+    IF cardinality(chs) IS DISTINCT FROM cardinality(payloads) THEN
+      RAISE EXCEPTION 'pgiplock_publish_many: %% channels but %% payloads', cardinality(chs), cardinality(payloads);
+    END IF;
+    IF EXISTS (SELECT 1 FROM unnest(chs) AS c WHERE c IS NULL OR c = '') THEN
+      RAISE EXCEPTION 'pgiplock_publish: the channel name is empty or NULL';
+    END IF;
+    WITH m AS (SELECT t.c, t.p, t.o FROM unnest(chs, payloads) WITH ORDINALITY AS t(c, p, o)),
+    n AS (SELECT m.c, count(*) AS k FROM m GROUP BY m.c),
+    ctr AS (INSERT INTO %1$I.pgiplock_channel AS x (channel, last_id)
+            SELECT n.c, n.k FROM n ORDER BY n.c COLLATE "C"
+            ON CONFLICT (channel) DO UPDATE SET last_id = x.last_id + EXCLUDED.last_id
+            RETURNING x.channel, x.last_id),
+    numbered AS (SELECT m.c, m.p, m.o,
+                   ctr.last_id - n.k + row_number() OVER (PARTITION BY m.c ORDER BY m.o) AS id
+                 FROM m JOIN ctr ON ctr.channel = m.c JOIN n ON n.c = m.c),
+    j AS (INSERT INTO %1$I.pgiplock_journal (slot, channel, id, payload)
+          SELECT %1$I.pgiplock_slot(), numbered.c, numbered.id, coalesce(numbered.p, '') FROM numbered)
+    SELECT array_agg(numbered.id ORDER BY numbered.o), array_agg(numbered.c ORDER BY numbered.o),
+           array_agg(CASE WHEN octet_length(numbered.p) <= 7900 THEN numbered.id || ':' || numbered.p
+                          ELSE numbered.id::text END ORDER BY numbered.o)
+      INTO ids, names, nudges FROM numbered;
+    PERFORM pg_notify(x.c, x.n) FROM unnest(names, nudges) AS x(c, n);
+    RETURN QUERY SELECT unnest(ids);
+  END; $f$$q$, s);
+EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_publish(channel text, payload text)
+  RETURNS bigint LANGUAGE sql AS
+  $b$SELECT %1$I.pgiplock_publish_many(ARRAY[channel], ARRAY[payload])$b$$q$, s);
+-- Moves a cursor inside the caller's transaction, which then commits its own
+-- writes with it (exactly-once effects); a replaced tenure raises PGF01.
+EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_ack(ch text, upto bigint, tok bigint)
+  RETURNS void LANGUAGE plpgsql AS $f$
+  BEGIN
+    UPDATE %1$I.pgiplock_cursor c SET acked = greatest(c.acked, upto), acked_at = now()
+      WHERE c.channel = ch AND c.token = tok;
+    IF NOT FOUND THEN
+      RAISE EXCEPTION 'pgiplock: tenure %% of channel "%%" was replaced: its acknowledgement is refused', tok, ch
+        USING ERRCODE = 'PGF01';
+    END IF;
+  END; $f$$q$, s);
+-- Retention, one caller at a time: a slot other than the current one whose
+-- rows are all acknowledged (or older than keep) is truncated whole; in
+-- the others the acknowledged rows go in one DELETE. A slot that a
+-- publisher still writes to (a transaction open since that slot was
+-- current) cannot be locked within 50 ms and waits for the next round.
+EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_prune(keep interval)
+  RETURNS integer LANGUAGE plpgsql AS $f$
+  DECLARE cur smallint := %1$I.pgiplock_slot(); part text; busy boolean; cut integer := 0;
+  BEGIN
+    IF NOT pg_try_advisory_xact_lock(hashtext('pgiplock prune ' || %2$L)) THEN RETURN 0; END IF;
+    FOR i IN 0..7 LOOP
+      CONTINUE WHEN i = cur;
+      part := format('%%I.%%I', %2$L, 'pgiplock_journal_' || i);
+      EXECUTE format('SELECT EXISTS (SELECT 1 FROM %%s)', part) INTO busy;
+      CONTINUE WHEN NOT busy;
+      BEGIN
+        PERFORM set_config('lock_timeout', '50', true);
+        EXECUTE format('LOCK TABLE %%s IN ACCESS EXCLUSIVE MODE', part);
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM %%s j LEFT JOIN %%I.pgiplock_cursor c ON c.channel = j.channel '
+                       'WHERE j.id > coalesce(c.acked, 0) AND j.published > now() - $1)', part, %2$L)
+          USING keep INTO busy;
+        IF busy THEN
+          EXECUTE format('DELETE FROM %%s j USING %%I.pgiplock_cursor c WHERE c.channel = j.channel '
+                         'AND j.id <= c.acked', part, %2$L);
+        ELSE
+          EXECUTE format('TRUNCATE %%s', part);
+          cut := cut + 1;
+        END IF;
+      EXCEPTION WHEN lock_not_available THEN
+        NULL;
+      END;
+    END LOOP;
+    PERFORM set_config('lock_timeout', '0', true);
+    RETURN cut;
+  END; $f$$q$, s, s);
+END $pgiplock$)sql";
+// The messages of many channels after their positions, at most $3 each:
+// a takeover's replay and a live gap, in one round trip for all channels.
+inline constexpr std::string_view journal_read =
+    "SELECT x.c, j.id, j.payload FROM unnest($1::text[], $2::bigint[]) AS x(c, f) "
+    "CROSS JOIN LATERAL (SELECT id, payload FROM @schema@.pgiplock_journal "
+    "WHERE channel = x.c AND id > x.f ORDER BY id LIMIT $3::integer) j ORDER BY x.c, j.id";
+// A new tenure fences the cursor: from its commit on, only this token moves
+// it. Yields each channel's position, or nothing for a channel whose cursor
+// a newer tenure holds already. $1 channels, $2 tokens.
+inline constexpr std::string_view cursor_take =
+    "INSERT INTO @schema@.pgiplock_cursor AS c (channel, token) "
+    "SELECT x.c, x.t FROM unnest($1::text[], $2::bigint[]) AS x(c, t) ORDER BY x.c COLLATE \"C\" "
+    "ON CONFLICT (channel) DO UPDATE SET token = EXCLUDED.token WHERE c.token < EXCLUDED.token "
+    "RETURNING c.channel, c.acked";
+// Acknowledges many channels, each only under its tenure's token; yields the
+// channels whose acknowledgement was accepted. $1 channels, $2 ids, $3 tokens.
+inline constexpr std::string_view cursor_ack =
+    "UPDATE @schema@.pgiplock_cursor c SET acked = greatest(c.acked, x.id), acked_at = now() "
+    "FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS x(ch, id, tok) "
+    "WHERE c.channel = x.ch AND c.token = x.tok RETURNING c.channel";
+inline constexpr std::string_view publish_many = "SELECT @schema@.pgiplock_publish_many($1::text[], $2::text[])";
+inline constexpr std::string_view ack_one = "SELECT @schema@.pgiplock_ack($1, $2::bigint, $3::bigint)";
+inline constexpr std::string_view prune = "SELECT @schema@.pgiplock_prune($1::interval)";
+inline constexpr std::string_view rollback = "ROLLBACK";
+inline constexpr std::string_view commit = "COMMIT";
+// Per durable channel: published, acknowledged, backlog, age of the oldest
+// unacknowledged message (for pgiplock status).
+inline constexpr std::string_view durable_status =
+    "SELECT n.channel, n.last_id, coalesce(c.acked, 0), n.last_id - coalesce(c.acked, 0), "
+    "extract(epoch FROM now() - (SELECT min(j.published) FROM @schema@.pgiplock_journal j "
+    "WHERE j.channel = n.channel AND j.id > coalesce(c.acked, 0))) "
+    "FROM @schema@.pgiplock_channel n LEFT JOIN @schema@.pgiplock_cursor c ON c.channel = n.channel "
+    "ORDER BY n.channel";
+
 // ---- execution lock ----
 
 inline constexpr std::string_view claim_schema_present = "SELECT to_regclass($1) IS NOT NULL";
@@ -2024,6 +2197,18 @@ struct notification {
   std::string_view channel;
   std::string_view payload;
   int sender_pid = 0;  // backend pid of the session that sent it
+};
+
+// A message as pubsub::on_delivery gives it; the views are valid during the
+// handler call. On a durable channel `id` is the message's id in the
+// journal (strictly increasing per channel; a redelivery has the same id)
+// and `token` the fencing token of the tenure that delivers it; on a plain
+// channel both are 0.
+struct delivery {
+  std::string_view channel;
+  std::string_view payload;
+  std::int64_t id = 0;
+  std::int64_t token = 0;
 };
 
 // Owns one PGresult.
@@ -3684,6 +3869,566 @@ class claim_queue {
 
 }  // namespace pgiplock::detail
 
+// ==== detail: durable channels, the holder's side of the journal ==============
+//
+// DESIGN.md section 8 and docs/durable.md. While this member holds a durable
+// channel, one stream per channel: on a new tenure it fences the channel's
+// cursor with the tenure's token and reads where the cursor stands
+// (resuming), replays the journal after it (catching up), then follows the
+// nudges (live). Ids are gap-free and in commit order per channel, so a
+// live nudge whose id is the next one, with its payload inline, is
+// delivered without a SELECT; anything else (a large payload, a gap) sends
+// the stream back to the journal, which also reads every catching-up stream
+// in one statement. Deliveries are acknowledged in the background, one
+// statement for all channels and one in flight at a time, each channel only
+// under its tenure's token. A handler that wants its effects exactly once
+// runs in a transaction on a connection of its own that also moves the
+// cursor (on_delivery_in_transaction).
+namespace pgiplock::detail {
+
+// The journal's tables and functions in the lock schema; one check when
+// they are there already.
+task<void> ensure_journal(std::shared_ptr<connection> client);
+
+struct journal_options {
+  std::chrono::milliseconds retention{std::chrono::hours(24 * 7)};
+  std::chrono::milliseconds retry_delay{100};
+  std::chrono::milliseconds liveness_timeout{10000};
+  log_handler logger;
+};
+
+class journal {
+ public:
+  using transaction_handler = std::function<task<void>(const delivery&, connection&)>;
+  struct hooks {
+    std::function<void(const delivery&)> deliver;  // per channel in id order
+    std::function<void(const std::exception&)> report;
+  };
+
+  journal(std::shared_ptr<connection> client, journal_options options, hooks h);
+  journal(const journal&) = delete;
+  journal& operator=(const journal&) = delete;
+  ~journal();
+
+  // A tenure began (its LISTEN committed with the win) or ended.
+  void begin_tenure(const std::string& channel, std::int64_t token);
+  void end_tenure(const std::string& channel);
+  // Before a release: stop delivering these channels and acknowledge what
+  // they delivered, so the successor resumes exactly there.
+  task<void> settle(std::vector<std::string> channels);
+  // A notification on a channel this member may hold.
+  void on_nudge(const notification& n);
+  // From now on the cursor moves only with the handler's transaction.
+  void set_transaction_handler(transaction_handler fn);
+  [[nodiscard]] bool live(std::string_view channel) const;
+
+ private:
+  enum class phase { resuming, catching_up, live, stopped };
+  struct nudge {
+    std::int64_t id = 0;
+    bool has_payload = false;
+    std::string payload;
+    std::uint64_t seen_at_read = 0;  // reads_ when it arrived
+  };
+  struct stream {
+    std::int64_t token = 0;
+    std::int64_t next = 0;  // the id to deliver next
+    phase state = phase::resuming;
+    std::deque<nudge> backlog;  // arrived while not live
+    std::int64_t delivered = 0, acked = 0;
+  };
+  struct owned_delivery {
+    std::string channel, payload;
+    std::int64_t id = 0, token = 0;
+  };
+  struct read_round {
+    std::vector<std::string> channels;
+    std::vector<std::int64_t> tokens;
+  };
+
+  void note(log_level level, const std::string& message) const;
+  void complain(const std::string& message) const;
+  static std::optional<nudge> parse(std::string_view payload);
+  void wake_reader();
+  void wake_acker();
+  bool deliver(const std::string& channel, stream& s, std::int64_t id, std::string_view payload);
+  void drain_backlog(const std::string& channel, std::uint64_t read_no, bool complete);
+  void fence(const std::string& channel, std::int64_t token);
+  task<void> reader_loop();
+  task<bool> resume_all();
+  task<bool> read_once();
+  void take_rows(const result& r, const read_round& round, std::uint64_t read_no);
+  task<void> acker_loop();
+  task<void> ack(std::vector<std::string> only);
+  task<void> prune();
+  task<void> transaction_loop();
+  task<bool> run_transaction(const owned_delivery& d);
+  task<void> transact(std::shared_ptr<connection> c, const owned_delivery& d);
+  task<void> ensure_tx_connection();
+
+  std::shared_ptr<connection> client_;
+  journal_options options_;
+  hooks hooks_;
+  std::string read_sql_, take_sql_, ack_sql_, ack_one_sql_, prune_sql_;
+  std::map<std::string, stream, std::less<>> streams_;
+  std::uint64_t reads_ = 0;  // journal reads sent so far
+  bool read_requested_ = false, ack_requested_ = false;
+  cancel_source reader_wake_, acker_wake_, tx_wake_;
+  bool acked_since_prune_ = false;
+  transaction_handler tx_handler_;
+  std::deque<owned_delivery> tx_queue_;
+  std::shared_ptr<connection> tx_conn_;
+  // Last: destroyed first.
+  task<void> reader_task_;
+  task<void> acker_task_;
+  task<void> tx_task_;
+};
+
+// ---- implementation ---------------------------------------------------------
+
+inline task<void> ensure_journal(std::shared_ptr<connection> client) {
+  co_await ensure_lock_schema(client, lock_schema_name());
+  std::string s = client->quote_identifier(lock_schema_name());
+  auto present = co_await client->query(std::string(sql::journal_present), s + ".pgiplock_channel",
+                                        s + ".pgiplock_cursor", s + ".pgiplock_journal",
+                                        s + ".pgiplock_publish_many(text[],text[])", s + ".pgiplock_publish(text,text)",
+                                        s + ".pgiplock_ack(text,bigint,bigint)", s + ".pgiplock_prune(interval)");
+  if (present.get(0, 0) == "t") co_return;
+  co_await run_bootstrap(client, sql::journal_setting, lock_schema_name(), sql::journal_ddl, "the journal");
+}
+
+inline constexpr int journal_page = 256;  // rows per channel per read
+inline constexpr std::chrono::milliseconds prune_every{2000};
+
+inline journal::journal(std::shared_ptr<connection> client, journal_options options, hooks h)
+    : client_(std::move(client)), options_(std::move(options)), hooks_(std::move(h)) {
+  auto schema = client_->quote_identifier(lock_schema_name());
+  read_sql_ = sql::in_schema(sql::journal_read, schema);
+  take_sql_ = sql::in_schema(sql::cursor_take, schema);
+  ack_sql_ = sql::in_schema(sql::cursor_ack, schema);
+  ack_one_sql_ = sql::in_schema(sql::ack_one, schema);
+  prune_sql_ = sql::in_schema(sql::prune, schema);
+  auto& loop = client_->loop();
+  reader_task_ = reader_loop();
+  loop.start(reader_task_);
+  acker_task_ = acker_loop();
+  loop.start(acker_task_);
+}
+
+inline journal::~journal() {
+  tx_task_ = task<void>{};
+  acker_task_ = task<void>{};
+  reader_task_ = task<void>{};
+  if (auto c = std::move(tx_conn_)) client_->loop().spawn(connection::close_quietly(c));
+  // What was delivered and not acknowledged is delivered again by the next
+  // holder: at-least-once.
+}
+
+inline void journal::note(log_level level, const std::string& message) const {
+  if (level == log_level::debug && !options_.logger) return;
+  log(options_.logger, level, "journal: " + message);
+}
+
+inline void journal::complain(const std::string& message) const { hooks_.report(error("pgiplock: " + message)); }
+
+inline void journal::begin_tenure(const std::string& channel, std::int64_t token) {
+  stream s;
+  s.token = token;
+  streams_[channel] = std::move(s);
+  wake_reader();
+}
+
+inline void journal::end_tenure(const std::string& channel) {
+  auto it = streams_.find(channel);
+  if (it != streams_.end()) streams_.erase(it);
+  std::erase_if(tx_queue_, [&](const owned_delivery& d) { return d.channel == channel; });
+}
+
+inline bool journal::live(std::string_view channel) const {
+  auto it = streams_.find(channel);
+  return it != streams_.end() && it->second.state == phase::live;
+}
+
+inline void journal::set_transaction_handler(transaction_handler fn) {
+  tx_handler_ = std::move(fn);
+  if (tx_task_.valid()) return;
+  tx_task_ = transaction_loop();
+  client_->loop().start(tx_task_);
+}
+
+inline void journal::wake_reader() {
+  read_requested_ = true;
+  reader_wake_.cancel();
+}
+
+inline void journal::wake_acker() {
+  if (tx_handler_) return;  // the transactions move the cursor
+  ack_requested_ = true;
+  acker_wake_.cancel();
+}
+
+// "<id>:<payload>" or "<id>"; anything else is not a nudge of the journal.
+inline std::optional<journal::nudge> journal::parse(std::string_view payload) {
+  nudge n;
+  auto colon = payload.find(':');
+  auto digits = payload.substr(0, colon);
+  auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), n.id);
+  if (ec != std::errc{} || end != digits.data() + digits.size() || digits.empty() || n.id <= 0) return std::nullopt;
+  if (colon != std::string_view::npos) {
+    n.has_payload = true;
+    n.payload.assign(payload.substr(colon + 1));
+  }
+  return n;
+}
+
+// The hot path of a durable channel: the next id with its payload inline
+// is delivered at once; anything else waits for the journal.
+inline void journal::on_nudge(const notification& n) {
+  auto it = streams_.find(n.channel);
+  if (it == streams_.end() || it->second.state == phase::stopped) return;
+  auto& s = it->second;
+  if (s.state == phase::live) {
+    auto colon = n.payload.find(':');
+    std::int64_t id = 0;
+    auto digits = n.payload.substr(0, colon);
+    auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), id);
+    if (ec == std::errc{} && end == digits.data() + digits.size() && id < s.next && id > 0) return;  // seen
+    if (ec == std::errc{} && id == s.next && colon != std::string_view::npos && end == n.payload.data() + colon) {
+      deliver(it->first, s, id, n.payload.substr(colon + 1));
+      return;
+    }
+  }
+  auto parsed = parse(n.payload);
+  if (!parsed) {
+    note(log_level::debug, "ignored a notification on durable channel " + std::string(n.channel) +
+                               " that is not a journal nudge: " + std::string(n.payload.substr(0, 64)));
+    return;
+  }
+  parsed->seen_at_read = reads_;
+  s.backlog.push_back(std::move(*parsed));
+  if (s.state == phase::live) {
+    s.state = phase::catching_up;
+    wake_reader();
+  }
+}
+
+// Delivers one message; false when a handler ended the tenure meanwhile.
+inline bool journal::deliver(const std::string& channel, stream& s, std::int64_t id, std::string_view payload) {
+  auto token = s.token;
+  s.next = id + 1;
+  s.delivered = id;
+  std::string ch = channel;  // a handler may erase the stream and its key
+  hooks_.deliver(delivery{ch, payload, id, token});
+  auto it = streams_.find(ch);
+  if (it == streams_.end() || it->second.token != token) return false;
+  if (tx_handler_) tx_queue_.push_back(owned_delivery{ch, std::string(payload), id, token});
+  if (tx_handler_) tx_wake_.cancel();
+  wake_acker();
+  return true;
+}
+
+// After a read of the journal: what arrived meanwhile, in order. A nudge
+// the read should have covered (it arrived before the read was sent) but
+// did not is gone from the journal: said, and skipped.
+inline void journal::drain_backlog(const std::string& channel, std::uint64_t read_no, bool complete) {
+  for (;;) {
+    auto it = streams_.find(channel);
+    if (it == streams_.end() || it->second.state != phase::catching_up) return;
+    auto& s = it->second;
+    if (s.backlog.empty()) {
+      if (complete) s.state = phase::live;
+      return;
+    }
+    auto& head = s.backlog.front();
+    if (head.id < s.next) {
+      s.backlog.pop_front();
+      continue;
+    }
+    bool covered = head.seen_at_read < read_no && complete;
+    if (head.id > s.next && !covered) return;  // what lies between may still come
+    if (head.id > s.next || (!head.has_payload && covered)) {
+      complain("durable channel " + channel + ": messages " + std::to_string(s.next) + ".." +
+               std::to_string(head.has_payload ? head.id - 1 : head.id) +
+               " are no longer in the journal (past durable_retention, or deleted)");
+      s.next = head.has_payload ? head.id : head.id + 1;
+      if (!head.has_payload) {
+        s.backlog.pop_front();
+        continue;
+      }
+    }
+    if (!head.has_payload) return;  // the next read brings it
+    auto n = std::move(head);
+    s.backlog.pop_front();
+    if (!deliver(channel, s, n.id, n.payload)) return;
+  }
+}
+
+// Another tenure took the cursor: this member must not deliver the channel.
+inline void journal::fence(const std::string& channel, std::int64_t token) {
+  auto it = streams_.find(channel);
+  if (it == streams_.end() || it->second.token != token) return;
+  it->second.state = phase::stopped;
+  it->second.backlog.clear();
+  complain("durable channel " + channel + ": tenure " + std::to_string(token) +
+           " was replaced by a newer one; stopped delivering it");
+}
+
+inline task<void> journal::reader_loop() {
+  for (;;) {
+    if (!read_requested_) {
+      if (!co_await client_->loop().sleep(std::chrono::hours(24), &reader_wake_)) reader_wake_.reset();
+      continue;
+    }
+    read_requested_ = false;
+    if (!client_->is_open()) co_return;
+    bool ok = co_await resume_all();
+    while (ok) {
+      bool more = co_await read_once();
+      if (!more) break;
+    }
+    if (!ok) {
+      co_await client_->loop().sleep(options_.retry_delay);
+      read_requested_ = true;
+    }
+  }
+}
+
+// Fences the cursor of every new tenure and reads where it stands, in one
+// statement; false after a failure (reported; retried).
+inline task<bool> journal::resume_all() {
+  read_round round;
+  for (auto& [ch, s] : streams_) {
+    if (s.state != phase::resuming) continue;
+    round.channels.push_back(ch);
+    round.tokens.push_back(s.token);
+  }
+  if (round.channels.empty()) co_return true;
+  text_array chs, toks;
+  for (std::size_t i = 0; i < round.channels.size(); ++i) {
+    chs.add(round.channels[i]);
+    toks.add(std::to_string(round.tokens[i]));
+  }
+  result r;
+  try {
+    r = co_await client_->query(take_sql_, chs.literal(), toks.literal());
+  } catch (const std::exception& e) {
+    if (client_->is_open()) complain(std::string("reading durable cursors failed: ") + e.what());
+    co_return false;
+  }
+  std::map<std::string, std::int64_t, std::less<>> at;
+  for (int i = 0; i < r.rows(); ++i) at[std::string(r.get(i, 0))] = std::strtoll(std::string(r.get(i, 1)).c_str(), nullptr, 10);
+  for (std::size_t i = 0; i < round.channels.size(); ++i) {
+    auto it = streams_.find(round.channels[i]);
+    if (it == streams_.end() || it->second.token != round.tokens[i] || it->second.state != phase::resuming) continue;
+    auto pos = at.find(round.channels[i]);
+    if (pos == at.end()) {
+      fence(round.channels[i], round.tokens[i]);
+      continue;
+    }
+    it->second.next = pos->second + 1;
+    it->second.acked = it->second.delivered = pos->second;
+    it->second.state = phase::catching_up;
+  }
+  co_return true;
+}
+
+// One page of the journal for every catching-up stream; true while some
+// stream needs another.
+inline task<bool> journal::read_once() {
+  read_round round;
+  text_array chs, from;
+  for (auto& [ch, s] : streams_) {
+    if (s.state != phase::catching_up) continue;
+    round.channels.push_back(ch);
+    round.tokens.push_back(s.token);
+    chs.add(ch);
+    from.add(std::to_string(s.next - 1));
+  }
+  if (round.channels.empty()) co_return false;
+  auto read_no = ++reads_;
+  result r;
+  bool failed = false;
+  try {
+    r = co_await client_->query(read_sql_, chs.literal(), from.literal(), journal_page);
+  } catch (const std::exception& e) {
+    failed = true;
+    if (client_->is_open()) complain(std::string("reading the journal failed: ") + e.what());
+  }
+  if (failed) {
+    co_await client_->loop().sleep(options_.retry_delay);
+    co_return client_->is_open();
+  }
+  take_rows(r, round, read_no);
+  co_return std::any_of(streams_.begin(), streams_.end(),
+                        [](const auto& s) { return s.second.state == phase::catching_up; });
+}
+
+// Rows come ordered by channel, then id.
+inline void journal::take_rows(const result& r, const read_round& round, std::uint64_t read_no) {
+  std::map<std::string, int, std::less<>> rows_of;
+  for (int i = 0; i < r.rows(); ++i) {
+    std::string ch(r.get(i, 0));
+    ++rows_of[ch];
+    auto it = streams_.find(ch);
+    if (it == streams_.end() || it->second.state != phase::catching_up) continue;
+    auto& s = it->second;
+    auto id = std::strtoll(std::string(r.get(i, 1)).c_str(), nullptr, 10);
+    if (id < s.next) continue;
+    if (id > s.next) {
+      complain("durable channel " + ch + ": messages " + std::to_string(s.next) + ".." + std::to_string(id - 1) +
+               " are no longer in the journal (past durable_retention, or deleted)");
+    }
+    deliver(ch, s, id, r.get(i, 2));
+  }
+  for (std::size_t i = 0; i < round.channels.size(); ++i) {
+    auto it = streams_.find(round.channels[i]);
+    if (it == streams_.end() || it->second.token != round.tokens[i]) continue;
+    drain_backlog(round.channels[i], read_no, rows_of[round.channels[i]] < journal_page);
+  }
+}
+
+// One acknowledgement statement in flight; requests made meanwhile go in
+// the next. Retention runs from here too.
+inline task<void> journal::acker_loop() {
+  auto last_prune = event_loop::clock::now();
+  for (;;) {
+    if (!ack_requested_) {
+      if (!co_await client_->loop().sleep(prune_every, &acker_wake_)) acker_wake_.reset();
+    }
+    if (!client_->is_open()) co_return;
+    if (std::exchange(ack_requested_, false)) co_await ack({});
+    if (event_loop::clock::now() - last_prune >= prune_every) {
+      last_prune = event_loop::clock::now();
+      co_await prune();
+    }
+  }
+}
+
+// Acknowledges what was delivered (on `only`, when given): each channel
+// under its own token; a refused one is fenced.
+inline task<void> journal::ack(std::vector<std::string> only) {
+  text_array chs, ids, toks;
+  std::vector<std::pair<std::string, std::int64_t>> sent;
+  for (auto& [ch, s] : streams_) {
+    if (s.delivered <= s.acked) continue;
+    if (!only.empty() && std::find(only.begin(), only.end(), ch) == only.end()) continue;
+    chs.add(ch);
+    ids.add(std::to_string(s.delivered));
+    toks.add(std::to_string(s.token));
+    sent.emplace_back(ch, s.token);
+    s.acked = s.delivered;  // optimistic: a failure puts it back below
+  }
+  if (sent.empty()) co_return;
+  std::set<std::string, std::less<>> accepted;
+  try {
+    auto r = co_await client_->query(ack_sql_, chs.literal(), ids.literal(), toks.literal());
+    for (int i = 0; i < r.rows(); ++i) accepted.emplace(r.get(i, 0));
+    acked_since_prune_ = true;
+  } catch (const std::exception& e) {
+    if (client_->is_open()) complain(std::string("acknowledging durable messages failed: ") + e.what());
+    for (auto& [ch, token] : sent) {
+      auto it = streams_.find(ch);
+      if (it != streams_.end() && it->second.token == token) it->second.acked = 0;  // sent again next time
+    }
+    if (client_->is_open()) ack_requested_ = true;
+    co_return;
+  }
+  for (auto& [ch, token] : sent) {
+    if (!accepted.count(ch)) fence(ch, token);
+  }
+}
+
+// Idle members prune too, so a channel nobody listens to still loses what
+// is past the retention.
+inline task<void> journal::prune() {
+  try {
+    auto keep = std::to_string(options_.retention.count()) + " milliseconds";
+    co_await client_->query_prepared(prune_sql_, keep);
+    acked_since_prune_ = false;
+  } catch (const std::exception& e) {
+    note(log_level::debug, std::string("pruning the journal failed: ") + e.what());
+  }
+}
+
+inline task<void> journal::settle(std::vector<std::string> channels) {
+  for (auto& ch : channels) {
+    auto it = streams_.find(ch);
+    if (it != streams_.end()) it->second.state = phase::stopped;
+  }
+  if (!tx_handler_ && client_->is_open()) co_await ack(std::move(channels));
+}
+
+// Exactly-once effects: one transaction per message on a connection of its
+// own, in delivery order: the handler's writes, then the cursor, which a
+// replaced tenure cannot move (the whole transaction rolls back then).
+inline task<void> journal::transaction_loop() {
+  for (;;) {
+    if (tx_queue_.empty()) {
+      if (!co_await client_->loop().sleep(std::chrono::hours(24), &tx_wake_)) tx_wake_.reset();
+      continue;
+    }
+    auto d = tx_queue_.front();
+    bool done = co_await run_transaction(d);
+    if (done) {
+      if (!tx_queue_.empty() && tx_queue_.front().id == d.id && tx_queue_.front().channel == d.channel) {
+        tx_queue_.pop_front();
+      }
+      continue;
+    }
+    co_await client_->loop().sleep(options_.retry_delay);
+  }
+}
+
+// True when the message is settled (committed, or its tenure is over).
+inline task<bool> journal::run_transaction(const owned_delivery& d) {
+  std::exception_ptr failure;
+  try {
+    co_await ensure_tx_connection();
+    co_await transact(tx_conn_, d);
+    co_return true;
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  if (tx_conn_ && tx_conn_->is_open()) {  // not from inside the catch: no co_await there
+    try {
+      co_await tx_conn_->query(std::string(sql::rollback));
+    } catch (const std::exception&) {
+      tx_conn_.reset();
+    }
+  }
+  try {
+    std::rethrow_exception(failure);
+  } catch (const sql_error& e) {
+    if (e.sqlstate() == sqlstate::fenced) {
+      fence(d.channel, d.token);
+      std::erase_if(tx_queue_, [&](const owned_delivery& q) { return q.channel == d.channel && q.token == d.token; });
+      co_return true;
+    }
+    complain("durable channel " + d.channel + ": the transaction of message " + std::to_string(d.id) +
+             " failed and is retried: " + e.what());
+  } catch (const std::exception& e) {
+    complain("durable channel " + d.channel + ": the transaction of message " + std::to_string(d.id) +
+             " failed and is retried: " + e.what());
+  }
+  if (tx_conn_ && !tx_conn_->is_open()) tx_conn_.reset();
+  co_return false;
+}
+
+inline task<void> journal::transact(std::shared_ptr<connection> c, const owned_delivery& d) {
+  co_await c->query(std::string(sql::begin));
+  co_await tx_handler_(delivery{d.channel, d.payload, d.id, d.token}, *c);
+  co_await c->query(ack_one_sql_, d.channel, d.id, d.token);
+  co_await c->query(std::string(sql::commit));
+}
+
+inline task<void> journal::ensure_tx_connection() {
+  if (tx_conn_ && tx_conn_->is_open()) co_return;
+  auto opts = derived_options(client_->logger(), options_.liveness_timeout, false);
+  tx_conn_ = co_await connection::connect(client_->loop(), client_->conninfo(), opts);
+}
+
+}  // namespace pgiplock::detail
+
 // ==== detail: a fleet member, the single-listener engine of pubsub ===========
 //
 // What a pubsub in single-listener mode costs the server does not grow with
@@ -3732,9 +4477,12 @@ struct member_options {
 class member final : public lock_holder {
  public:
   struct hooks {
-    std::function<void(const std::string& channel)> won;  // LISTEN committed with the win
+    std::function<void(const std::string& channel, std::int64_t token)> won;  // LISTEN committed with the win
     // Stopped delivering: released (reason empty) or demoted (the reason).
     std::function<void(const std::string& channel, const std::string& reason)> lost;
+    // Optional: awaited before held channels are released (a durable
+    // channel acknowledges what it delivered, so the successor resumes there).
+    std::function<task<void>(std::vector<std::string> channels)> releasing;
   };
 
   member(std::shared_ptr<connection> client, member_options options, hooks h);
@@ -4097,7 +4845,7 @@ inline task<void> member::claim_chunk(std::vector<std::string> channels, std::op
   won_in_round_ += got.won.size();
   // Synchronous up to here: the won channels deliver from the next
   // notification on, which may sit in the very read that brought the result.
-  for (auto& ch : got.won) hooks_.won(ch);
+  for (auto& ch : got.won) hooks_.won(ch, token(ch));
   if (!got.listen_locks.empty() || !got.unlisten_locks.empty()) {
     co_await listen_many(std::move(got.listen_locks), std::move(got.unlisten_locks));
   }
@@ -4160,6 +4908,7 @@ inline task<void> member::release_impl(std::vector<std::string> channels, bool l
     if (it->second.lock_listened) locks.push_back(std::string(lock_prefix) + ch);
   }
   long others = 0;
+  if (hooks_.releasing && !data.empty() && client_->is_open()) co_await hooks_.releasing(data);
   if (client_->is_open() && (held.size() || leaving)) {
     try {
       auto r = co_await client_->query(release_sql_, app_, held.literal(), lock_prefix, fleet_, leaving,
@@ -4401,6 +5150,8 @@ class notify_batcher {
   };
 
   explicit notify_batcher(event_loop& loop) : loop_(&loop) {}
+  // The statement that sends a batch: pg_notify, or the journal's publish.
+  void use(std::string statement) { statement_ = std::move(statement); }
 
   // Adds the message to the open batch (opening one if needed); wait on the
   // batch's `done`, then look at its `failure`.
@@ -4411,7 +5162,7 @@ class notify_batcher {
     pair.append(payload);
     if (!open_ || open_->sealed || full(*open_) || open_->pairs.count(pair)) {
       open_ = std::make_shared<batch>(*loop_);
-      loop_->spawn(send(open_, client, *loop_));
+      loop_->spawn(send(open_, client, statement_, *loop_));
     }
     open_->channels.add(channel);
     open_->payloads.add(payload);
@@ -4426,12 +5177,13 @@ class notify_batcher {
   static bool full(const batch& b) { return b.channels.size() >= max_count || b.bytes >= max_bytes; }
 
   // Runs after the notifying coroutines of this turn of the loop have joined.
-  static task<void> send(std::shared_ptr<batch> b, std::shared_ptr<connection> c, event_loop& loop) {
+  static task<void> send(std::shared_ptr<batch> b, std::shared_ptr<connection> c, std::string statement,
+                         event_loop& loop) {
     co_await loop.yield();
     b->sealed = true;
     b->pairs.clear();
     try {
-      co_await c->query(std::string(sql::notify_many), b->channels.literal(), b->payloads.literal());
+      co_await c->query(statement, b->channels.literal(), b->payloads.literal());
     } catch (...) {
       b->failure = std::current_exception();
     }
@@ -4439,6 +5191,7 @@ class notify_batcher {
   }
 
   event_loop* loop_;
+  std::string statement_{sql::notify_many};
   std::shared_ptr<batch> open_;
 };
 
@@ -4482,6 +5235,14 @@ struct pubsub_options {
   // Dead-link detection and holder self-demotion (see connect_options and
   // ip_lock_options); 0 disables.
   std::chrono::milliseconds liveness_timeout{10000};
+  // Durable channels (docs/durable.md): notify() journals each message and
+  // nudges its channel in one transaction; the holder of a channel delivers
+  // from the journal, resuming at the channel's cursor on every takeover,
+  // so nothing is lost, at least once, in id order. Needs single_listener
+  // (and no execution_lock) to listen. Payloads of any size up to 1 GiB.
+  bool durable = false;
+  // How long messages of a durable channel that nobody acknowledges are kept.
+  std::chrono::milliseconds durable_retention{std::chrono::hours(24 * 7)};
 };
 
 // Handlers for one channel each: pubsub::channels().on(ch, fn).
@@ -4558,6 +5319,16 @@ class pubsub {
   void on_message(std::function<void(std::string_view ch, std::string_view payload)> fn) {
     on_message_.push_back(std::move(fn));
   }
+  // Every delivered message with its id (durable channels; 0 on plain ones),
+  // for handlers that deduplicate redeliveries.
+  void on_delivery(std::function<void(const delivery&)> fn) { on_delivery_.push_back(std::move(fn)); }
+  // Durable channels, exactly-once effects: `fn` runs for each message in a
+  // transaction on a connection of its own, in delivery order; what it
+  // writes on that connection commits together with the message's
+  // acknowledgement, or not at all (a throw, a crash, a replaced tenure
+  // roll it back; the message then comes again, to this or the next
+  // holder). With it, only these transactions move the cursor. One handler.
+  void on_delivery_in_transaction(std::function<task<void>(const delivery&, connection&)> fn);
 
  private:
   struct channel_state {
@@ -4585,6 +5356,9 @@ class pubsub {
   void on_lost(const std::string& ch, const std::string& reason);
   void on_notification(const notification& n);
   void deliver(std::string_view ch, std::string_view payload);
+  void deliver_durable(const delivery& d);
+  void make_journal();
+  task<void> settle_durable(std::vector<std::string> channels);
   void on_link_lost(const connection_error& e);
   task<void> reconnect(std::shared_ptr<connection> dead);
   task<std::size_t> connect_again();
@@ -4595,6 +5369,8 @@ class pubsub {
   // Single-listener mode, from the first listen() while connected: a pubsub
   // that only notifies costs one connection, and is no member of the fleet.
   std::unique_ptr<detail::member> member_;
+  std::unique_ptr<detail::journal> journal_;  // durable: beside member_, bound to the same connection
+  std::function<task<void>(const delivery&, connection&)> tx_handler_;
   std::shared_ptr<async_event> member_started_;  // set once member_ has started (or failed to)
   std::uint64_t notify_sub_ = 0, lost_sub_ = 0;
   std::map<std::string, channel_state, std::less<>> channels_;
@@ -4609,6 +5385,7 @@ class pubsub {
   std::vector<std::function<void(std::string_view)>> on_listen_;
   std::vector<std::function<void(const std::vector<std::string>&)>> on_unlisten_;
   std::vector<std::function<void(std::string_view, std::string_view)>> on_notify_, on_message_;
+  std::vector<std::function<void(const delivery&)>> on_delivery_;
   task<void> reconnector_;  // last: destroyed first
 };
 
@@ -4642,6 +5419,7 @@ inline pubsub::pubsub(event_loop& loop, pubsub_options options)
 inline pubsub::~pubsub() {
   reconnector_ = task<void>{};
   member_.reset();
+  journal_.reset();
   channels_.clear();
   detach();
 }
@@ -4658,6 +5436,11 @@ inline task<void> pubsub::connect() {
 // given to listen() so far.
 inline task<void> pubsub::after_connect() {
   if (options_.execution_lock) co_await claims_.prepare(client_);
+  if (options_.durable) {
+    co_await detail::ensure_journal(client_);
+    batcher_.use(detail::sql::in_schema(detail::sql::publish_many,
+                                        client_->quote_identifier(detail::lock_schema_name())));
+  }
   fire(on_connect_);
   co_await subscribe_all();
 }
@@ -4668,6 +5451,7 @@ inline task<void> pubsub::close() {
   reconnector_ = task<void>{};
   if (member_) co_await member_->leave();
   member_.reset();
+  journal_.reset();
   member_started_.reset();
   for (auto& [name, st] : channels_) st.listening = false;
   auto c = client_;
@@ -4693,6 +5477,10 @@ inline task<void> pubsub::listen(std::string_view channel) {
 }
 
 inline task<void> pubsub::listen(std::vector<std::string> channels) {
+  if (options_.durable && !locked()) {
+    throw std::invalid_argument("pgiplock: durable channels are delivered by their holder: listen() needs "
+                                "single_listener = true and execution_lock = false");
+  }
   for (auto& ch : channels) {  // all or nothing: every name is checked before any is remembered
     detail::validate_channel(ch, locked() ? detail::channel_use::locked : detail::channel_use::plain);
   }
@@ -4734,7 +5522,11 @@ inline task<void> pubsub::unlisten_all() {
 inline task<void> pubsub::notify(std::string_view channel_view, std::string_view payload_view) {
   std::string ch(channel_view), payload(payload_view);
   detail::validate_channel(ch, detail::channel_use::plain);
-  detail::validate_payload(payload);
+  if (options_.durable) {
+    detail::validate_durable_payload(payload);
+  } else {
+    detail::validate_payload(payload);
+  }
   if (!connected()) throw connection_error("pgiplock: notify: not connected");
   auto b = batcher_.join(client_, ch, payload);
   co_await b->done.wait();
@@ -4837,8 +5629,19 @@ inline std::unique_ptr<detail::member> pubsub::make_member() {
   // 0 disables the demotion: a day stands for "never" in the heartbeat.
   mo.liveness_timeout = options_.liveness_timeout.count() > 0 ? options_.liveness_timeout
                                                               : std::chrono::milliseconds(std::chrono::hours(24));
-  detail::member::hooks h{[this](const std::string& ch) { on_won(ch); },
-                          [this](const std::string& ch, const std::string& why) { on_lost(ch, why); }};
+  detail::member::hooks h{[this](const std::string& ch, std::int64_t token) {
+                            on_won(ch);
+                            if (journal_) journal_->begin_tenure(ch, token);
+                          },
+                          [this](const std::string& ch, const std::string& why) {
+                            if (journal_) journal_->end_tenure(ch);
+                            on_lost(ch, why);
+                          },
+                          {}};
+  if (options_.durable) {
+    make_journal();
+    h.releasing = [this](std::vector<std::string> chs) { return settle_durable(std::move(chs)); };
+  }
   return std::make_unique<detail::member>(client_, std::move(mo), std::move(h));
 }
 
@@ -4910,7 +5713,11 @@ inline void pubsub::on_notification(const notification& n) {
   }
   if (options_.filtered && n.sender_pid == client_->backend_pid()) return;
   if (locked()) {  // the member's tenures are a subset of channels_
-    if (member_ && member_->deliverable(n.channel)) deliver(n.channel, n.payload);
+    if (journal_) {
+      journal_->on_nudge(n);
+    } else if (member_ && member_->deliverable(n.channel)) {
+      deliver(n.channel, n.payload);
+    }
     return;
   }
   auto it = channels_.find(n.channel);
@@ -4925,6 +5732,37 @@ inline void pubsub::on_notification(const notification& n) {
 inline void pubsub::deliver(std::string_view ch, std::string_view payload) {
   fire(on_message_, ch, payload);
   emitter_.emit(ch, payload);
+  if (!on_delivery_.empty()) fire(on_delivery_, delivery{ch, payload, 0, 0});
+}
+
+inline void pubsub::deliver_durable(const delivery& d) {
+  fire(on_message_, d.channel, d.payload);
+  emitter_.emit(d.channel, d.payload);
+  fire(on_delivery_, d);
+}
+
+// Bound to the connection, as the member is: made with it, gone with it.
+inline void pubsub::make_journal() {
+  detail::journal_options jo;
+  jo.retention = options_.durable_retention;
+  jo.retry_delay = options_.retry_delay;
+  jo.liveness_timeout = options_.liveness_timeout;
+  jo.logger = options_.logger;
+  journal_ = std::make_unique<detail::journal>(
+      client_, std::move(jo),
+      detail::journal::hooks{[this](const delivery& d) { deliver_durable(d); },
+                             [this](const std::exception& e) { report(e); }});
+  if (tx_handler_) journal_->set_transaction_handler(tx_handler_);
+}
+
+inline task<void> pubsub::settle_durable(std::vector<std::string> channels) {
+  if (journal_) co_await journal_->settle(std::move(channels));
+}
+
+inline void pubsub::on_delivery_in_transaction(std::function<task<void>(const delivery&, connection&)> fn) {
+  if (!options_.durable) throw std::logic_error("pgiplock: on_delivery_in_transaction needs durable = true");
+  tx_handler_ = std::move(fn);
+  if (journal_) journal_->set_transaction_handler(tx_handler_);
 }
 
 inline void pubsub::on_link_lost(const connection_error& e) {
@@ -4944,6 +5782,7 @@ inline void pubsub::on_link_lost(const connection_error& e) {
 inline task<void> pubsub::reconnect(std::shared_ptr<connection> dead) {
   co_await loop_->yield();  // leave the dead connection's callback first
   member_.reset();  // bound to the dead connection
+  journal_.reset();
   member_started_.reset();
   detach();
   dead.reset();

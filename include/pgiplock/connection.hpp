@@ -21,6 +21,18 @@ struct notification {
   int sender_pid = 0;  // backend pid of the session that sent it
 };
 
+// A message as pubsub::on_delivery gives it; the views are valid during the
+// handler call. On a durable channel `id` is the message's id in the
+// journal (strictly increasing per channel; a redelivery has the same id)
+// and `token` the fencing token of the tenure that delivers it; on a plain
+// channel both are 0.
+struct delivery {
+  std::string_view channel;
+  std::string_view payload;
+  std::int64_t id = 0;
+  std::int64_t token = 0;
+};
+
 // Owns one PGresult.
 class result {
  public:

@@ -8,6 +8,7 @@
 #pragma once
 
 #include "detail/claims.hpp"
+#include "detail/journal.hpp"
 #include "detail/member.hpp"
 #include "detail/notify_batch.hpp"
 
@@ -42,6 +43,14 @@ struct pubsub_options {
   // Dead-link detection and holder self-demotion (see connect_options and
   // ip_lock_options); 0 disables.
   std::chrono::milliseconds liveness_timeout{10000};
+  // Durable channels (docs/durable.md): notify() journals each message and
+  // nudges its channel in one transaction; the holder of a channel delivers
+  // from the journal, resuming at the channel's cursor on every takeover,
+  // so nothing is lost, at least once, in id order. Needs single_listener
+  // (and no execution_lock) to listen. Payloads of any size up to 1 GiB.
+  bool durable = false;
+  // How long messages of a durable channel that nobody acknowledges are kept.
+  std::chrono::milliseconds durable_retention{std::chrono::hours(24 * 7)};
 };
 
 // Handlers for one channel each: pubsub::channels().on(ch, fn).
@@ -118,6 +127,16 @@ class pubsub {
   void on_message(std::function<void(std::string_view ch, std::string_view payload)> fn) {
     on_message_.push_back(std::move(fn));
   }
+  // Every delivered message with its id (durable channels; 0 on plain ones),
+  // for handlers that deduplicate redeliveries.
+  void on_delivery(std::function<void(const delivery&)> fn) { on_delivery_.push_back(std::move(fn)); }
+  // Durable channels, exactly-once effects: `fn` runs for each message in a
+  // transaction on a connection of its own, in delivery order; what it
+  // writes on that connection commits together with the message's
+  // acknowledgement, or not at all (a throw, a crash, a replaced tenure
+  // roll it back; the message then comes again, to this or the next
+  // holder). With it, only these transactions move the cursor. One handler.
+  void on_delivery_in_transaction(std::function<task<void>(const delivery&, connection&)> fn);
 
  private:
   struct channel_state {
@@ -145,6 +164,9 @@ class pubsub {
   void on_lost(const std::string& ch, const std::string& reason);
   void on_notification(const notification& n);
   void deliver(std::string_view ch, std::string_view payload);
+  void deliver_durable(const delivery& d);
+  void make_journal();
+  task<void> settle_durable(std::vector<std::string> channels);
   void on_link_lost(const connection_error& e);
   task<void> reconnect(std::shared_ptr<connection> dead);
   task<std::size_t> connect_again();
@@ -155,6 +177,8 @@ class pubsub {
   // Single-listener mode, from the first listen() while connected: a pubsub
   // that only notifies costs one connection, and is no member of the fleet.
   std::unique_ptr<detail::member> member_;
+  std::unique_ptr<detail::journal> journal_;  // durable: beside member_, bound to the same connection
+  std::function<task<void>(const delivery&, connection&)> tx_handler_;
   std::shared_ptr<async_event> member_started_;  // set once member_ has started (or failed to)
   std::uint64_t notify_sub_ = 0, lost_sub_ = 0;
   std::map<std::string, channel_state, std::less<>> channels_;
@@ -169,6 +193,7 @@ class pubsub {
   std::vector<std::function<void(std::string_view)>> on_listen_;
   std::vector<std::function<void(const std::vector<std::string>&)>> on_unlisten_;
   std::vector<std::function<void(std::string_view, std::string_view)>> on_notify_, on_message_;
+  std::vector<std::function<void(const delivery&)>> on_delivery_;
   task<void> reconnector_;  // last: destroyed first
 };
 
@@ -202,6 +227,7 @@ inline pubsub::pubsub(event_loop& loop, pubsub_options options)
 inline pubsub::~pubsub() {
   reconnector_ = task<void>{};
   member_.reset();
+  journal_.reset();
   channels_.clear();
   detach();
 }
@@ -218,6 +244,11 @@ inline task<void> pubsub::connect() {
 // given to listen() so far.
 inline task<void> pubsub::after_connect() {
   if (options_.execution_lock) co_await claims_.prepare(client_);
+  if (options_.durable) {
+    co_await detail::ensure_journal(client_);
+    batcher_.use(detail::sql::in_schema(detail::sql::publish_many,
+                                        client_->quote_identifier(detail::lock_schema_name())));
+  }
   fire(on_connect_);
   co_await subscribe_all();
 }
@@ -228,6 +259,7 @@ inline task<void> pubsub::close() {
   reconnector_ = task<void>{};
   if (member_) co_await member_->leave();
   member_.reset();
+  journal_.reset();
   member_started_.reset();
   for (auto& [name, st] : channels_) st.listening = false;
   auto c = client_;
@@ -253,6 +285,10 @@ inline task<void> pubsub::listen(std::string_view channel) {
 }
 
 inline task<void> pubsub::listen(std::vector<std::string> channels) {
+  if (options_.durable && !locked()) {
+    throw std::invalid_argument("pgiplock: durable channels are delivered by their holder: listen() needs "
+                                "single_listener = true and execution_lock = false");
+  }
   for (auto& ch : channels) {  // all or nothing: every name is checked before any is remembered
     detail::validate_channel(ch, locked() ? detail::channel_use::locked : detail::channel_use::plain);
   }
@@ -294,7 +330,11 @@ inline task<void> pubsub::unlisten_all() {
 inline task<void> pubsub::notify(std::string_view channel_view, std::string_view payload_view) {
   std::string ch(channel_view), payload(payload_view);
   detail::validate_channel(ch, detail::channel_use::plain);
-  detail::validate_payload(payload);
+  if (options_.durable) {
+    detail::validate_durable_payload(payload);
+  } else {
+    detail::validate_payload(payload);
+  }
   if (!connected()) throw connection_error("pgiplock: notify: not connected");
   auto b = batcher_.join(client_, ch, payload);
   co_await b->done.wait();
@@ -397,8 +437,19 @@ inline std::unique_ptr<detail::member> pubsub::make_member() {
   // 0 disables the demotion: a day stands for "never" in the heartbeat.
   mo.liveness_timeout = options_.liveness_timeout.count() > 0 ? options_.liveness_timeout
                                                               : std::chrono::milliseconds(std::chrono::hours(24));
-  detail::member::hooks h{[this](const std::string& ch) { on_won(ch); },
-                          [this](const std::string& ch, const std::string& why) { on_lost(ch, why); }};
+  detail::member::hooks h{[this](const std::string& ch, std::int64_t token) {
+                            on_won(ch);
+                            if (journal_) journal_->begin_tenure(ch, token);
+                          },
+                          [this](const std::string& ch, const std::string& why) {
+                            if (journal_) journal_->end_tenure(ch);
+                            on_lost(ch, why);
+                          },
+                          {}};
+  if (options_.durable) {
+    make_journal();
+    h.releasing = [this](std::vector<std::string> chs) { return settle_durable(std::move(chs)); };
+  }
   return std::make_unique<detail::member>(client_, std::move(mo), std::move(h));
 }
 
@@ -470,7 +521,11 @@ inline void pubsub::on_notification(const notification& n) {
   }
   if (options_.filtered && n.sender_pid == client_->backend_pid()) return;
   if (locked()) {  // the member's tenures are a subset of channels_
-    if (member_ && member_->deliverable(n.channel)) deliver(n.channel, n.payload);
+    if (journal_) {
+      journal_->on_nudge(n);
+    } else if (member_ && member_->deliverable(n.channel)) {
+      deliver(n.channel, n.payload);
+    }
     return;
   }
   auto it = channels_.find(n.channel);
@@ -485,6 +540,37 @@ inline void pubsub::on_notification(const notification& n) {
 inline void pubsub::deliver(std::string_view ch, std::string_view payload) {
   fire(on_message_, ch, payload);
   emitter_.emit(ch, payload);
+  if (!on_delivery_.empty()) fire(on_delivery_, delivery{ch, payload, 0, 0});
+}
+
+inline void pubsub::deliver_durable(const delivery& d) {
+  fire(on_message_, d.channel, d.payload);
+  emitter_.emit(d.channel, d.payload);
+  fire(on_delivery_, d);
+}
+
+// Bound to the connection, as the member is: made with it, gone with it.
+inline void pubsub::make_journal() {
+  detail::journal_options jo;
+  jo.retention = options_.durable_retention;
+  jo.retry_delay = options_.retry_delay;
+  jo.liveness_timeout = options_.liveness_timeout;
+  jo.logger = options_.logger;
+  journal_ = std::make_unique<detail::journal>(
+      client_, std::move(jo),
+      detail::journal::hooks{[this](const delivery& d) { deliver_durable(d); },
+                             [this](const std::exception& e) { report(e); }});
+  if (tx_handler_) journal_->set_transaction_handler(tx_handler_);
+}
+
+inline task<void> pubsub::settle_durable(std::vector<std::string> channels) {
+  if (journal_) co_await journal_->settle(std::move(channels));
+}
+
+inline void pubsub::on_delivery_in_transaction(std::function<task<void>(const delivery&, connection&)> fn) {
+  if (!options_.durable) throw std::logic_error("pgiplock: on_delivery_in_transaction needs durable = true");
+  tx_handler_ = std::move(fn);
+  if (journal_) journal_->set_transaction_handler(tx_handler_);
 }
 
 inline void pubsub::on_link_lost(const connection_error& e) {
@@ -504,6 +590,7 @@ inline void pubsub::on_link_lost(const connection_error& e) {
 inline task<void> pubsub::reconnect(std::shared_ptr<connection> dead) {
   co_await loop_->yield();  // leave the dead connection's callback first
   member_.reset();  // bound to the dead connection
+  journal_.reset();
   member_started_.reset();
   detach();
   dead.reset();

@@ -51,9 +51,12 @@ struct member_options {
 class member final : public lock_holder {
  public:
   struct hooks {
-    std::function<void(const std::string& channel)> won;  // LISTEN committed with the win
+    std::function<void(const std::string& channel, std::int64_t token)> won;  // LISTEN committed with the win
     // Stopped delivering: released (reason empty) or demoted (the reason).
     std::function<void(const std::string& channel, const std::string& reason)> lost;
+    // Optional: awaited before held channels are released (a durable
+    // channel acknowledges what it delivered, so the successor resumes there).
+    std::function<task<void>(std::vector<std::string> channels)> releasing;
   };
 
   member(std::shared_ptr<connection> client, member_options options, hooks h);
@@ -416,7 +419,7 @@ inline task<void> member::claim_chunk(std::vector<std::string> channels, std::op
   won_in_round_ += got.won.size();
   // Synchronous up to here: the won channels deliver from the next
   // notification on, which may sit in the very read that brought the result.
-  for (auto& ch : got.won) hooks_.won(ch);
+  for (auto& ch : got.won) hooks_.won(ch, token(ch));
   if (!got.listen_locks.empty() || !got.unlisten_locks.empty()) {
     co_await listen_many(std::move(got.listen_locks), std::move(got.unlisten_locks));
   }
@@ -479,6 +482,7 @@ inline task<void> member::release_impl(std::vector<std::string> channels, bool l
     if (it->second.lock_listened) locks.push_back(std::string(lock_prefix) + ch);
   }
   long others = 0;
+  if (hooks_.releasing && !data.empty() && client_->is_open()) co_await hooks_.releasing(data);
   if (client_->is_open() && (held.size() || leaving)) {
     try {
       auto r = co_await client_->query(release_sql_, app_, held.literal(), lock_prefix, fleet_, leaving,

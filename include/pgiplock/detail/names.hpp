@@ -23,6 +23,7 @@ inline constexpr std::string_view release_payload = "1";            // the Node 
 inline constexpr std::size_t max_identifier = 63;                   // NAMEDATALEN - 1
 inline constexpr std::size_t max_channel = max_identifier - lock_prefix.size();
 inline constexpr std::size_t max_payload = 7999;                    // the server rejects 8000 bytes
+inline constexpr std::size_t max_durable_payload = (1u << 30) - 1024;  // a text value is at most 1 GiB
 inline constexpr std::string_view default_schema = "pgip_lock";
 inline constexpr std::string_view claim_schema_suffix = "_unique";  // execution-lock markers
 inline constexpr std::size_t max_schema = max_identifier - claim_schema_suffix.size();
@@ -96,15 +97,24 @@ inline bool is_internal_channel(std::string_view channel) {
   return is_lock_channel(channel) || channel.substr(0, fleet_prefix.size()) == fleet_prefix;
 }
 
-inline void validate_payload(std::string_view payload) {
-  if (payload.size() > max_payload) {
-    throw std::length_error("pgiplock: notification payload is " + std::to_string(payload.size()) +
-                            " bytes; PostgreSQL accepts at most " + std::to_string(max_payload));
+inline void validate_durable_payload(std::string_view payload) {
+  if (payload.size() > max_durable_payload) {
+    throw std::length_error("pgiplock: payload is " + std::to_string(payload.size()) +
+                            " bytes; a durable channel takes at most " + std::to_string(max_durable_payload));
   }
   if (payload.find('\0') != std::string_view::npos) {
     throw std::invalid_argument("pgiplock: notification payload contains a NUL byte at offset " +
                                 std::to_string(payload.find('\0')) + "; payloads are text");
   }
+}
+
+inline void validate_payload(std::string_view payload) {
+  if (payload.size() > max_payload) {
+    throw std::length_error("pgiplock: notification payload is " + std::to_string(payload.size()) +
+                            " bytes; PostgreSQL accepts at most " + std::to_string(max_payload) +
+                            " on a plain channel (durable channels, pubsub_options::durable, take larger ones)");
+  }
+  validate_durable_payload(payload);
 }
 
 // "pgip_lock", or $PG_PUBSUB_SCHEMA_NAME as the Node package reads it. A name

@@ -23,6 +23,8 @@ class notify_batcher {
   };
 
   explicit notify_batcher(event_loop& loop) : loop_(&loop) {}
+  // The statement that sends a batch: pg_notify, or the journal's publish.
+  void use(std::string statement) { statement_ = std::move(statement); }
 
   // Adds the message to the open batch (opening one if needed); wait on the
   // batch's `done`, then look at its `failure`.
@@ -33,7 +35,7 @@ class notify_batcher {
     pair.append(payload);
     if (!open_ || open_->sealed || full(*open_) || open_->pairs.count(pair)) {
       open_ = std::make_shared<batch>(*loop_);
-      loop_->spawn(send(open_, client, *loop_));
+      loop_->spawn(send(open_, client, statement_, *loop_));
     }
     open_->channels.add(channel);
     open_->payloads.add(payload);
@@ -48,12 +50,13 @@ class notify_batcher {
   static bool full(const batch& b) { return b.channels.size() >= max_count || b.bytes >= max_bytes; }
 
   // Runs after the notifying coroutines of this turn of the loop have joined.
-  static task<void> send(std::shared_ptr<batch> b, std::shared_ptr<connection> c, event_loop& loop) {
+  static task<void> send(std::shared_ptr<batch> b, std::shared_ptr<connection> c, std::string statement,
+                         event_loop& loop) {
     co_await loop.yield();
     b->sealed = true;
     b->pairs.clear();
     try {
-      co_await c->query(std::string(sql::notify_many), b->channels.literal(), b->payloads.literal());
+      co_await c->query(statement, b->channels.literal(), b->payloads.literal());
     } catch (...) {
       b->failure = std::current_exception();
     }
@@ -61,6 +64,7 @@ class notify_batcher {
   }
 
   event_loop* loop_;
+  std::string statement_{sql::notify_many};
   std::shared_ptr<batch> open_;
 };
 

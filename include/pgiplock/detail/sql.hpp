@@ -21,6 +21,8 @@ inline constexpr std::string_view insufficient_privilege = "42501";
 // connect now): the session is over, whatever the statement was.
 inline constexpr std::string_view connection_exception_class = "08";
 inline constexpr std::string_view deadlock_detected = "40P01";
+inline constexpr std::string_view fenced = "PGF01";  // pgiplock_ack: the tenure was replaced
+inline constexpr std::string_view undefined_table = "42P01";
 inline constexpr std::string_view operator_intervention_prefix = "57P0";
 // What a concurrent bootstrap by another process can raise (a Node peer
 // does not take our bootstrap lock, so these still happen).
@@ -378,6 +380,166 @@ inline constexpr std::string_view listen_and_announce = "SELECT @schema@.pgiploc
 // Every notify() of one turn of the loop: one statement, one transaction.
 inline constexpr std::string_view notify_many =
     "SELECT count(pg_notify(c, p)) FROM unnest($1::text[], $2::text[]) AS t(c, p)";
+
+// ---- durable channels (DESIGN.md section 8, docs/durable.md) ----
+
+// Order and completeness: each channel's publishers serialise on its row in
+// pgiplock_channel (an upsert holds the row lock until commit), so ids are
+// drawn in commit order with no gaps: id n commits before id n + 1 can be
+// drawn, and a rolled-back draw is drawn again. A reader that saw id n has
+// seen everything below it. (A sequence read "by value" is not enough: a
+// transaction holding a smaller id may commit after a larger one was read.)
+// The cursor lives in a table of its own, so acknowledging never waits for
+// an open publisher. The journal is list-partitioned into time slots that
+// are truncated whole once every row in them is acknowledged (or older than
+// the retention): no per-message DELETE on the hot path, and the disk space
+// comes back at once. A nudge is "<id>:<payload>" when it fits in a
+// notification, else "<id>" (the payload is read from the journal).
+inline constexpr std::string_view journal_setting = "pgiplock.journal_schema";
+inline constexpr int journal_slots = 8;
+inline constexpr std::string_view journal_present =
+    "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL AND to_regclass($3) IS NOT NULL "
+    "AND to_regprocedure($4) IS NOT NULL AND to_regprocedure($5) IS NOT NULL AND to_regprocedure($6) IS NOT NULL "
+    "AND to_regprocedure($7) IS NOT NULL";
+inline constexpr std::string_view journal_ddl = R"sql(DO $pgiplock$
+DECLARE s text := current_setting('pgiplock.journal_schema');
+BEGIN
+PERFORM pg_advisory_xact_lock(hashtext('pgiplock journal ' || s));
+EXECUTE format('CREATE SCHEMA IF NOT EXISTS %I', s);
+EXECUTE format('CREATE TABLE IF NOT EXISTS %I.pgiplock_channel ('
+  'channel text PRIMARY KEY, last_id bigint NOT NULL DEFAULT 0)', s);
+EXECUTE format('CREATE TABLE IF NOT EXISTS %I.pgiplock_cursor ('
+  'channel text PRIMARY KEY, acked bigint NOT NULL DEFAULT 0, token bigint NOT NULL DEFAULT 0, '
+  'acked_at timestamptz)', s);
+EXECUTE format('CREATE TABLE IF NOT EXISTS %I.pgiplock_journal (slot smallint NOT NULL, channel text NOT NULL, '
+  'id bigint NOT NULL, payload text NOT NULL, published timestamptz NOT NULL DEFAULT now()) '
+  'PARTITION BY LIST (slot)', s);
+FOR i IN 0..7 LOOP
+  IF to_regclass(format('%I.pgiplock_journal_%s', s, i)) IS NULL THEN
+    EXECUTE format('CREATE TABLE %1$I.pgiplock_journal_%2$s PARTITION OF %1$I.pgiplock_journal '
+      'FOR VALUES IN (%2$s)', s, i);
+    EXECUTE format('ALTER TABLE %I.pgiplock_journal_%s ADD PRIMARY KEY (channel, id)', s, i);
+  END IF;
+END LOOP;
+-- The current time slot: 4 s each, 8 of them, so a slot is written for 4 s
+-- and can be truncated from then on, for 28 s, before it comes round again.
+EXECUTE format($q$CREATE OR REPLACE FUNCTION %I.pgiplock_slot() RETURNS smallint LANGUAGE sql STABLE AS
+  $b$SELECT (floor(extract(epoch FROM now()) / 4)::bigint %% 8)::smallint$b$$q$, s);
+-- Journals messages in the order given and nudges their channels, all at the
+-- commit of the caller's transaction. Counter rows are locked in channel
+-- order (bytewise): two publishers of several channels cannot deadlock.
+EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_publish_many(chs text[], payloads text[])
+  RETURNS SETOF bigint LANGUAGE plpgsql AS $f$
+  DECLARE ids bigint[]; nudges text[]; names text[];
+  BEGIN
+    IF cardinality(chs) IS DISTINCT FROM cardinality(payloads) THEN
+      RAISE EXCEPTION 'pgiplock_publish_many: %% channels but %% payloads', cardinality(chs), cardinality(payloads);
+    END IF;
+    IF EXISTS (SELECT 1 FROM unnest(chs) AS c WHERE c IS NULL OR c = '') THEN
+      RAISE EXCEPTION 'pgiplock_publish: the channel name is empty or NULL';
+    END IF;
+    WITH m AS (SELECT t.c, t.p, t.o FROM unnest(chs, payloads) WITH ORDINALITY AS t(c, p, o)),
+    n AS (SELECT m.c, count(*) AS k FROM m GROUP BY m.c),
+    ctr AS (INSERT INTO %1$I.pgiplock_channel AS x (channel, last_id)
+            SELECT n.c, n.k FROM n ORDER BY n.c COLLATE "C"
+            ON CONFLICT (channel) DO UPDATE SET last_id = x.last_id + EXCLUDED.last_id
+            RETURNING x.channel, x.last_id),
+    numbered AS (SELECT m.c, m.p, m.o,
+                   ctr.last_id - n.k + row_number() OVER (PARTITION BY m.c ORDER BY m.o) AS id
+                 FROM m JOIN ctr ON ctr.channel = m.c JOIN n ON n.c = m.c),
+    j AS (INSERT INTO %1$I.pgiplock_journal (slot, channel, id, payload)
+          SELECT %1$I.pgiplock_slot(), numbered.c, numbered.id, coalesce(numbered.p, '') FROM numbered)
+    SELECT array_agg(numbered.id ORDER BY numbered.o), array_agg(numbered.c ORDER BY numbered.o),
+           array_agg(CASE WHEN octet_length(numbered.p) <= 7900 THEN numbered.id || ':' || numbered.p
+                          ELSE numbered.id::text END ORDER BY numbered.o)
+      INTO ids, names, nudges FROM numbered;
+    PERFORM pg_notify(x.c, x.n) FROM unnest(names, nudges) AS x(c, n);
+    RETURN QUERY SELECT unnest(ids);
+  END; $f$$q$, s);
+EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_publish(channel text, payload text)
+  RETURNS bigint LANGUAGE sql AS
+  $b$SELECT %1$I.pgiplock_publish_many(ARRAY[channel], ARRAY[payload])$b$$q$, s);
+-- Moves a cursor inside the caller's transaction, which then commits its own
+-- writes with it (exactly-once effects); a replaced tenure raises PGF01.
+EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_ack(ch text, upto bigint, tok bigint)
+  RETURNS void LANGUAGE plpgsql AS $f$
+  BEGIN
+    UPDATE %1$I.pgiplock_cursor c SET acked = greatest(c.acked, upto), acked_at = now()
+      WHERE c.channel = ch AND c.token = tok;
+    IF NOT FOUND THEN
+      RAISE EXCEPTION 'pgiplock: tenure %% of channel "%%" was replaced: its acknowledgement is refused', tok, ch
+        USING ERRCODE = 'PGF01';
+    END IF;
+  END; $f$$q$, s);
+-- Retention, one caller at a time: a slot other than the current one whose
+-- rows are all acknowledged (or older than keep) is truncated whole; in
+-- the others the acknowledged rows go in one DELETE. A slot that a
+-- publisher still writes to (a transaction open since that slot was
+-- current) cannot be locked within 50 ms and waits for the next round.
+EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_prune(keep interval)
+  RETURNS integer LANGUAGE plpgsql AS $f$
+  DECLARE cur smallint := %1$I.pgiplock_slot(); part text; busy boolean; cut integer := 0;
+  BEGIN
+    IF NOT pg_try_advisory_xact_lock(hashtext('pgiplock prune ' || %2$L)) THEN RETURN 0; END IF;
+    FOR i IN 0..7 LOOP
+      CONTINUE WHEN i = cur;
+      part := format('%%I.%%I', %2$L, 'pgiplock_journal_' || i);
+      EXECUTE format('SELECT EXISTS (SELECT 1 FROM %%s)', part) INTO busy;
+      CONTINUE WHEN NOT busy;
+      BEGIN
+        PERFORM set_config('lock_timeout', '50', true);
+        EXECUTE format('LOCK TABLE %%s IN ACCESS EXCLUSIVE MODE', part);
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM %%s j LEFT JOIN %%I.pgiplock_cursor c ON c.channel = j.channel '
+                       'WHERE j.id > coalesce(c.acked, 0) AND j.published > now() - $1)', part, %2$L)
+          USING keep INTO busy;
+        IF busy THEN
+          EXECUTE format('DELETE FROM %%s j USING %%I.pgiplock_cursor c WHERE c.channel = j.channel '
+                         'AND j.id <= c.acked', part, %2$L);
+        ELSE
+          EXECUTE format('TRUNCATE %%s', part);
+          cut := cut + 1;
+        END IF;
+      EXCEPTION WHEN lock_not_available THEN
+        NULL;
+      END;
+    END LOOP;
+    PERFORM set_config('lock_timeout', '0', true);
+    RETURN cut;
+  END; $f$$q$, s, s);
+END $pgiplock$)sql";
+// The messages of many channels after their positions, at most $3 each:
+// a takeover's replay and a live gap, in one round trip for all channels.
+inline constexpr std::string_view journal_read =
+    "SELECT x.c, j.id, j.payload FROM unnest($1::text[], $2::bigint[]) AS x(c, f) "
+    "CROSS JOIN LATERAL (SELECT id, payload FROM @schema@.pgiplock_journal "
+    "WHERE channel = x.c AND id > x.f ORDER BY id LIMIT $3::integer) j ORDER BY x.c, j.id";
+// A new tenure fences the cursor: from its commit on, only this token moves
+// it. Yields each channel's position, or nothing for a channel whose cursor
+// a newer tenure holds already. $1 channels, $2 tokens.
+inline constexpr std::string_view cursor_take =
+    "INSERT INTO @schema@.pgiplock_cursor AS c (channel, token) "
+    "SELECT x.c, x.t FROM unnest($1::text[], $2::bigint[]) AS x(c, t) ORDER BY x.c COLLATE \"C\" "
+    "ON CONFLICT (channel) DO UPDATE SET token = EXCLUDED.token WHERE c.token < EXCLUDED.token "
+    "RETURNING c.channel, c.acked";
+// Acknowledges many channels, each only under its tenure's token; yields the
+// channels whose acknowledgement was accepted. $1 channels, $2 ids, $3 tokens.
+inline constexpr std::string_view cursor_ack =
+    "UPDATE @schema@.pgiplock_cursor c SET acked = greatest(c.acked, x.id), acked_at = now() "
+    "FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS x(ch, id, tok) "
+    "WHERE c.channel = x.ch AND c.token = x.tok RETURNING c.channel";
+inline constexpr std::string_view publish_many = "SELECT @schema@.pgiplock_publish_many($1::text[], $2::text[])";
+inline constexpr std::string_view ack_one = "SELECT @schema@.pgiplock_ack($1, $2::bigint, $3::bigint)";
+inline constexpr std::string_view prune = "SELECT @schema@.pgiplock_prune($1::interval)";
+inline constexpr std::string_view rollback = "ROLLBACK";
+inline constexpr std::string_view commit = "COMMIT";
+// Per durable channel: published, acknowledged, backlog, age of the oldest
+// unacknowledged message (for pgiplock status).
+inline constexpr std::string_view durable_status =
+    "SELECT n.channel, n.last_id, coalesce(c.acked, 0), n.last_id - coalesce(c.acked, 0), "
+    "extract(epoch FROM now() - (SELECT min(j.published) FROM @schema@.pgiplock_journal j "
+    "WHERE j.channel = n.channel AND j.id > coalesce(c.acked, 0))) "
+    "FROM @schema@.pgiplock_channel n LEFT JOIN @schema@.pgiplock_cursor c ON c.channel = n.channel "
+    "ORDER BY n.channel";
 
 // ---- execution lock ----
 

@@ -1,0 +1,563 @@
+// ==== detail: durable channels, the holder's side of the journal ==============
+//
+// DESIGN.md section 8 and docs/durable.md. While this member holds a durable
+// channel, one stream per channel: on a new tenure it fences the channel's
+// cursor with the tenure's token and reads where the cursor stands
+// (resuming), replays the journal after it (catching up), then follows the
+// nudges (live). Ids are gap-free and in commit order per channel, so a
+// live nudge whose id is the next one, with its payload inline, is
+// delivered without a SELECT; anything else (a large payload, a gap) sends
+// the stream back to the journal, which also reads every catching-up stream
+// in one statement. Deliveries are acknowledged in the background, one
+// statement for all channels and one in flight at a time, each channel only
+// under its tenure's token. A handler that wants its effects exactly once
+// runs in a transaction on a connection of its own that also moves the
+// cursor (on_delivery_in_transaction).
+#pragma once
+
+#include "lock_schema.hpp"
+
+namespace pgiplock::detail {
+
+// The journal's tables and functions in the lock schema; one check when
+// they are there already.
+task<void> ensure_journal(std::shared_ptr<connection> client);
+
+struct journal_options {
+  std::chrono::milliseconds retention{std::chrono::hours(24 * 7)};
+  std::chrono::milliseconds retry_delay{100};
+  std::chrono::milliseconds liveness_timeout{10000};
+  log_handler logger;
+};
+
+class journal {
+ public:
+  using transaction_handler = std::function<task<void>(const delivery&, connection&)>;
+  struct hooks {
+    std::function<void(const delivery&)> deliver;  // per channel in id order
+    std::function<void(const std::exception&)> report;
+  };
+
+  journal(std::shared_ptr<connection> client, journal_options options, hooks h);
+  journal(const journal&) = delete;
+  journal& operator=(const journal&) = delete;
+  ~journal();
+
+  // A tenure began (its LISTEN committed with the win) or ended.
+  void begin_tenure(const std::string& channel, std::int64_t token);
+  void end_tenure(const std::string& channel);
+  // Before a release: stop delivering these channels and acknowledge what
+  // they delivered, so the successor resumes exactly there.
+  task<void> settle(std::vector<std::string> channels);
+  // A notification on a channel this member may hold.
+  void on_nudge(const notification& n);
+  // From now on the cursor moves only with the handler's transaction.
+  void set_transaction_handler(transaction_handler fn);
+  [[nodiscard]] bool live(std::string_view channel) const;
+
+ private:
+  enum class phase { resuming, catching_up, live, stopped };
+  struct nudge {
+    std::int64_t id = 0;
+    bool has_payload = false;
+    std::string payload;
+    std::uint64_t seen_at_read = 0;  // reads_ when it arrived
+  };
+  struct stream {
+    std::int64_t token = 0;
+    std::int64_t next = 0;  // the id to deliver next
+    phase state = phase::resuming;
+    std::deque<nudge> backlog;  // arrived while not live
+    std::int64_t delivered = 0, acked = 0;
+  };
+  struct owned_delivery {
+    std::string channel, payload;
+    std::int64_t id = 0, token = 0;
+  };
+  struct read_round {
+    std::vector<std::string> channels;
+    std::vector<std::int64_t> tokens;
+  };
+
+  void note(log_level level, const std::string& message) const;
+  void complain(const std::string& message) const;
+  static std::optional<nudge> parse(std::string_view payload);
+  void wake_reader();
+  void wake_acker();
+  bool deliver(const std::string& channel, stream& s, std::int64_t id, std::string_view payload);
+  void drain_backlog(const std::string& channel, std::uint64_t read_no, bool complete);
+  void fence(const std::string& channel, std::int64_t token);
+  task<void> reader_loop();
+  task<bool> resume_all();
+  task<bool> read_once();
+  void take_rows(const result& r, const read_round& round, std::uint64_t read_no);
+  task<void> acker_loop();
+  task<void> ack(std::vector<std::string> only);
+  task<void> prune();
+  task<void> transaction_loop();
+  task<bool> run_transaction(const owned_delivery& d);
+  task<void> transact(std::shared_ptr<connection> c, const owned_delivery& d);
+  task<void> ensure_tx_connection();
+
+  std::shared_ptr<connection> client_;
+  journal_options options_;
+  hooks hooks_;
+  std::string read_sql_, take_sql_, ack_sql_, ack_one_sql_, prune_sql_;
+  std::map<std::string, stream, std::less<>> streams_;
+  std::uint64_t reads_ = 0;  // journal reads sent so far
+  bool read_requested_ = false, ack_requested_ = false;
+  cancel_source reader_wake_, acker_wake_, tx_wake_;
+  bool acked_since_prune_ = false;
+  transaction_handler tx_handler_;
+  std::deque<owned_delivery> tx_queue_;
+  std::shared_ptr<connection> tx_conn_;
+  // Last: destroyed first.
+  task<void> reader_task_;
+  task<void> acker_task_;
+  task<void> tx_task_;
+};
+
+// ---- implementation ---------------------------------------------------------
+
+inline task<void> ensure_journal(std::shared_ptr<connection> client) {
+  co_await ensure_lock_schema(client, lock_schema_name());
+  std::string s = client->quote_identifier(lock_schema_name());
+  auto present = co_await client->query(std::string(sql::journal_present), s + ".pgiplock_channel",
+                                        s + ".pgiplock_cursor", s + ".pgiplock_journal",
+                                        s + ".pgiplock_publish_many(text[],text[])", s + ".pgiplock_publish(text,text)",
+                                        s + ".pgiplock_ack(text,bigint,bigint)", s + ".pgiplock_prune(interval)");
+  if (present.get(0, 0) == "t") co_return;
+  co_await run_bootstrap(client, sql::journal_setting, lock_schema_name(), sql::journal_ddl, "the journal");
+}
+
+inline constexpr int journal_page = 256;  // rows per channel per read
+inline constexpr std::chrono::milliseconds prune_every{2000};
+
+inline journal::journal(std::shared_ptr<connection> client, journal_options options, hooks h)
+    : client_(std::move(client)), options_(std::move(options)), hooks_(std::move(h)) {
+  auto schema = client_->quote_identifier(lock_schema_name());
+  read_sql_ = sql::in_schema(sql::journal_read, schema);
+  take_sql_ = sql::in_schema(sql::cursor_take, schema);
+  ack_sql_ = sql::in_schema(sql::cursor_ack, schema);
+  ack_one_sql_ = sql::in_schema(sql::ack_one, schema);
+  prune_sql_ = sql::in_schema(sql::prune, schema);
+  auto& loop = client_->loop();
+  reader_task_ = reader_loop();
+  loop.start(reader_task_);
+  acker_task_ = acker_loop();
+  loop.start(acker_task_);
+}
+
+inline journal::~journal() {
+  tx_task_ = task<void>{};
+  acker_task_ = task<void>{};
+  reader_task_ = task<void>{};
+  if (auto c = std::move(tx_conn_)) client_->loop().spawn(connection::close_quietly(c));
+  // What was delivered and not acknowledged is delivered again by the next
+  // holder: at-least-once.
+}
+
+inline void journal::note(log_level level, const std::string& message) const {
+  if (level == log_level::debug && !options_.logger) return;
+  log(options_.logger, level, "journal: " + message);
+}
+
+inline void journal::complain(const std::string& message) const { hooks_.report(error("pgiplock: " + message)); }
+
+inline void journal::begin_tenure(const std::string& channel, std::int64_t token) {
+  stream s;
+  s.token = token;
+  streams_[channel] = std::move(s);
+  wake_reader();
+}
+
+inline void journal::end_tenure(const std::string& channel) {
+  auto it = streams_.find(channel);
+  if (it != streams_.end()) streams_.erase(it);
+  std::erase_if(tx_queue_, [&](const owned_delivery& d) { return d.channel == channel; });
+}
+
+inline bool journal::live(std::string_view channel) const {
+  auto it = streams_.find(channel);
+  return it != streams_.end() && it->second.state == phase::live;
+}
+
+inline void journal::set_transaction_handler(transaction_handler fn) {
+  tx_handler_ = std::move(fn);
+  if (tx_task_.valid()) return;
+  tx_task_ = transaction_loop();
+  client_->loop().start(tx_task_);
+}
+
+inline void journal::wake_reader() {
+  read_requested_ = true;
+  reader_wake_.cancel();
+}
+
+inline void journal::wake_acker() {
+  if (tx_handler_) return;  // the transactions move the cursor
+  ack_requested_ = true;
+  acker_wake_.cancel();
+}
+
+// "<id>:<payload>" or "<id>"; anything else is not a nudge of the journal.
+inline std::optional<journal::nudge> journal::parse(std::string_view payload) {
+  nudge n;
+  auto colon = payload.find(':');
+  auto digits = payload.substr(0, colon);
+  auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), n.id);
+  if (ec != std::errc{} || end != digits.data() + digits.size() || digits.empty() || n.id <= 0) return std::nullopt;
+  if (colon != std::string_view::npos) {
+    n.has_payload = true;
+    n.payload.assign(payload.substr(colon + 1));
+  }
+  return n;
+}
+
+// The hot path of a durable channel: the next id with its payload inline
+// is delivered at once; anything else waits for the journal.
+inline void journal::on_nudge(const notification& n) {
+  auto it = streams_.find(n.channel);
+  if (it == streams_.end() || it->second.state == phase::stopped) return;
+  auto& s = it->second;
+  if (s.state == phase::live) {
+    auto colon = n.payload.find(':');
+    std::int64_t id = 0;
+    auto digits = n.payload.substr(0, colon);
+    auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), id);
+    if (ec == std::errc{} && end == digits.data() + digits.size() && id < s.next && id > 0) return;  // seen
+    if (ec == std::errc{} && id == s.next && colon != std::string_view::npos && end == n.payload.data() + colon) {
+      deliver(it->first, s, id, n.payload.substr(colon + 1));
+      return;
+    }
+  }
+  auto parsed = parse(n.payload);
+  if (!parsed) {
+    note(log_level::debug, "ignored a notification on durable channel " + std::string(n.channel) +
+                               " that is not a journal nudge: " + std::string(n.payload.substr(0, 64)));
+    return;
+  }
+  parsed->seen_at_read = reads_;
+  s.backlog.push_back(std::move(*parsed));
+  if (s.state == phase::live) {
+    s.state = phase::catching_up;
+    wake_reader();
+  }
+}
+
+// Delivers one message; false when a handler ended the tenure meanwhile.
+inline bool journal::deliver(const std::string& channel, stream& s, std::int64_t id, std::string_view payload) {
+  auto token = s.token;
+  s.next = id + 1;
+  s.delivered = id;
+  std::string ch = channel;  // a handler may erase the stream and its key
+  hooks_.deliver(delivery{ch, payload, id, token});
+  auto it = streams_.find(ch);
+  if (it == streams_.end() || it->second.token != token) return false;
+  if (tx_handler_) tx_queue_.push_back(owned_delivery{ch, std::string(payload), id, token});
+  if (tx_handler_) tx_wake_.cancel();
+  wake_acker();
+  return true;
+}
+
+// After a read of the journal: what arrived meanwhile, in order. A nudge
+// the read should have covered (it arrived before the read was sent) but
+// did not is gone from the journal: said, and skipped.
+inline void journal::drain_backlog(const std::string& channel, std::uint64_t read_no, bool complete) {
+  for (;;) {
+    auto it = streams_.find(channel);
+    if (it == streams_.end() || it->second.state != phase::catching_up) return;
+    auto& s = it->second;
+    if (s.backlog.empty()) {
+      if (complete) s.state = phase::live;
+      return;
+    }
+    auto& head = s.backlog.front();
+    if (head.id < s.next) {
+      s.backlog.pop_front();
+      continue;
+    }
+    bool covered = head.seen_at_read < read_no && complete;
+    if (head.id > s.next && !covered) return;  // what lies between may still come
+    if (head.id > s.next || (!head.has_payload && covered)) {
+      complain("durable channel " + channel + ": messages " + std::to_string(s.next) + ".." +
+               std::to_string(head.has_payload ? head.id - 1 : head.id) +
+               " are no longer in the journal (past durable_retention, or deleted)");
+      s.next = head.has_payload ? head.id : head.id + 1;
+      if (!head.has_payload) {
+        s.backlog.pop_front();
+        continue;
+      }
+    }
+    if (!head.has_payload) return;  // the next read brings it
+    auto n = std::move(head);
+    s.backlog.pop_front();
+    if (!deliver(channel, s, n.id, n.payload)) return;
+  }
+}
+
+// Another tenure took the cursor: this member must not deliver the channel.
+inline void journal::fence(const std::string& channel, std::int64_t token) {
+  auto it = streams_.find(channel);
+  if (it == streams_.end() || it->second.token != token) return;
+  it->second.state = phase::stopped;
+  it->second.backlog.clear();
+  complain("durable channel " + channel + ": tenure " + std::to_string(token) +
+           " was replaced by a newer one; stopped delivering it");
+}
+
+inline task<void> journal::reader_loop() {
+  for (;;) {
+    if (!read_requested_) {
+      if (!co_await client_->loop().sleep(std::chrono::hours(24), &reader_wake_)) reader_wake_.reset();
+      continue;
+    }
+    read_requested_ = false;
+    if (!client_->is_open()) co_return;
+    bool ok = co_await resume_all();
+    while (ok) {
+      bool more = co_await read_once();
+      if (!more) break;
+    }
+    if (!ok) {
+      co_await client_->loop().sleep(options_.retry_delay);
+      read_requested_ = true;
+    }
+  }
+}
+
+// Fences the cursor of every new tenure and reads where it stands, in one
+// statement; false after a failure (reported; retried).
+inline task<bool> journal::resume_all() {
+  read_round round;
+  for (auto& [ch, s] : streams_) {
+    if (s.state != phase::resuming) continue;
+    round.channels.push_back(ch);
+    round.tokens.push_back(s.token);
+  }
+  if (round.channels.empty()) co_return true;
+  text_array chs, toks;
+  for (std::size_t i = 0; i < round.channels.size(); ++i) {
+    chs.add(round.channels[i]);
+    toks.add(std::to_string(round.tokens[i]));
+  }
+  result r;
+  try {
+    r = co_await client_->query(take_sql_, chs.literal(), toks.literal());
+  } catch (const std::exception& e) {
+    if (client_->is_open()) complain(std::string("reading durable cursors failed: ") + e.what());
+    co_return false;
+  }
+  std::map<std::string, std::int64_t, std::less<>> at;
+  for (int i = 0; i < r.rows(); ++i) at[std::string(r.get(i, 0))] = std::strtoll(std::string(r.get(i, 1)).c_str(), nullptr, 10);
+  for (std::size_t i = 0; i < round.channels.size(); ++i) {
+    auto it = streams_.find(round.channels[i]);
+    if (it == streams_.end() || it->second.token != round.tokens[i] || it->second.state != phase::resuming) continue;
+    auto pos = at.find(round.channels[i]);
+    if (pos == at.end()) {
+      fence(round.channels[i], round.tokens[i]);
+      continue;
+    }
+    it->second.next = pos->second + 1;
+    it->second.acked = it->second.delivered = pos->second;
+    it->second.state = phase::catching_up;
+  }
+  co_return true;
+}
+
+// One page of the journal for every catching-up stream; true while some
+// stream needs another.
+inline task<bool> journal::read_once() {
+  read_round round;
+  text_array chs, from;
+  for (auto& [ch, s] : streams_) {
+    if (s.state != phase::catching_up) continue;
+    round.channels.push_back(ch);
+    round.tokens.push_back(s.token);
+    chs.add(ch);
+    from.add(std::to_string(s.next - 1));
+  }
+  if (round.channels.empty()) co_return false;
+  auto read_no = ++reads_;
+  result r;
+  bool failed = false;
+  try {
+    r = co_await client_->query(read_sql_, chs.literal(), from.literal(), journal_page);
+  } catch (const std::exception& e) {
+    failed = true;
+    if (client_->is_open()) complain(std::string("reading the journal failed: ") + e.what());
+  }
+  if (failed) {
+    co_await client_->loop().sleep(options_.retry_delay);
+    co_return client_->is_open();
+  }
+  take_rows(r, round, read_no);
+  co_return std::any_of(streams_.begin(), streams_.end(),
+                        [](const auto& s) { return s.second.state == phase::catching_up; });
+}
+
+// Rows come ordered by channel, then id.
+inline void journal::take_rows(const result& r, const read_round& round, std::uint64_t read_no) {
+  std::map<std::string, int, std::less<>> rows_of;
+  for (int i = 0; i < r.rows(); ++i) {
+    std::string ch(r.get(i, 0));
+    ++rows_of[ch];
+    auto it = streams_.find(ch);
+    if (it == streams_.end() || it->second.state != phase::catching_up) continue;
+    auto& s = it->second;
+    auto id = std::strtoll(std::string(r.get(i, 1)).c_str(), nullptr, 10);
+    if (id < s.next) continue;
+    if (id > s.next) {
+      complain("durable channel " + ch + ": messages " + std::to_string(s.next) + ".." + std::to_string(id - 1) +
+               " are no longer in the journal (past durable_retention, or deleted)");
+    }
+    deliver(ch, s, id, r.get(i, 2));
+  }
+  for (std::size_t i = 0; i < round.channels.size(); ++i) {
+    auto it = streams_.find(round.channels[i]);
+    if (it == streams_.end() || it->second.token != round.tokens[i]) continue;
+    drain_backlog(round.channels[i], read_no, rows_of[round.channels[i]] < journal_page);
+  }
+}
+
+// One acknowledgement statement in flight; requests made meanwhile go in
+// the next. Retention runs from here too.
+inline task<void> journal::acker_loop() {
+  auto last_prune = event_loop::clock::now();
+  for (;;) {
+    if (!ack_requested_) {
+      if (!co_await client_->loop().sleep(prune_every, &acker_wake_)) acker_wake_.reset();
+    }
+    if (!client_->is_open()) co_return;
+    if (std::exchange(ack_requested_, false)) co_await ack({});
+    if (event_loop::clock::now() - last_prune >= prune_every) {
+      last_prune = event_loop::clock::now();
+      co_await prune();
+    }
+  }
+}
+
+// Acknowledges what was delivered (on `only`, when given): each channel
+// under its own token; a refused one is fenced.
+inline task<void> journal::ack(std::vector<std::string> only) {
+  text_array chs, ids, toks;
+  std::vector<std::pair<std::string, std::int64_t>> sent;
+  for (auto& [ch, s] : streams_) {
+    if (s.delivered <= s.acked) continue;
+    if (!only.empty() && std::find(only.begin(), only.end(), ch) == only.end()) continue;
+    chs.add(ch);
+    ids.add(std::to_string(s.delivered));
+    toks.add(std::to_string(s.token));
+    sent.emplace_back(ch, s.token);
+    s.acked = s.delivered;  // optimistic: a failure puts it back below
+  }
+  if (sent.empty()) co_return;
+  std::set<std::string, std::less<>> accepted;
+  try {
+    auto r = co_await client_->query(ack_sql_, chs.literal(), ids.literal(), toks.literal());
+    for (int i = 0; i < r.rows(); ++i) accepted.emplace(r.get(i, 0));
+    acked_since_prune_ = true;
+  } catch (const std::exception& e) {
+    if (client_->is_open()) complain(std::string("acknowledging durable messages failed: ") + e.what());
+    for (auto& [ch, token] : sent) {
+      auto it = streams_.find(ch);
+      if (it != streams_.end() && it->second.token == token) it->second.acked = 0;  // sent again next time
+    }
+    if (client_->is_open()) ack_requested_ = true;
+    co_return;
+  }
+  for (auto& [ch, token] : sent) {
+    if (!accepted.count(ch)) fence(ch, token);
+  }
+}
+
+// Idle members prune too, so a channel nobody listens to still loses what
+// is past the retention.
+inline task<void> journal::prune() {
+  try {
+    auto keep = std::to_string(options_.retention.count()) + " milliseconds";
+    co_await client_->query_prepared(prune_sql_, keep);
+    acked_since_prune_ = false;
+  } catch (const std::exception& e) {
+    note(log_level::debug, std::string("pruning the journal failed: ") + e.what());
+  }
+}
+
+inline task<void> journal::settle(std::vector<std::string> channels) {
+  for (auto& ch : channels) {
+    auto it = streams_.find(ch);
+    if (it != streams_.end()) it->second.state = phase::stopped;
+  }
+  if (!tx_handler_ && client_->is_open()) co_await ack(std::move(channels));
+}
+
+// Exactly-once effects: one transaction per message on a connection of its
+// own, in delivery order: the handler's writes, then the cursor, which a
+// replaced tenure cannot move (the whole transaction rolls back then).
+inline task<void> journal::transaction_loop() {
+  for (;;) {
+    if (tx_queue_.empty()) {
+      if (!co_await client_->loop().sleep(std::chrono::hours(24), &tx_wake_)) tx_wake_.reset();
+      continue;
+    }
+    auto d = tx_queue_.front();
+    bool done = co_await run_transaction(d);
+    if (done) {
+      if (!tx_queue_.empty() && tx_queue_.front().id == d.id && tx_queue_.front().channel == d.channel) {
+        tx_queue_.pop_front();
+      }
+      continue;
+    }
+    co_await client_->loop().sleep(options_.retry_delay);
+  }
+}
+
+// True when the message is settled (committed, or its tenure is over).
+inline task<bool> journal::run_transaction(const owned_delivery& d) {
+  std::exception_ptr failure;
+  try {
+    co_await ensure_tx_connection();
+    co_await transact(tx_conn_, d);
+    co_return true;
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  if (tx_conn_ && tx_conn_->is_open()) {  // not from inside the catch: no co_await there
+    try {
+      co_await tx_conn_->query(std::string(sql::rollback));
+    } catch (const std::exception&) {
+      tx_conn_.reset();
+    }
+  }
+  try {
+    std::rethrow_exception(failure);
+  } catch (const sql_error& e) {
+    if (e.sqlstate() == sqlstate::fenced) {
+      fence(d.channel, d.token);
+      std::erase_if(tx_queue_, [&](const owned_delivery& q) { return q.channel == d.channel && q.token == d.token; });
+      co_return true;
+    }
+    complain("durable channel " + d.channel + ": the transaction of message " + std::to_string(d.id) +
+             " failed and is retried: " + e.what());
+  } catch (const std::exception& e) {
+    complain("durable channel " + d.channel + ": the transaction of message " + std::to_string(d.id) +
+             " failed and is retried: " + e.what());
+  }
+  if (tx_conn_ && !tx_conn_->is_open()) tx_conn_.reset();
+  co_return false;
+}
+
+inline task<void> journal::transact(std::shared_ptr<connection> c, const owned_delivery& d) {
+  co_await c->query(std::string(sql::begin));
+  co_await tx_handler_(delivery{d.channel, d.payload, d.id, d.token}, *c);
+  co_await c->query(ack_one_sql_, d.channel, d.id, d.token);
+  co_await c->query(std::string(sql::commit));
+}
+
+inline task<void> journal::ensure_tx_connection() {
+  if (tx_conn_ && tx_conn_->is_open()) co_return;
+  auto opts = derived_options(client_->logger(), options_.liveness_timeout, false);
+  tx_conn_ = co_await connection::connect(client_->loop(), client_->conninfo(), opts);
+}
+
+}  // namespace pgiplock::detail
