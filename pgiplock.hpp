@@ -1497,6 +1497,41 @@ inline bool is_internal_channel(std::string_view channel) {
   return is_lock_channel(channel) || channel.substr(0, fleet_prefix.size()) == fleet_prefix;
 }
 
+// Where `text` stops being UTF-8 (overlong forms, surrogates and code
+// points past U+10FFFF included, as PostgreSQL refuses them), or npos.
+inline std::size_t utf8_error_at(std::string_view text) {
+  auto* p = reinterpret_cast<const unsigned char*>(text.data());
+  std::size_t n = text.size(), i = 0;
+  while (i < n) {
+    if (p[i] < 0x80) {
+      ++i;
+      continue;
+    }
+    std::size_t len = p[i] >= 0xF0 ? 4 : p[i] >= 0xE0 ? 3 : p[i] >= 0xC2 ? 2 : 0;
+    if (len == 0 || p[i] > 0xF4 || i + len > n) return i;
+    for (std::size_t k = 1; k < len; ++k) {
+      if ((p[i + k] & 0xC0) != 0x80) return i;
+    }
+    if ((p[i] == 0xE0 && p[i + 1] < 0xA0) || (p[i] == 0xED && p[i + 1] >= 0xA0) || (p[i] == 0xF0 && p[i + 1] < 0x90) ||
+        (p[i] == 0xF4 && p[i + 1] >= 0x90)) {
+      return i;
+    }
+    i += len;
+  }
+  return std::string_view::npos;
+}
+
+// Payloads are text in the session's encoding: a sequence the server would
+// refuse fails here, naming where, before it could fail a whole batch.
+inline void validate_encoding(std::string_view payload, std::string_view client_encoding) {
+  if (client_encoding != "UTF8") return;
+  auto at = utf8_error_at(payload);
+  if (at != std::string_view::npos) {
+    throw std::invalid_argument("pgiplock: notification payload is not valid UTF-8 at byte offset " +
+                                std::to_string(at) + " (the session's client_encoding is UTF8)");
+  }
+}
+
 inline void validate_durable_payload(std::string_view payload) {
   if (payload.size() > max_durable_payload) {
     throw std::length_error("pgiplock: payload is " + std::to_string(payload.size()) +
@@ -2079,7 +2114,7 @@ EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_ack(ch text, upto big
 -- rows are all acknowledged (or older than keep) is truncated whole; in
 -- the others the acknowledged rows go in one DELETE. A slot that a
 -- publisher still writes to (a transaction open since that slot was
--- current) cannot be locked within 50 ms and waits for the next round.
+-- current) cannot be locked within 20 ms and waits for the next round.
 EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_prune(keep interval)
   RETURNS integer LANGUAGE plpgsql AS $f$
   DECLARE cur smallint := %1$I.pgiplock_slot(); part text; busy boolean; cut integer := 0;
@@ -2091,7 +2126,7 @@ EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_prune(keep interval)
       EXECUTE format('SELECT EXISTS (SELECT 1 FROM %%s)', part) INTO busy;
       CONTINUE WHEN NOT busy;
       BEGIN
-        PERFORM set_config('lock_timeout', '50', true);
+        PERFORM set_config('lock_timeout', '20', true);
         EXECUTE format('LOCK TABLE %%s IN ACCESS EXCLUSIVE MODE', part);
         EXECUTE format('SELECT EXISTS (SELECT 1 FROM %%s j LEFT JOIN %%I.pgiplock_cursor c ON c.channel = j.channel '
                        'WHERE j.id > coalesce(c.acked, 0) AND j.published > now() - $1)', part, %2$L)
@@ -2111,12 +2146,18 @@ EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_prune(keep interval)
     RETURN cut;
   END; $f$$q$, s, s);
 END $pgiplock$)sql";
-// The messages of many channels after their positions, at most $3 each:
-// a takeover's replay and a live gap, in one round trip for all channels.
+// The messages of many channels after their positions: a takeover's replay
+// and a live gap, in one round trip for all channels. Per channel at most
+// $3 rows and, after the first, $4 bytes of payload (a page of 64 MiB
+// messages must not be read at once): the rows past the page come back
+// without their payload (not read from disk), only to say there is more.
 inline constexpr std::string_view journal_read =
-    "SELECT x.c, j.id, j.payload FROM unnest($1::text[], $2::bigint[]) AS x(c, f) "
-    "CROSS JOIN LATERAL (SELECT id, payload FROM @schema@.pgiplock_journal "
-    "WHERE channel = x.c AND id > x.f ORDER BY id LIMIT $3::integer) j ORDER BY x.c, j.id";
+    "SELECT x.c, j.id, CASE WHEN j.keep THEN j.payload END, j.keep "
+    "FROM unnest($1::text[], $2::bigint[]) AS x(c, f) "
+    "CROSS JOIN LATERAL (SELECT id, payload, row_number() OVER w <= $3 "
+    "AND coalesce(sum(octet_length(payload)) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) < $4 "
+    "AS keep FROM @schema@.pgiplock_journal WHERE channel = x.c AND id > x.f "
+    "WINDOW w AS (ORDER BY id) ORDER BY id LIMIT $3 + 1) j ORDER BY x.c, j.id";
 // A new tenure fences the cursor: from its commit on, only this token moves
 // it. Yields each channel's position, or nothing for a channel whose cursor
 // a newer tenure holds already. $1 channels, $2 tokens.
@@ -2314,6 +2355,11 @@ class connection : public std::enable_shared_from_this<connection> {
 
   [[nodiscard]] bool is_open() const noexcept { return conn_ && !lost_ && !closing_; }
   [[nodiscard]] int backend_pid() const noexcept { return backend_pid_; }
+  // The session's client_encoding as the server reported it ("UTF8"...).
+  [[nodiscard]] std::string_view client_encoding() const noexcept {
+    const char* e = conn_ ? PQparameterStatus(conn_.get(), "client_encoding") : nullptr;
+    return e ? e : "";
+  }
   [[nodiscard]] std::string_view app_name() const noexcept { return app_; }
   [[nodiscard]] const std::string& conninfo() const noexcept { return conninfo_; }
   [[nodiscard]] event_loop& loop() const noexcept { return *loop_; }
@@ -3998,7 +4044,11 @@ inline task<void> ensure_journal(std::shared_ptr<connection> client) {
 }
 
 inline constexpr int journal_page = 256;  // rows per channel per read
+inline constexpr long long journal_page_bytes = 16ll << 20;  // and payload bytes, past the first row
 inline constexpr std::chrono::milliseconds prune_every{2000};
+// Acknowledgements go at most once per pace: a crash redelivers at most
+// this much more, and the cursor row is not rewritten per message.
+inline constexpr std::chrono::milliseconds ack_pace{5};
 
 inline journal::journal(std::shared_ptr<connection> client, journal_options options, hooks h)
     : client_(std::move(client)), options_(std::move(options)), hooks_(std::move(h)) {
@@ -4249,7 +4299,7 @@ inline task<bool> journal::read_once() {
   result r;
   bool failed = false;
   try {
-    r = co_await client_->query(read_sql_, chs.literal(), from.literal(), journal_page);
+    r = co_await client_->query(read_sql_, chs.literal(), from.literal(), journal_page, journal_page_bytes);
   } catch (const std::exception& e) {
     failed = true;
     if (client_->is_open()) complain(std::string("reading the journal failed: ") + e.what());
@@ -4263,12 +4313,16 @@ inline task<bool> journal::read_once() {
                         [](const auto& s) { return s.second.state == phase::catching_up; });
 }
 
-// Rows come ordered by channel, then id.
+// Rows come ordered by channel, then id; a row without its payload says
+// that the channel has more than this page.
 inline void journal::take_rows(const result& r, const read_round& round, std::uint64_t read_no) {
-  std::map<std::string, int, std::less<>> rows_of;
+  std::set<std::string, std::less<>> more;
   for (int i = 0; i < r.rows(); ++i) {
     std::string ch(r.get(i, 0));
-    ++rows_of[ch];
+    if (r.get(i, 3) != "t") {
+      more.insert(ch);
+      continue;
+    }
     auto it = streams_.find(ch);
     if (it == streams_.end() || it->second.state != phase::catching_up) continue;
     auto& s = it->second;
@@ -4283,7 +4337,7 @@ inline void journal::take_rows(const result& r, const read_round& round, std::ui
   for (std::size_t i = 0; i < round.channels.size(); ++i) {
     auto it = streams_.find(round.channels[i]);
     if (it == streams_.end() || it->second.token != round.tokens[i]) continue;
-    drain_backlog(round.channels[i], read_no, rows_of[round.channels[i]] < journal_page);
+    drain_backlog(round.channels[i], read_no, !more.count(round.channels[i]));
   }
 }
 
@@ -4296,7 +4350,10 @@ inline task<void> journal::acker_loop() {
       if (!co_await client_->loop().sleep(prune_every, &acker_wake_)) acker_wake_.reset();
     }
     if (!client_->is_open()) co_return;
-    if (std::exchange(ack_requested_, false)) co_await ack({});
+    if (std::exchange(ack_requested_, false)) {
+      co_await ack({});
+      co_await client_->loop().sleep(ack_pace);  // a statement per pace, not per message
+    }
     if (event_loop::clock::now() - last_prune >= prune_every) {
       last_prune = event_loop::clock::now();
       co_await prune();
@@ -5528,6 +5585,7 @@ inline task<void> pubsub::notify(std::string_view channel_view, std::string_view
     detail::validate_payload(payload);
   }
   if (!connected()) throw connection_error("pgiplock: notify: not connected");
+  detail::validate_encoding(payload, client_->client_encoding());
   auto b = batcher_.join(client_, ch, payload);
   co_await b->done.wait();
   if (b->failure) std::rethrow_exception(b->failure);

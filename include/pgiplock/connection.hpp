@@ -136,6 +136,11 @@ class connection : public std::enable_shared_from_this<connection> {
 
   [[nodiscard]] bool is_open() const noexcept { return conn_ && !lost_ && !closing_; }
   [[nodiscard]] int backend_pid() const noexcept { return backend_pid_; }
+  // The session's client_encoding as the server reported it ("UTF8"...).
+  [[nodiscard]] std::string_view client_encoding() const noexcept {
+    const char* e = conn_ ? PQparameterStatus(conn_.get(), "client_encoding") : nullptr;
+    return e ? e : "";
+  }
   [[nodiscard]] std::string_view app_name() const noexcept { return app_; }
   [[nodiscard]] const std::string& conninfo() const noexcept { return conninfo_; }
   [[nodiscard]] event_loop& loop() const noexcept { return *loop_; }

@@ -336,6 +336,7 @@ inline task<void> pubsub::notify(std::string_view channel_view, std::string_view
     detail::validate_payload(payload);
   }
   if (!connected()) throw connection_error("pgiplock: notify: not connected");
+  detail::validate_encoding(payload, client_->client_encoding());
   auto b = batcher_.join(client_, ch, payload);
   co_await b->done.wait();
   if (b->failure) std::rethrow_exception(b->failure);

@@ -131,7 +131,11 @@ inline task<void> ensure_journal(std::shared_ptr<connection> client) {
 }
 
 inline constexpr int journal_page = 256;  // rows per channel per read
+inline constexpr long long journal_page_bytes = 16ll << 20;  // and payload bytes, past the first row
 inline constexpr std::chrono::milliseconds prune_every{2000};
+// Acknowledgements go at most once per pace: a crash redelivers at most
+// this much more, and the cursor row is not rewritten per message.
+inline constexpr std::chrono::milliseconds ack_pace{5};
 
 inline journal::journal(std::shared_ptr<connection> client, journal_options options, hooks h)
     : client_(std::move(client)), options_(std::move(options)), hooks_(std::move(h)) {
@@ -382,7 +386,7 @@ inline task<bool> journal::read_once() {
   result r;
   bool failed = false;
   try {
-    r = co_await client_->query(read_sql_, chs.literal(), from.literal(), journal_page);
+    r = co_await client_->query(read_sql_, chs.literal(), from.literal(), journal_page, journal_page_bytes);
   } catch (const std::exception& e) {
     failed = true;
     if (client_->is_open()) complain(std::string("reading the journal failed: ") + e.what());
@@ -396,12 +400,16 @@ inline task<bool> journal::read_once() {
                         [](const auto& s) { return s.second.state == phase::catching_up; });
 }
 
-// Rows come ordered by channel, then id.
+// Rows come ordered by channel, then id; a row without its payload says
+// that the channel has more than this page.
 inline void journal::take_rows(const result& r, const read_round& round, std::uint64_t read_no) {
-  std::map<std::string, int, std::less<>> rows_of;
+  std::set<std::string, std::less<>> more;
   for (int i = 0; i < r.rows(); ++i) {
     std::string ch(r.get(i, 0));
-    ++rows_of[ch];
+    if (r.get(i, 3) != "t") {
+      more.insert(ch);
+      continue;
+    }
     auto it = streams_.find(ch);
     if (it == streams_.end() || it->second.state != phase::catching_up) continue;
     auto& s = it->second;
@@ -416,7 +424,7 @@ inline void journal::take_rows(const result& r, const read_round& round, std::ui
   for (std::size_t i = 0; i < round.channels.size(); ++i) {
     auto it = streams_.find(round.channels[i]);
     if (it == streams_.end() || it->second.token != round.tokens[i]) continue;
-    drain_backlog(round.channels[i], read_no, rows_of[round.channels[i]] < journal_page);
+    drain_backlog(round.channels[i], read_no, !more.count(round.channels[i]));
   }
 }
 
@@ -429,7 +437,10 @@ inline task<void> journal::acker_loop() {
       if (!co_await client_->loop().sleep(prune_every, &acker_wake_)) acker_wake_.reset();
     }
     if (!client_->is_open()) co_return;
-    if (std::exchange(ack_requested_, false)) co_await ack({});
+    if (std::exchange(ack_requested_, false)) {
+      co_await ack({});
+      co_await client_->loop().sleep(ack_pace);  // a statement per pace, not per message
+    }
     if (event_loop::clock::now() - last_prune >= prune_every) {
       last_prune = event_loop::clock::now();
       co_await prune();

@@ -97,6 +97,41 @@ inline bool is_internal_channel(std::string_view channel) {
   return is_lock_channel(channel) || channel.substr(0, fleet_prefix.size()) == fleet_prefix;
 }
 
+// Where `text` stops being UTF-8 (overlong forms, surrogates and code
+// points past U+10FFFF included, as PostgreSQL refuses them), or npos.
+inline std::size_t utf8_error_at(std::string_view text) {
+  auto* p = reinterpret_cast<const unsigned char*>(text.data());
+  std::size_t n = text.size(), i = 0;
+  while (i < n) {
+    if (p[i] < 0x80) {
+      ++i;
+      continue;
+    }
+    std::size_t len = p[i] >= 0xF0 ? 4 : p[i] >= 0xE0 ? 3 : p[i] >= 0xC2 ? 2 : 0;
+    if (len == 0 || p[i] > 0xF4 || i + len > n) return i;
+    for (std::size_t k = 1; k < len; ++k) {
+      if ((p[i + k] & 0xC0) != 0x80) return i;
+    }
+    if ((p[i] == 0xE0 && p[i + 1] < 0xA0) || (p[i] == 0xED && p[i + 1] >= 0xA0) || (p[i] == 0xF0 && p[i + 1] < 0x90) ||
+        (p[i] == 0xF4 && p[i + 1] >= 0x90)) {
+      return i;
+    }
+    i += len;
+  }
+  return std::string_view::npos;
+}
+
+// Payloads are text in the session's encoding: a sequence the server would
+// refuse fails here, naming where, before it could fail a whole batch.
+inline void validate_encoding(std::string_view payload, std::string_view client_encoding) {
+  if (client_encoding != "UTF8") return;
+  auto at = utf8_error_at(payload);
+  if (at != std::string_view::npos) {
+    throw std::invalid_argument("pgiplock: notification payload is not valid UTF-8 at byte offset " +
+                                std::to_string(at) + " (the session's client_encoding is UTF8)");
+  }
+}
+
 inline void validate_durable_payload(std::string_view payload) {
   if (payload.size() > max_durable_payload) {
     throw std::length_error("pgiplock: payload is " + std::to_string(payload.size()) +

@@ -475,7 +475,7 @@ EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_ack(ch text, upto big
 -- rows are all acknowledged (or older than keep) is truncated whole; in
 -- the others the acknowledged rows go in one DELETE. A slot that a
 -- publisher still writes to (a transaction open since that slot was
--- current) cannot be locked within 50 ms and waits for the next round.
+-- current) cannot be locked within 20 ms and waits for the next round.
 EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_prune(keep interval)
   RETURNS integer LANGUAGE plpgsql AS $f$
   DECLARE cur smallint := %1$I.pgiplock_slot(); part text; busy boolean; cut integer := 0;
@@ -487,7 +487,7 @@ EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_prune(keep interval)
       EXECUTE format('SELECT EXISTS (SELECT 1 FROM %%s)', part) INTO busy;
       CONTINUE WHEN NOT busy;
       BEGIN
-        PERFORM set_config('lock_timeout', '50', true);
+        PERFORM set_config('lock_timeout', '20', true);
         EXECUTE format('LOCK TABLE %%s IN ACCESS EXCLUSIVE MODE', part);
         EXECUTE format('SELECT EXISTS (SELECT 1 FROM %%s j LEFT JOIN %%I.pgiplock_cursor c ON c.channel = j.channel '
                        'WHERE j.id > coalesce(c.acked, 0) AND j.published > now() - $1)', part, %2$L)
@@ -507,12 +507,18 @@ EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_prune(keep interval)
     RETURN cut;
   END; $f$$q$, s, s);
 END $pgiplock$)sql";
-// The messages of many channels after their positions, at most $3 each:
-// a takeover's replay and a live gap, in one round trip for all channels.
+// The messages of many channels after their positions: a takeover's replay
+// and a live gap, in one round trip for all channels. Per channel at most
+// $3 rows and, after the first, $4 bytes of payload (a page of 64 MiB
+// messages must not be read at once): the rows past the page come back
+// without their payload (not read from disk), only to say there is more.
 inline constexpr std::string_view journal_read =
-    "SELECT x.c, j.id, j.payload FROM unnest($1::text[], $2::bigint[]) AS x(c, f) "
-    "CROSS JOIN LATERAL (SELECT id, payload FROM @schema@.pgiplock_journal "
-    "WHERE channel = x.c AND id > x.f ORDER BY id LIMIT $3::integer) j ORDER BY x.c, j.id";
+    "SELECT x.c, j.id, CASE WHEN j.keep THEN j.payload END, j.keep "
+    "FROM unnest($1::text[], $2::bigint[]) AS x(c, f) "
+    "CROSS JOIN LATERAL (SELECT id, payload, row_number() OVER w <= $3 "
+    "AND coalesce(sum(octet_length(payload)) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) < $4 "
+    "AS keep FROM @schema@.pgiplock_journal WHERE channel = x.c AND id > x.f "
+    "WINDOW w AS (ORDER BY id) ORDER BY id LIMIT $3 + 1) j ORDER BY x.c, j.id";
 // A new tenure fences the cursor: from its commit on, only this token moves
 // it. Yields each channel's position, or nothing for a channel whose cursor
 // a newer tenure holds already. $1 channels, $2 tokens.
