@@ -2035,11 +2035,15 @@ inline constexpr std::string_view notify_many =
 // comes back at once. A nudge is "<id>:<payload>" when it fits in a
 // notification, else "<id>" (the payload is read from the journal).
 inline constexpr std::string_view journal_setting = "pgiplock.journal_schema";
+inline constexpr std::string_view journal_version_setting = "pgiplock.journal_version";
 inline constexpr int journal_slots = 8;
+// The functions carry the version of their bodies as a comment: a schema
+// made by an older pgiplock gets the current ones (CREATE OR REPLACE).
+inline constexpr std::string_view journal_version = "pgiplock journal 1";
 inline constexpr std::string_view journal_present =
     "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL AND to_regclass($3) IS NOT NULL "
     "AND to_regprocedure($4) IS NOT NULL AND to_regprocedure($5) IS NOT NULL AND to_regprocedure($6) IS NOT NULL "
-    "AND to_regprocedure($7) IS NOT NULL";
+    "AND to_regprocedure($7) IS NOT NULL AND obj_description(to_regprocedure($7), 'pg_proc') = $8";
 inline constexpr std::string_view journal_ddl = R"sql(DO $pgiplock$
 DECLARE s text := current_setting('pgiplock.journal_schema');
 BEGIN
@@ -2103,8 +2107,9 @@ EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_publish(channel text,
 EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_ack(ch text, upto bigint, tok bigint)
   RETURNS void LANGUAGE plpgsql AS $f$
   BEGIN
-    UPDATE %1$I.pgiplock_cursor c SET acked = greatest(c.acked, upto), acked_at = now()
-      WHERE c.channel = ch AND c.token = tok;
+    INSERT INTO %1$I.pgiplock_cursor AS c (channel, acked, token, acked_at) VALUES (ch, upto, tok, now())
+      ON CONFLICT (channel) DO UPDATE SET acked = greatest(c.acked, EXCLUDED.acked), token = EXCLUDED.token,
+        acked_at = EXCLUDED.acked_at WHERE c.token <= EXCLUDED.token;
     IF NOT FOUND THEN
       RAISE EXCEPTION 'pgiplock: tenure %% of channel "%%" was replaced: its acknowledgement is refused', tok, ch
         USING ERRCODE = 'PGF01';
@@ -2145,6 +2150,8 @@ EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_prune(keep interval)
     PERFORM set_config('lock_timeout', '0', true);
     RETURN cut;
   END; $f$$q$, s, s);
+-- Last: the version says every function above is current.
+EXECUTE format('COMMENT ON FUNCTION %I.pgiplock_prune(interval) IS %L', s, current_setting('pgiplock.journal_version'));
 END $pgiplock$)sql";
 // The messages of many channels after their positions: a takeover's replay
 // and a live gap, in one round trip for all channels. Per channel at most
@@ -2160,18 +2167,24 @@ inline constexpr std::string_view journal_read =
     "WINDOW w AS (ORDER BY id) ORDER BY id LIMIT $3 + 1) j ORDER BY x.c, j.id";
 // A new tenure fences the cursor: from its commit on, only this token moves
 // it. Yields each channel's position, or nothing for a channel whose cursor
-// a newer tenure holds already. $1 channels, $2 tokens.
+// a newer tenure holds already (taking it again with the same token, after
+// the journal was rebuilt, is no loss of tenure). $1 channels, $2 tokens.
 inline constexpr std::string_view cursor_take =
     "INSERT INTO @schema@.pgiplock_cursor AS c (channel, token) "
     "SELECT x.c, x.t FROM unnest($1::text[], $2::bigint[]) AS x(c, t) ORDER BY x.c COLLATE \"C\" "
-    "ON CONFLICT (channel) DO UPDATE SET token = EXCLUDED.token WHERE c.token < EXCLUDED.token "
+    "ON CONFLICT (channel) DO UPDATE SET token = EXCLUDED.token WHERE c.token <= EXCLUDED.token "
     "RETURNING c.channel, c.acked";
-// Acknowledges many channels, each only under its tenure's token; yields the
-// channels whose acknowledgement was accepted. $1 channels, $2 ids, $3 tokens.
+// Acknowledges many channels, each only under its tenure's token (or a
+// newer one: a cursor row a replaced holder put back after it was deleted);
+// a row that is gone (the table truncated) is put back where this holder
+// stands. Yields the channels whose acknowledgement was accepted.
+// $1 channels, $2 ids, $3 tokens.
 inline constexpr std::string_view cursor_ack =
-    "UPDATE @schema@.pgiplock_cursor c SET acked = greatest(c.acked, x.id), acked_at = now() "
-    "FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS x(ch, id, tok) "
-    "WHERE c.channel = x.ch AND c.token = x.tok RETURNING c.channel";
+    "INSERT INTO @schema@.pgiplock_cursor AS c (channel, acked, token, acked_at) "
+    "SELECT x.ch, x.id, x.tok, now() FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS x(ch, id, tok) "
+    "ORDER BY x.ch COLLATE \"C\" "
+    "ON CONFLICT (channel) DO UPDATE SET acked = greatest(c.acked, EXCLUDED.acked), token = EXCLUDED.token, "
+    "acked_at = EXCLUDED.acked_at WHERE c.token <= EXCLUDED.token RETURNING c.channel";
 inline constexpr std::string_view publish_many = "SELECT @schema@.pgiplock_publish_many($1::text[], $2::text[])";
 inline constexpr std::string_view ack_one = "SELECT @schema@.pgiplock_ack($1, $2::bigint, $3::bigint)";
 inline constexpr std::string_view prune = "SELECT @schema@.pgiplock_prune($1::interval)";
@@ -3994,6 +4007,8 @@ class journal {
 
   void note(log_level level, const std::string& message) const;
   void complain(const std::string& message) const;
+  void failed(const std::string& what, const std::exception& e);
+  task<bool> rebuild();
   static std::optional<nudge> parse(std::string_view payload);
   void wake_reader();
   void wake_acker();
@@ -4019,6 +4034,7 @@ class journal {
   std::map<std::string, stream, std::less<>> streams_;
   std::uint64_t reads_ = 0;  // journal reads sent so far
   bool read_requested_ = false, ack_requested_ = false;
+  bool rebuild_needed_ = false;  // a statement found the journal's tables gone
   cancel_source reader_wake_, acker_wake_, tx_wake_;
   bool acked_since_prune_ = false;
   transaction_handler tx_handler_;
@@ -4038,8 +4054,10 @@ inline task<void> ensure_journal(std::shared_ptr<connection> client) {
   auto present = co_await client->query(std::string(sql::journal_present), s + ".pgiplock_channel",
                                         s + ".pgiplock_cursor", s + ".pgiplock_journal",
                                         s + ".pgiplock_publish_many(text[],text[])", s + ".pgiplock_publish(text,text)",
-                                        s + ".pgiplock_ack(text,bigint,bigint)", s + ".pgiplock_prune(interval)");
+                                        s + ".pgiplock_ack(text,bigint,bigint)", s + ".pgiplock_prune(interval)",
+                                        sql::journal_version);
   if (present.get(0, 0) == "t") co_return;
+  co_await client->query(std::string(sql::set_bootstrap_schema), sql::journal_version_setting, sql::journal_version);
   co_await run_bootstrap(client, sql::journal_setting, lock_schema_name(), sql::journal_ddl, "the journal");
 }
 
@@ -4080,6 +4098,39 @@ inline void journal::note(log_level level, const std::string& message) const {
 }
 
 inline void journal::complain(const std::string& message) const { hooks_.report(error("pgiplock: " + message)); }
+
+// A failed statement of the journal: said (once per kind while it lasts),
+// and a journal whose tables are gone is rebuilt by the reader.
+inline void journal::failed(const std::string& what, const std::exception& e) {
+  if (!client_->is_open()) return;
+  auto* s = dynamic_cast<const sql_error*>(&e);
+  if (s && s->sqlstate() == sqlstate::undefined_table) {
+    if (!std::exchange(rebuild_needed_, true)) {
+      complain("the durable journal's tables are gone (dropped?): re-creating them; what they held is lost");
+    }
+    wake_reader();
+    return;
+  }
+  complain(what + " failed: " + e.what());
+}
+
+// The tables are back (empty): every stream starts again from its cursor,
+// which is where this holder stands (its acknowledgement puts it back).
+inline task<bool> journal::rebuild() {
+  try {
+    co_await ensure_journal(client_);
+  } catch (const std::exception& e) {
+    complain(std::string("re-creating the durable journal failed: ") + e.what());
+    co_return false;
+  }
+  rebuild_needed_ = false;
+  for (auto& [ch, s] : streams_) {
+    if (s.state == phase::stopped) continue;
+    s.state = phase::resuming;
+    s.backlog.clear();
+  }
+  co_return true;
+}
 
 inline void journal::begin_tenure(const std::string& channel, std::int64_t token) {
   stream s;
@@ -4231,7 +4282,8 @@ inline task<void> journal::reader_loop() {
     }
     read_requested_ = false;
     if (!client_->is_open()) co_return;
-    bool ok = co_await resume_all();
+    bool ok = !rebuild_needed_ || co_await rebuild();
+    if (ok) ok = co_await resume_all();
     while (ok) {
       bool more = co_await read_once();
       if (!more) break;
@@ -4262,7 +4314,7 @@ inline task<bool> journal::resume_all() {
   try {
     r = co_await client_->query(take_sql_, chs.literal(), toks.literal());
   } catch (const std::exception& e) {
-    if (client_->is_open()) complain(std::string("reading durable cursors failed: ") + e.what());
+    failed("reading durable cursors", e);
     co_return false;
   }
   std::map<std::string, std::int64_t, std::less<>> at;
@@ -4297,14 +4349,14 @@ inline task<bool> journal::read_once() {
   if (round.channels.empty()) co_return false;
   auto read_no = ++reads_;
   result r;
-  bool failed = false;
+  bool read_failed = false;
   try {
     r = co_await client_->query(read_sql_, chs.literal(), from.literal(), journal_page, journal_page_bytes);
   } catch (const std::exception& e) {
-    failed = true;
-    if (client_->is_open()) complain(std::string("reading the journal failed: ") + e.what());
+    read_failed = true;
+    failed("reading the journal", e);
   }
-  if (failed) {
+  if (read_failed) {
     co_await client_->loop().sleep(options_.retry_delay);
     co_return client_->is_open();
   }
@@ -4382,7 +4434,7 @@ inline task<void> journal::ack(std::vector<std::string> only) {
     for (int i = 0; i < r.rows(); ++i) accepted.emplace(r.get(i, 0));
     acked_since_prune_ = true;
   } catch (const std::exception& e) {
-    if (client_->is_open()) complain(std::string("acknowledging durable messages failed: ") + e.what());
+    failed("acknowledging durable messages", e);
     for (auto& [ch, token] : sent) {
       auto it = streams_.find(ch);
       if (it != streams_.end() && it->second.token == token) it->second.acked = 0;  // sent again next time

@@ -81,6 +81,8 @@ class journal {
 
   void note(log_level level, const std::string& message) const;
   void complain(const std::string& message) const;
+  void failed(const std::string& what, const std::exception& e);
+  task<bool> rebuild();
   static std::optional<nudge> parse(std::string_view payload);
   void wake_reader();
   void wake_acker();
@@ -106,6 +108,7 @@ class journal {
   std::map<std::string, stream, std::less<>> streams_;
   std::uint64_t reads_ = 0;  // journal reads sent so far
   bool read_requested_ = false, ack_requested_ = false;
+  bool rebuild_needed_ = false;  // a statement found the journal's tables gone
   cancel_source reader_wake_, acker_wake_, tx_wake_;
   bool acked_since_prune_ = false;
   transaction_handler tx_handler_;
@@ -125,8 +128,10 @@ inline task<void> ensure_journal(std::shared_ptr<connection> client) {
   auto present = co_await client->query(std::string(sql::journal_present), s + ".pgiplock_channel",
                                         s + ".pgiplock_cursor", s + ".pgiplock_journal",
                                         s + ".pgiplock_publish_many(text[],text[])", s + ".pgiplock_publish(text,text)",
-                                        s + ".pgiplock_ack(text,bigint,bigint)", s + ".pgiplock_prune(interval)");
+                                        s + ".pgiplock_ack(text,bigint,bigint)", s + ".pgiplock_prune(interval)",
+                                        sql::journal_version);
   if (present.get(0, 0) == "t") co_return;
+  co_await client->query(std::string(sql::set_bootstrap_schema), sql::journal_version_setting, sql::journal_version);
   co_await run_bootstrap(client, sql::journal_setting, lock_schema_name(), sql::journal_ddl, "the journal");
 }
 
@@ -167,6 +172,39 @@ inline void journal::note(log_level level, const std::string& message) const {
 }
 
 inline void journal::complain(const std::string& message) const { hooks_.report(error("pgiplock: " + message)); }
+
+// A failed statement of the journal: said (once per kind while it lasts),
+// and a journal whose tables are gone is rebuilt by the reader.
+inline void journal::failed(const std::string& what, const std::exception& e) {
+  if (!client_->is_open()) return;
+  auto* s = dynamic_cast<const sql_error*>(&e);
+  if (s && s->sqlstate() == sqlstate::undefined_table) {
+    if (!std::exchange(rebuild_needed_, true)) {
+      complain("the durable journal's tables are gone (dropped?): re-creating them; what they held is lost");
+    }
+    wake_reader();
+    return;
+  }
+  complain(what + " failed: " + e.what());
+}
+
+// The tables are back (empty): every stream starts again from its cursor,
+// which is where this holder stands (its acknowledgement puts it back).
+inline task<bool> journal::rebuild() {
+  try {
+    co_await ensure_journal(client_);
+  } catch (const std::exception& e) {
+    complain(std::string("re-creating the durable journal failed: ") + e.what());
+    co_return false;
+  }
+  rebuild_needed_ = false;
+  for (auto& [ch, s] : streams_) {
+    if (s.state == phase::stopped) continue;
+    s.state = phase::resuming;
+    s.backlog.clear();
+  }
+  co_return true;
+}
 
 inline void journal::begin_tenure(const std::string& channel, std::int64_t token) {
   stream s;
@@ -318,7 +356,8 @@ inline task<void> journal::reader_loop() {
     }
     read_requested_ = false;
     if (!client_->is_open()) co_return;
-    bool ok = co_await resume_all();
+    bool ok = !rebuild_needed_ || co_await rebuild();
+    if (ok) ok = co_await resume_all();
     while (ok) {
       bool more = co_await read_once();
       if (!more) break;
@@ -349,7 +388,7 @@ inline task<bool> journal::resume_all() {
   try {
     r = co_await client_->query(take_sql_, chs.literal(), toks.literal());
   } catch (const std::exception& e) {
-    if (client_->is_open()) complain(std::string("reading durable cursors failed: ") + e.what());
+    failed("reading durable cursors", e);
     co_return false;
   }
   std::map<std::string, std::int64_t, std::less<>> at;
@@ -384,14 +423,14 @@ inline task<bool> journal::read_once() {
   if (round.channels.empty()) co_return false;
   auto read_no = ++reads_;
   result r;
-  bool failed = false;
+  bool read_failed = false;
   try {
     r = co_await client_->query(read_sql_, chs.literal(), from.literal(), journal_page, journal_page_bytes);
   } catch (const std::exception& e) {
-    failed = true;
-    if (client_->is_open()) complain(std::string("reading the journal failed: ") + e.what());
+    read_failed = true;
+    failed("reading the journal", e);
   }
-  if (failed) {
+  if (read_failed) {
     co_await client_->loop().sleep(options_.retry_delay);
     co_return client_->is_open();
   }
@@ -469,7 +508,7 @@ inline task<void> journal::ack(std::vector<std::string> only) {
     for (int i = 0; i < r.rows(); ++i) accepted.emplace(r.get(i, 0));
     acked_since_prune_ = true;
   } catch (const std::exception& e) {
-    if (client_->is_open()) complain(std::string("acknowledging durable messages failed: ") + e.what());
+    failed("acknowledging durable messages", e);
     for (auto& [ch, token] : sent) {
       auto it = streams_.find(ch);
       if (it != streams_.end() && it->second.token == token) it->second.acked = 0;  // sent again next time

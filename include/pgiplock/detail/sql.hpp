@@ -396,11 +396,15 @@ inline constexpr std::string_view notify_many =
 // comes back at once. A nudge is "<id>:<payload>" when it fits in a
 // notification, else "<id>" (the payload is read from the journal).
 inline constexpr std::string_view journal_setting = "pgiplock.journal_schema";
+inline constexpr std::string_view journal_version_setting = "pgiplock.journal_version";
 inline constexpr int journal_slots = 8;
+// The functions carry the version of their bodies as a comment: a schema
+// made by an older pgiplock gets the current ones (CREATE OR REPLACE).
+inline constexpr std::string_view journal_version = "pgiplock journal 1";
 inline constexpr std::string_view journal_present =
     "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL AND to_regclass($3) IS NOT NULL "
     "AND to_regprocedure($4) IS NOT NULL AND to_regprocedure($5) IS NOT NULL AND to_regprocedure($6) IS NOT NULL "
-    "AND to_regprocedure($7) IS NOT NULL";
+    "AND to_regprocedure($7) IS NOT NULL AND obj_description(to_regprocedure($7), 'pg_proc') = $8";
 inline constexpr std::string_view journal_ddl = R"sql(DO $pgiplock$
 DECLARE s text := current_setting('pgiplock.journal_schema');
 BEGIN
@@ -464,8 +468,9 @@ EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_publish(channel text,
 EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_ack(ch text, upto bigint, tok bigint)
   RETURNS void LANGUAGE plpgsql AS $f$
   BEGIN
-    UPDATE %1$I.pgiplock_cursor c SET acked = greatest(c.acked, upto), acked_at = now()
-      WHERE c.channel = ch AND c.token = tok;
+    INSERT INTO %1$I.pgiplock_cursor AS c (channel, acked, token, acked_at) VALUES (ch, upto, tok, now())
+      ON CONFLICT (channel) DO UPDATE SET acked = greatest(c.acked, EXCLUDED.acked), token = EXCLUDED.token,
+        acked_at = EXCLUDED.acked_at WHERE c.token <= EXCLUDED.token;
     IF NOT FOUND THEN
       RAISE EXCEPTION 'pgiplock: tenure %% of channel "%%" was replaced: its acknowledgement is refused', tok, ch
         USING ERRCODE = 'PGF01';
@@ -506,6 +511,8 @@ EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_prune(keep interval)
     PERFORM set_config('lock_timeout', '0', true);
     RETURN cut;
   END; $f$$q$, s, s);
+-- Last: the version says every function above is current.
+EXECUTE format('COMMENT ON FUNCTION %I.pgiplock_prune(interval) IS %L', s, current_setting('pgiplock.journal_version'));
 END $pgiplock$)sql";
 // The messages of many channels after their positions: a takeover's replay
 // and a live gap, in one round trip for all channels. Per channel at most
@@ -521,18 +528,24 @@ inline constexpr std::string_view journal_read =
     "WINDOW w AS (ORDER BY id) ORDER BY id LIMIT $3 + 1) j ORDER BY x.c, j.id";
 // A new tenure fences the cursor: from its commit on, only this token moves
 // it. Yields each channel's position, or nothing for a channel whose cursor
-// a newer tenure holds already. $1 channels, $2 tokens.
+// a newer tenure holds already (taking it again with the same token, after
+// the journal was rebuilt, is no loss of tenure). $1 channels, $2 tokens.
 inline constexpr std::string_view cursor_take =
     "INSERT INTO @schema@.pgiplock_cursor AS c (channel, token) "
     "SELECT x.c, x.t FROM unnest($1::text[], $2::bigint[]) AS x(c, t) ORDER BY x.c COLLATE \"C\" "
-    "ON CONFLICT (channel) DO UPDATE SET token = EXCLUDED.token WHERE c.token < EXCLUDED.token "
+    "ON CONFLICT (channel) DO UPDATE SET token = EXCLUDED.token WHERE c.token <= EXCLUDED.token "
     "RETURNING c.channel, c.acked";
-// Acknowledges many channels, each only under its tenure's token; yields the
-// channels whose acknowledgement was accepted. $1 channels, $2 ids, $3 tokens.
+// Acknowledges many channels, each only under its tenure's token (or a
+// newer one: a cursor row a replaced holder put back after it was deleted);
+// a row that is gone (the table truncated) is put back where this holder
+// stands. Yields the channels whose acknowledgement was accepted.
+// $1 channels, $2 ids, $3 tokens.
 inline constexpr std::string_view cursor_ack =
-    "UPDATE @schema@.pgiplock_cursor c SET acked = greatest(c.acked, x.id), acked_at = now() "
-    "FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS x(ch, id, tok) "
-    "WHERE c.channel = x.ch AND c.token = x.tok RETURNING c.channel";
+    "INSERT INTO @schema@.pgiplock_cursor AS c (channel, acked, token, acked_at) "
+    "SELECT x.ch, x.id, x.tok, now() FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS x(ch, id, tok) "
+    "ORDER BY x.ch COLLATE \"C\" "
+    "ON CONFLICT (channel) DO UPDATE SET acked = greatest(c.acked, EXCLUDED.acked), token = EXCLUDED.token, "
+    "acked_at = EXCLUDED.acked_at WHERE c.token <= EXCLUDED.token RETURNING c.channel";
 inline constexpr std::string_view publish_many = "SELECT @schema@.pgiplock_publish_many($1::text[], $2::text[])";
 inline constexpr std::string_view ack_one = "SELECT @schema@.pgiplock_ack($1, $2::bigint, $3::bigint)";
 inline constexpr std::string_view prune = "SELECT @schema@.pgiplock_prune($1::interval)";
