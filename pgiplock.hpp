@@ -1662,6 +1662,7 @@ inline constexpr std::string_view connection_exception_class = "08";
 inline constexpr std::string_view deadlock_detected = "40P01";
 inline constexpr std::string_view fenced = "PGF01";  // pgiplock_ack: the tenure was replaced
 inline constexpr std::string_view undefined_table = "42P01";
+inline constexpr std::string_view undefined_function = "42883";
 inline constexpr std::string_view operator_intervention_prefix = "57P0";
 // What a concurrent bootstrap by another process can raise (a Node peer
 // does not take our bootstrap lock, so these still happen).
@@ -2177,14 +2178,21 @@ inline constexpr std::string_view cursor_take =
 // Acknowledges many channels, each only under its tenure's token (or a
 // newer one: a cursor row a replaced holder put back after it was deleted);
 // a row that is gone (the table truncated) is put back where this holder
-// stands. Yields the channels whose acknowledgement was accepted.
-// $1 channels, $2 ids, $3 tokens.
+// stands. Yields per channel whether it was accepted, and the channel's
+// last id: lower than what this holder delivered means the journal was
+// dropped and began again (ids from 1), which the holder then follows.
+// $1 channels, $2 ids (0: only check), $3 tokens.
 inline constexpr std::string_view cursor_ack =
-    "INSERT INTO @schema@.pgiplock_cursor AS c (channel, acked, token, acked_at) "
+    "WITH a AS (INSERT INTO @schema@.pgiplock_cursor AS c (channel, acked, token, acked_at) "
     "SELECT x.ch, x.id, x.tok, now() FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS x(ch, id, tok) "
     "ORDER BY x.ch COLLATE \"C\" "
     "ON CONFLICT (channel) DO UPDATE SET acked = greatest(c.acked, EXCLUDED.acked), token = EXCLUDED.token, "
-    "acked_at = EXCLUDED.acked_at WHERE c.token <= EXCLUDED.token RETURNING c.channel";
+    "acked_at = EXCLUDED.acked_at WHERE c.token <= EXCLUDED.token RETURNING c.channel) "
+    "SELECT x.ch, EXISTS (SELECT 1 FROM a WHERE a.channel = x.ch), "
+    "(SELECT n.last_id FROM @schema@.pgiplock_channel n WHERE n.channel = x.ch) FROM unnest($1::text[]) AS x(ch)";
+// The journal began again: the cursor follows it, under this tenure only.
+inline constexpr std::string_view cursor_reset =
+    "UPDATE @schema@.pgiplock_cursor SET acked = 0, acked_at = now() WHERE channel = $1 AND token = $2::bigint";
 inline constexpr std::string_view publish_many = "SELECT @schema@.pgiplock_publish_many($1::text[], $2::text[])";
 inline constexpr std::string_view ack_one = "SELECT @schema@.pgiplock_ack($1, $2::bigint, $3::bigint)";
 inline constexpr std::string_view prune = "SELECT @schema@.pgiplock_prune($1::interval)";
@@ -3995,6 +4003,7 @@ class journal {
     phase state = phase::resuming;
     std::deque<nudge> backlog;  // arrived while not live
     std::int64_t delivered = 0, acked = 0;
+    bool check = false;  // saw an id it had delivered: is the journal still the same?
   };
   struct owned_delivery {
     std::string channel, payload;
@@ -4021,6 +4030,8 @@ class journal {
   void take_rows(const result& r, const read_round& round, std::uint64_t read_no);
   task<void> acker_loop();
   task<void> ack(std::vector<std::string> only);
+  task<void> take_acks(const result& r, std::vector<std::pair<std::string, std::int64_t>> sent);
+  task<void> restart(std::string channel, std::int64_t token);
   task<void> prune();
   task<void> transaction_loop();
   task<bool> run_transaction(const owned_delivery& d);
@@ -4030,7 +4041,7 @@ class journal {
   std::shared_ptr<connection> client_;
   journal_options options_;
   hooks hooks_;
-  std::string read_sql_, take_sql_, ack_sql_, ack_one_sql_, prune_sql_;
+  std::string read_sql_, take_sql_, ack_sql_, ack_one_sql_, prune_sql_, reset_sql_;
   std::map<std::string, stream, std::less<>> streams_;
   std::uint64_t reads_ = 0;  // journal reads sent so far
   bool read_requested_ = false, ack_requested_ = false;
@@ -4064,6 +4075,7 @@ inline task<void> ensure_journal(std::shared_ptr<connection> client) {
 inline constexpr int journal_page = 256;  // rows per channel per read
 inline constexpr long long journal_page_bytes = 16ll << 20;  // and payload bytes, past the first row
 inline constexpr std::chrono::milliseconds prune_every{2000};
+inline constexpr std::chrono::milliseconds prune_idle_every{30000};  // what passes the retention, unacknowledged
 // Acknowledgements go at most once per pace: a crash redelivers at most
 // this much more, and the cursor row is not rewritten per message.
 inline constexpr std::chrono::milliseconds ack_pace{5};
@@ -4076,6 +4088,7 @@ inline journal::journal(std::shared_ptr<connection> client, journal_options opti
   ack_sql_ = sql::in_schema(sql::cursor_ack, schema);
   ack_one_sql_ = sql::in_schema(sql::ack_one, schema);
   prune_sql_ = sql::in_schema(sql::prune, schema);
+  reset_sql_ = sql::in_schema(sql::cursor_reset, schema);
   auto& loop = client_->loop();
   reader_task_ = reader_loop();
   loop.start(reader_task_);
@@ -4193,7 +4206,12 @@ inline void journal::on_nudge(const notification& n) {
     std::int64_t id = 0;
     auto digits = n.payload.substr(0, colon);
     auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), id);
-    if (ec == std::errc{} && end == digits.data() + digits.size() && id < s.next && id > 0) return;  // seen
+    if (ec == std::errc{} && end == digits.data() + digits.size() && id < s.next && id > 0) {
+      s.check = true;  // seen: a late nudge of a replayed message, or a journal that began again
+      ack_requested_ = true;
+      acker_wake_.cancel();
+      return;
+    }
     if (ec == std::errc{} && id == s.next && colon != std::string_view::npos && end == n.payload.data() + colon) {
       deliver(it->first, s, id, n.payload.substr(colon + 1));
       return;
@@ -4406,32 +4424,35 @@ inline task<void> journal::acker_loop() {
       co_await ack({});
       co_await client_->loop().sleep(ack_pace);  // a statement per pace, not per message
     }
-    if (event_loop::clock::now() - last_prune >= prune_every) {
+    auto since = event_loop::clock::now() - last_prune;
+    if ((acked_since_prune_ && since >= prune_every) || since >= prune_idle_every) {
       last_prune = event_loop::clock::now();
       co_await prune();
     }
   }
 }
 
-// Acknowledges what was delivered (on `only`, when given): each channel
-// under its own token; a refused one is fenced.
+// Acknowledges what was delivered (on `only`, when given), and checks the
+// channels that saw an id they had delivered already: each under its own
+// token; a refused one is fenced.
 inline task<void> journal::ack(std::vector<std::string> only) {
   text_array chs, ids, toks;
   std::vector<std::pair<std::string, std::int64_t>> sent;
   for (auto& [ch, s] : streams_) {
-    if (s.delivered <= s.acked) continue;
+    bool moves = s.delivered > s.acked && !tx_handler_;
+    if (!moves && !s.check) continue;
     if (!only.empty() && std::find(only.begin(), only.end(), ch) == only.end()) continue;
     chs.add(ch);
-    ids.add(std::to_string(s.delivered));
+    ids.add(std::to_string(moves ? s.delivered : 0));
     toks.add(std::to_string(s.token));
     sent.emplace_back(ch, s.token);
-    s.acked = s.delivered;  // optimistic: a failure puts it back below
+    if (moves) s.acked = s.delivered;  // optimistic: a failure puts it back below
+    s.check = false;
   }
   if (sent.empty()) co_return;
-  std::set<std::string, std::less<>> accepted;
+  result r;
   try {
-    auto r = co_await client_->query(ack_sql_, chs.literal(), ids.literal(), toks.literal());
-    for (int i = 0; i < r.rows(); ++i) accepted.emplace(r.get(i, 0));
+    r = co_await client_->query(ack_sql_, chs.literal(), ids.literal(), toks.literal());
     acked_since_prune_ = true;
   } catch (const std::exception& e) {
     failed("acknowledging durable messages", e);
@@ -4442,9 +4463,43 @@ inline task<void> journal::ack(std::vector<std::string> only) {
     if (client_->is_open()) ack_requested_ = true;
     co_return;
   }
-  for (auto& [ch, token] : sent) {
-    if (!accepted.count(ch)) fence(ch, token);
+  co_await take_acks(r, sent);
+}
+
+inline task<void> journal::take_acks(const result& r, std::vector<std::pair<std::string, std::int64_t>> sent) {
+  std::vector<std::pair<std::string, std::int64_t>> restarted;
+  for (int i = 0; i < r.rows() && i < static_cast<int>(sent.size()); ++i) {
+    auto& [ch, token] = sent[static_cast<std::size_t>(i)];
+    if (r.get(i, 1) != "t") {
+      fence(ch, token);
+      continue;
+    }
+    auto it = streams_.find(ch);
+    if (r.is_null(i, 2) || it == streams_.end() || it->second.token != token) continue;
+    auto last = std::strtoll(std::string(r.get(i, 2)).c_str(), nullptr, 10);
+    if (last < it->second.next - 1) restarted.emplace_back(ch, token);
   }
+  for (auto& [ch, token] : restarted) co_await restart(ch, token);
+}
+
+// The channel's ids went back (its journal was dropped and made again):
+// what this holder skipped as seen is new. Deliver the new journal from 1.
+inline task<void> journal::restart(std::string channel, std::int64_t token) {
+  complain("durable channel " + channel + ": its journal began again (dropped and re-created?): delivering the "
+           "new one from its first message");
+  try {
+    co_await client_->query(reset_sql_, channel, token);
+  } catch (const std::exception& e) {
+    failed("resetting a durable cursor", e);
+  }
+  auto it = streams_.find(channel);
+  if (it == streams_.end() || it->second.token != token || it->second.state == phase::stopped) co_return;
+  auto& s = it->second;
+  s.next = 1;
+  s.delivered = s.acked = 0;
+  s.backlog.clear();
+  s.state = phase::catching_up;
+  wake_reader();
 }
 
 // Idle members prune too, so a channel nobody listens to still loses what
@@ -5467,6 +5522,7 @@ class pubsub {
   void deliver(std::string_view ch, std::string_view payload);
   void deliver_durable(const delivery& d);
   void make_journal();
+  static bool journal_gone(const std::exception_ptr& failure);
   task<void> settle_durable(std::vector<std::string> channels);
   void on_link_lost(const connection_error& e);
   task<void> reconnect(std::shared_ptr<connection> dead);
@@ -5638,9 +5694,18 @@ inline task<void> pubsub::notify(std::string_view channel_view, std::string_view
   }
   if (!connected()) throw connection_error("pgiplock: notify: not connected");
   detail::validate_encoding(payload, client_->client_encoding());
-  auto b = batcher_.join(client_, ch, payload);
-  co_await b->done.wait();
-  if (b->failure) std::rethrow_exception(b->failure);
+  for (int attempt = 0;; ++attempt) {
+    auto b = batcher_.join(client_, ch, payload);
+    co_await b->done.wait();
+    if (!b->failure) break;
+    // Nothing of a failed batch committed: after the journal's tables are
+    // put back (someone dropped them), sending it once more is safe.
+    if (attempt > 0 || !options_.durable || !journal_gone(b->failure) || !connected()) {
+      std::rethrow_exception(b->failure);
+    }
+    report(error("pgiplock: the durable journal's tables are gone (dropped?): re-creating them"));
+    co_await detail::ensure_journal(client_);
+  }
   fire(on_notify_, std::string_view(ch), std::string_view(payload));
 }
 
@@ -5863,6 +5928,16 @@ inline void pubsub::make_journal() {
       detail::journal::hooks{[this](const delivery& d) { deliver_durable(d); },
                              [this](const std::exception& e) { report(e); }});
   if (tx_handler_) journal_->set_transaction_handler(tx_handler_);
+}
+
+inline bool pubsub::journal_gone(const std::exception_ptr& failure) {
+  try {
+    std::rethrow_exception(failure);
+  } catch (const sql_error& e) {
+    return e.sqlstate() == detail::sqlstate::undefined_table || e.sqlstate() == detail::sqlstate::undefined_function;
+  } catch (...) {
+    return false;
+  }
 }
 
 inline task<void> pubsub::settle_durable(std::vector<std::string> channels) {

@@ -166,6 +166,7 @@ class pubsub {
   void deliver(std::string_view ch, std::string_view payload);
   void deliver_durable(const delivery& d);
   void make_journal();
+  static bool journal_gone(const std::exception_ptr& failure);
   task<void> settle_durable(std::vector<std::string> channels);
   void on_link_lost(const connection_error& e);
   task<void> reconnect(std::shared_ptr<connection> dead);
@@ -337,9 +338,18 @@ inline task<void> pubsub::notify(std::string_view channel_view, std::string_view
   }
   if (!connected()) throw connection_error("pgiplock: notify: not connected");
   detail::validate_encoding(payload, client_->client_encoding());
-  auto b = batcher_.join(client_, ch, payload);
-  co_await b->done.wait();
-  if (b->failure) std::rethrow_exception(b->failure);
+  for (int attempt = 0;; ++attempt) {
+    auto b = batcher_.join(client_, ch, payload);
+    co_await b->done.wait();
+    if (!b->failure) break;
+    // Nothing of a failed batch committed: after the journal's tables are
+    // put back (someone dropped them), sending it once more is safe.
+    if (attempt > 0 || !options_.durable || !journal_gone(b->failure) || !connected()) {
+      std::rethrow_exception(b->failure);
+    }
+    report(error("pgiplock: the durable journal's tables are gone (dropped?): re-creating them"));
+    co_await detail::ensure_journal(client_);
+  }
   fire(on_notify_, std::string_view(ch), std::string_view(payload));
 }
 
@@ -562,6 +572,16 @@ inline void pubsub::make_journal() {
       detail::journal::hooks{[this](const delivery& d) { deliver_durable(d); },
                              [this](const std::exception& e) { report(e); }});
   if (tx_handler_) journal_->set_transaction_handler(tx_handler_);
+}
+
+inline bool pubsub::journal_gone(const std::exception_ptr& failure) {
+  try {
+    std::rethrow_exception(failure);
+  } catch (const sql_error& e) {
+    return e.sqlstate() == detail::sqlstate::undefined_table || e.sqlstate() == detail::sqlstate::undefined_function;
+  } catch (...) {
+    return false;
+  }
 }
 
 inline task<void> pubsub::settle_durable(std::vector<std::string> channels) {

@@ -69,6 +69,7 @@ class journal {
     phase state = phase::resuming;
     std::deque<nudge> backlog;  // arrived while not live
     std::int64_t delivered = 0, acked = 0;
+    bool check = false;  // saw an id it had delivered: is the journal still the same?
   };
   struct owned_delivery {
     std::string channel, payload;
@@ -95,6 +96,8 @@ class journal {
   void take_rows(const result& r, const read_round& round, std::uint64_t read_no);
   task<void> acker_loop();
   task<void> ack(std::vector<std::string> only);
+  task<void> take_acks(const result& r, std::vector<std::pair<std::string, std::int64_t>> sent);
+  task<void> restart(std::string channel, std::int64_t token);
   task<void> prune();
   task<void> transaction_loop();
   task<bool> run_transaction(const owned_delivery& d);
@@ -104,7 +107,7 @@ class journal {
   std::shared_ptr<connection> client_;
   journal_options options_;
   hooks hooks_;
-  std::string read_sql_, take_sql_, ack_sql_, ack_one_sql_, prune_sql_;
+  std::string read_sql_, take_sql_, ack_sql_, ack_one_sql_, prune_sql_, reset_sql_;
   std::map<std::string, stream, std::less<>> streams_;
   std::uint64_t reads_ = 0;  // journal reads sent so far
   bool read_requested_ = false, ack_requested_ = false;
@@ -138,6 +141,7 @@ inline task<void> ensure_journal(std::shared_ptr<connection> client) {
 inline constexpr int journal_page = 256;  // rows per channel per read
 inline constexpr long long journal_page_bytes = 16ll << 20;  // and payload bytes, past the first row
 inline constexpr std::chrono::milliseconds prune_every{2000};
+inline constexpr std::chrono::milliseconds prune_idle_every{30000};  // what passes the retention, unacknowledged
 // Acknowledgements go at most once per pace: a crash redelivers at most
 // this much more, and the cursor row is not rewritten per message.
 inline constexpr std::chrono::milliseconds ack_pace{5};
@@ -150,6 +154,7 @@ inline journal::journal(std::shared_ptr<connection> client, journal_options opti
   ack_sql_ = sql::in_schema(sql::cursor_ack, schema);
   ack_one_sql_ = sql::in_schema(sql::ack_one, schema);
   prune_sql_ = sql::in_schema(sql::prune, schema);
+  reset_sql_ = sql::in_schema(sql::cursor_reset, schema);
   auto& loop = client_->loop();
   reader_task_ = reader_loop();
   loop.start(reader_task_);
@@ -267,7 +272,12 @@ inline void journal::on_nudge(const notification& n) {
     std::int64_t id = 0;
     auto digits = n.payload.substr(0, colon);
     auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), id);
-    if (ec == std::errc{} && end == digits.data() + digits.size() && id < s.next && id > 0) return;  // seen
+    if (ec == std::errc{} && end == digits.data() + digits.size() && id < s.next && id > 0) {
+      s.check = true;  // seen: a late nudge of a replayed message, or a journal that began again
+      ack_requested_ = true;
+      acker_wake_.cancel();
+      return;
+    }
     if (ec == std::errc{} && id == s.next && colon != std::string_view::npos && end == n.payload.data() + colon) {
       deliver(it->first, s, id, n.payload.substr(colon + 1));
       return;
@@ -480,32 +490,35 @@ inline task<void> journal::acker_loop() {
       co_await ack({});
       co_await client_->loop().sleep(ack_pace);  // a statement per pace, not per message
     }
-    if (event_loop::clock::now() - last_prune >= prune_every) {
+    auto since = event_loop::clock::now() - last_prune;
+    if ((acked_since_prune_ && since >= prune_every) || since >= prune_idle_every) {
       last_prune = event_loop::clock::now();
       co_await prune();
     }
   }
 }
 
-// Acknowledges what was delivered (on `only`, when given): each channel
-// under its own token; a refused one is fenced.
+// Acknowledges what was delivered (on `only`, when given), and checks the
+// channels that saw an id they had delivered already: each under its own
+// token; a refused one is fenced.
 inline task<void> journal::ack(std::vector<std::string> only) {
   text_array chs, ids, toks;
   std::vector<std::pair<std::string, std::int64_t>> sent;
   for (auto& [ch, s] : streams_) {
-    if (s.delivered <= s.acked) continue;
+    bool moves = s.delivered > s.acked && !tx_handler_;
+    if (!moves && !s.check) continue;
     if (!only.empty() && std::find(only.begin(), only.end(), ch) == only.end()) continue;
     chs.add(ch);
-    ids.add(std::to_string(s.delivered));
+    ids.add(std::to_string(moves ? s.delivered : 0));
     toks.add(std::to_string(s.token));
     sent.emplace_back(ch, s.token);
-    s.acked = s.delivered;  // optimistic: a failure puts it back below
+    if (moves) s.acked = s.delivered;  // optimistic: a failure puts it back below
+    s.check = false;
   }
   if (sent.empty()) co_return;
-  std::set<std::string, std::less<>> accepted;
+  result r;
   try {
-    auto r = co_await client_->query(ack_sql_, chs.literal(), ids.literal(), toks.literal());
-    for (int i = 0; i < r.rows(); ++i) accepted.emplace(r.get(i, 0));
+    r = co_await client_->query(ack_sql_, chs.literal(), ids.literal(), toks.literal());
     acked_since_prune_ = true;
   } catch (const std::exception& e) {
     failed("acknowledging durable messages", e);
@@ -516,9 +529,43 @@ inline task<void> journal::ack(std::vector<std::string> only) {
     if (client_->is_open()) ack_requested_ = true;
     co_return;
   }
-  for (auto& [ch, token] : sent) {
-    if (!accepted.count(ch)) fence(ch, token);
+  co_await take_acks(r, sent);
+}
+
+inline task<void> journal::take_acks(const result& r, std::vector<std::pair<std::string, std::int64_t>> sent) {
+  std::vector<std::pair<std::string, std::int64_t>> restarted;
+  for (int i = 0; i < r.rows() && i < static_cast<int>(sent.size()); ++i) {
+    auto& [ch, token] = sent[static_cast<std::size_t>(i)];
+    if (r.get(i, 1) != "t") {
+      fence(ch, token);
+      continue;
+    }
+    auto it = streams_.find(ch);
+    if (r.is_null(i, 2) || it == streams_.end() || it->second.token != token) continue;
+    auto last = std::strtoll(std::string(r.get(i, 2)).c_str(), nullptr, 10);
+    if (last < it->second.next - 1) restarted.emplace_back(ch, token);
   }
+  for (auto& [ch, token] : restarted) co_await restart(ch, token);
+}
+
+// The channel's ids went back (its journal was dropped and made again):
+// what this holder skipped as seen is new. Deliver the new journal from 1.
+inline task<void> journal::restart(std::string channel, std::int64_t token) {
+  complain("durable channel " + channel + ": its journal began again (dropped and re-created?): delivering the "
+           "new one from its first message");
+  try {
+    co_await client_->query(reset_sql_, channel, token);
+  } catch (const std::exception& e) {
+    failed("resetting a durable cursor", e);
+  }
+  auto it = streams_.find(channel);
+  if (it == streams_.end() || it->second.token != token || it->second.state == phase::stopped) co_return;
+  auto& s = it->second;
+  s.next = 1;
+  s.delivered = s.acked = 0;
+  s.backlog.clear();
+  s.state = phase::catching_up;
+  wake_reader();
 }
 
 // Idle members prune too, so a channel nobody listens to still loses what

@@ -23,6 +23,7 @@ inline constexpr std::string_view connection_exception_class = "08";
 inline constexpr std::string_view deadlock_detected = "40P01";
 inline constexpr std::string_view fenced = "PGF01";  // pgiplock_ack: the tenure was replaced
 inline constexpr std::string_view undefined_table = "42P01";
+inline constexpr std::string_view undefined_function = "42883";
 inline constexpr std::string_view operator_intervention_prefix = "57P0";
 // What a concurrent bootstrap by another process can raise (a Node peer
 // does not take our bootstrap lock, so these still happen).
@@ -538,14 +539,21 @@ inline constexpr std::string_view cursor_take =
 // Acknowledges many channels, each only under its tenure's token (or a
 // newer one: a cursor row a replaced holder put back after it was deleted);
 // a row that is gone (the table truncated) is put back where this holder
-// stands. Yields the channels whose acknowledgement was accepted.
-// $1 channels, $2 ids, $3 tokens.
+// stands. Yields per channel whether it was accepted, and the channel's
+// last id: lower than what this holder delivered means the journal was
+// dropped and began again (ids from 1), which the holder then follows.
+// $1 channels, $2 ids (0: only check), $3 tokens.
 inline constexpr std::string_view cursor_ack =
-    "INSERT INTO @schema@.pgiplock_cursor AS c (channel, acked, token, acked_at) "
+    "WITH a AS (INSERT INTO @schema@.pgiplock_cursor AS c (channel, acked, token, acked_at) "
     "SELECT x.ch, x.id, x.tok, now() FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS x(ch, id, tok) "
     "ORDER BY x.ch COLLATE \"C\" "
     "ON CONFLICT (channel) DO UPDATE SET acked = greatest(c.acked, EXCLUDED.acked), token = EXCLUDED.token, "
-    "acked_at = EXCLUDED.acked_at WHERE c.token <= EXCLUDED.token RETURNING c.channel";
+    "acked_at = EXCLUDED.acked_at WHERE c.token <= EXCLUDED.token RETURNING c.channel) "
+    "SELECT x.ch, EXISTS (SELECT 1 FROM a WHERE a.channel = x.ch), "
+    "(SELECT n.last_id FROM @schema@.pgiplock_channel n WHERE n.channel = x.ch) FROM unnest($1::text[]) AS x(ch)";
+// The journal began again: the cursor follows it, under this tenure only.
+inline constexpr std::string_view cursor_reset =
+    "UPDATE @schema@.pgiplock_cursor SET acked = 0, acked_at = now() WHERE channel = $1 AND token = $2::bigint";
 inline constexpr std::string_view publish_many = "SELECT @schema@.pgiplock_publish_many($1::text[], $2::text[])";
 inline constexpr std::string_view ack_one = "SELECT @schema@.pgiplock_ack($1, $2::bigint, $3::bigint)";
 inline constexpr std::string_view prune = "SELECT @schema@.pgiplock_prune($1::interval)";
