@@ -222,6 +222,14 @@ inline pubsub::pubsub(event_loop& loop, pubsub_options options)
                   [this](const std::exception& e) { report(e); }},
               options_.execution_key, options_.execution_ttl) {
   if (options_.retry_delay.count() < 0) throw std::invalid_argument("pgiplock: retry_delay is negative");
+  if (options_.durable && options_.filtered) {
+    // A durable channel delivers every message of its journal, whoever sent it.
+    throw std::invalid_argument("pgiplock: filtered cannot be combined with durable");
+  }
+  if (options_.durable_retention.count() <= 0) {
+    throw std::invalid_argument("pgiplock: durable_retention must be positive (it is " +
+                                std::to_string(options_.durable_retention.count()) + " ms)");
+  }
   if (options_.handle_signals) enable_graceful_shutdown(loop);
 }
 
