@@ -30,3 +30,20 @@ run_consumer() {
     [[ "$out" =~ ^pgiplock\ ${version//./\\.}\ ok\ on\ (io_uring|epoll)$ ]] \
         || fail "unexpected output from the consumer: '$out'"
 }
+
+# Copies the source tree as a release would ship it into $1: what git tracks
+# plus new files not ignored (so no build directories, no downloaded
+# subprojects).
+copy_release_tree() {
+    local dest="$1"
+    mkdir -p "$dest"
+    if git -C "$src" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+        (cd "$src" && git ls-files -z --cached --others --exclude-standard \
+            | while IFS= read -r -d '' f; do [[ -e "$f" ]] && printf '%s\0' "$f"; done \
+            | tar --null -T - -cf -) | tar -C "$dest" -xf -
+    else
+        (cd "$src" && tar --exclude='./build' --exclude='./build-*' --exclude='./.git' \
+            --exclude='node_modules' --exclude='./subprojects/*/' -cf - .) \
+            | tar -C "$dest" -xf -
+    fi
+}

@@ -5,17 +5,7 @@ source "$(dirname "$0")/common.sh"
 
 app="$work/app"
 mkdir -p "$app/subprojects/pgiplock"
-# The source tree as a release would ship it: what git tracks plus new files
-# not ignored (so no build directories, no downloaded subprojects).
-if git -C "$src" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
-    (cd "$src" && git ls-files -z --cached --others --exclude-standard \
-        | while IFS= read -r -d '' f; do [[ -e "$f" ]] && printf '%s\0' "$f"; done \
-        | tar --null -T - -cf -) | tar -C "$app/subprojects/pgiplock" -xf -
-else
-    (cd "$src" && tar --exclude='./build' --exclude='./build-*' --exclude='./.git' \
-        --exclude='node_modules' --exclude='./subprojects/*/' -cf - .) \
-        | tar -C "$app/subprojects/pgiplock" -xf -
-fi
+copy_release_tree "$app/subprojects/pgiplock"
 [[ -f "$app/subprojects/pgiplock/meson.build" ]] || fail "the copy has no meson.build"
 [[ ! -e "$app/subprojects/pgiplock/build" ]] || fail "a build directory was copied"
 

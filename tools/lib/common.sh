@@ -38,10 +38,10 @@ PGIPLOCK_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)"
 PGIPLOCK_SRC="${PGIPLOCK_SRC:-$PGIPLOCK_ROOT}"
 
 # The one place that lists what the project needs from Debian.
-# nodejs/npm and pgbouncer are optional test tools (the interop and PgBouncer
-# tests skip without them), see below.
-PGIPLOCK_PACKAGES="libpq-dev liburing-dev catch2 meson ninja-build postgresql nftables iproute2 g++ clang nodejs npm pgbouncer pkg-config"
-PGIPLOCK_OPTIONAL_PACKAGES="nodejs npm pgbouncer"
+# nodejs/npm, pgbouncer and cmake are optional test tools (the interop,
+# PgBouncer and CMake packaging tests skip without them), see below.
+PGIPLOCK_PACKAGES="libpq-dev liburing-dev catch2 meson ninja-build postgresql nftables iproute2 g++ clang nodejs npm pgbouncer cmake pkg-config"
+PGIPLOCK_OPTIONAL_PACKAGES="nodejs npm pgbouncer cmake"
 
 # Internal state (double underscore = private).
 PGIPLOCK__APT_UPDATED=""      # apt-get update only once per script run
@@ -94,6 +94,7 @@ pgiplock__optional_present() {
         nodejs) command -v node >/dev/null 2>&1 ;;
         npm)    command -v npm  >/dev/null 2>&1 ;;
         pgbouncer) command -v pgbouncer >/dev/null 2>&1 || [[ -x /usr/sbin/pgbouncer ]] ;;
+        cmake)  command -v cmake >/dev/null 2>&1 ;;
         *)      return 1 ;;
     esac
 }
@@ -143,7 +144,7 @@ pgiplock_ensure_packages() {
         # the tests that need node skip themselves when it is absent.
         pgiplock_log "installing optional: ${optional[*]}"
         pgiplock__apt install -y -q "${optional[@]}" \
-            || pgiplock_log "warning: could not install ${optional[*]}; node interop tests will skip"
+            || pgiplock_log "warning: could not install ${optional[*]}; the tests that need them will skip"
     fi
     return 0
 }
