@@ -5314,24 +5314,31 @@ class notify_batcher {
   };
 
   explicit notify_batcher(event_loop& loop) : loop_(&loop) {}
-  // The statement that sends a batch: pg_notify, or the journal's publish.
-  void use(std::string statement) { statement_ = std::move(statement); }
+  // The statement that sends a batch: pg_notify, or the journal's publish,
+  // whose nudges carry ids, so repeats are not folded and need no new batch.
+  void use(std::string statement, bool folds) {
+    statement_ = std::move(statement);
+    folds_ = folds;
+  }
 
   // Adds the message to the open batch (opening one if needed); wait on the
   // batch's `done`, then look at its `failure`.
   std::shared_ptr<batch> join(const std::shared_ptr<connection>& client, std::string_view channel,
                               std::string_view payload) {
-    std::string pair(channel);
-    pair.push_back('\0');
-    pair.append(payload);
-    if (!open_ || open_->sealed || full(*open_) || open_->pairs.count(pair)) {
+    std::string pair;
+    if (folds_) {
+      pair.assign(channel);
+      pair.push_back('\0');
+      pair.append(payload);
+    }
+    if (!open_ || open_->sealed || full(*open_) || (folds_ && open_->pairs.count(pair))) {
       open_ = std::make_shared<batch>(*loop_);
       loop_->spawn(send(open_, client, statement_, *loop_));
     }
     open_->channels.add(channel);
     open_->payloads.add(payload);
     open_->bytes += channel.size() + payload.size();
-    open_->pairs.insert(std::move(pair));
+    if (folds_) open_->pairs.insert(std::move(pair));
     return open_;
   }
 
@@ -5356,6 +5363,7 @@ class notify_batcher {
 
   event_loop* loop_;
   std::string statement_{sql::notify_many};
+  bool folds_ = true;
   std::shared_ptr<batch> open_;
 };
 
@@ -5612,7 +5620,8 @@ inline task<void> pubsub::after_connect() {
   if (options_.durable) {
     co_await detail::ensure_journal(client_);
     batcher_.use(detail::sql::in_schema(detail::sql::publish_many,
-                                        client_->quote_identifier(detail::lock_schema_name())));
+                                        client_->quote_identifier(detail::lock_schema_name())),
+                 false);
   }
   fire(on_connect_);
   co_await subscribe_all();

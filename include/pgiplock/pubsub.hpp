@@ -256,7 +256,8 @@ inline task<void> pubsub::after_connect() {
   if (options_.durable) {
     co_await detail::ensure_journal(client_);
     batcher_.use(detail::sql::in_schema(detail::sql::publish_many,
-                                        client_->quote_identifier(detail::lock_schema_name())));
+                                        client_->quote_identifier(detail::lock_schema_name())),
+                 false);
   }
   fire(on_connect_);
   co_await subscribe_all();
