@@ -1311,6 +1311,7 @@ struct conninfo_params {
   std::vector<std::string> keys, values;
   std::optional<std::chrono::milliseconds> connect_timeout;
   std::string target;  // host/port/dbname/user for messages, never the password
+  std::size_t hosts = 1;  // in the host (or hostaddr) list
 
   void set_default(const std::string& key, std::string value) {
     if (std::find(keys.begin(), keys.end(), key) == keys.end()) set(key, std::move(value));
@@ -1398,6 +1399,10 @@ inline conninfo_params parse_conninfo(const std::string& conninfo) {
   }
   std::string host = given.count("host") ? given["host"] : given["hostaddr"];
   out.target = describe_target(host, given["port"], given["dbname"], given["user"]);
+  out.hosts = 1 + static_cast<std::size_t>(std::count(host.begin(), host.end(), ','));
+  // Several hosts are an HA cluster: LISTEN, the locks and the journal need
+  // its primary, so libpq is to skip the standbys (docs/failover.md).
+  if (out.hosts > 1) out.set_default("target_session_attrs", "read-write");
   return out;
 }
 
@@ -1694,6 +1699,8 @@ inline constexpr std::string_view unlisten_all = "UNLISTEN *";
 // The probe's self-notification, with the pid of the server backend that
 // serves us (through a proxy, PQbackendPID() is the proxy's own key).
 inline constexpr std::string_view probe_notify = "SELECT pg_backend_pid(), pg_notify($1, '')";
+// A server older than 14 does not report in_hot_standby: asked instead.
+inline constexpr std::string_view in_recovery = "SELECT pg_is_in_recovery()";
 // Whether a second session of a pool gets our backend while we hold it.
 inline constexpr std::string_view begin = "BEGIN";
 inline constexpr std::string_view backend_pid = "SELECT pg_backend_pid()";
@@ -2429,6 +2436,7 @@ class connection : public std::enable_shared_from_this<connection> {
   bool send(const std::string& sql, const std::vector<detail::param>& params, bool prepare, int& discard);
   std::string closed_message() const;
   void finish_setup();
+  task<void> refuse_standby();
   static void on_notice(void* arg, const PGresult* r);
   void flush_output();
   task<void> pump();
@@ -2649,6 +2657,7 @@ inline task<void> connection::establish(detail::conninfo_params params, std::chr
 // The server's side of dead-link detection, then proof that LISTEN/NOTIFY
 // works on this session (see connect_options::notify_probe_timeout).
 inline task<void> connection::prove_usable(connect_options options) {
+  co_await refuse_standby();
   auto live = options.liveness_timeout;
   if (live.count() > 0) co_await detail::apply_server_liveness(*this, live);
   if (options.notify_probe_timeout.count() <= 0) co_return;
@@ -2663,9 +2672,29 @@ inline task<void> connection::prove_usable(connect_options options) {
   throw error;
 }
 
+// A hot standby takes connections but refuses LISTEN's effect, NOTIFY and
+// every write: say so at connect (a single host, a stale DNS name) rather
+// than fail later. PostgreSQL 14 on reports it at startup; older ones are asked.
+inline task<void> connection::refuse_standby() {
+  const char* reported = PQparameterStatus(conn_.get(), "in_hot_standby");
+  bool standby = reported && std::string_view(reported) == "on";
+  if (!reported) {
+    auto r = co_await query(std::string(detail::sql::in_recovery));
+    standby = r.get(0, 0) == "t";
+  }
+  if (!standby) co_return;
+  auto error = cannot_connect(detail::parse_conninfo(conninfo_),
+                              "the server is in recovery (a hot standby): LISTEN, NOTIFY and the locks need the "
+                              "primary; give the primary's host too (several hosts get target_session_attrs="
+                              "read-write), or the address that follows the primary");
+  co_await close();
+  throw error;
+}
+
 inline connection_error connection::cannot_connect(const detail::conninfo_params& params,
                                                    const std::string& why) const {
-  std::string target = conn_ ? detail::describe_target(conn_.get()) : std::string();
+  // With several hosts libpq's message names each one it tried; ours names the list.
+  std::string target = conn_ && params.hosts == 1 ? detail::describe_target(conn_.get()) : std::string();
   if (target.empty()) target = params.target;
   return connection_error("pgiplock: cannot connect to " + target + ": " + why + detail::setting_hint(why));
 }

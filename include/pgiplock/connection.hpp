@@ -189,6 +189,7 @@ class connection : public std::enable_shared_from_this<connection> {
   bool send(const std::string& sql, const std::vector<detail::param>& params, bool prepare, int& discard);
   std::string closed_message() const;
   void finish_setup();
+  task<void> refuse_standby();
   static void on_notice(void* arg, const PGresult* r);
   void flush_output();
   task<void> pump();
@@ -307,6 +308,7 @@ inline task<void> connection::establish(detail::conninfo_params params, std::chr
 // The server's side of dead-link detection, then proof that LISTEN/NOTIFY
 // works on this session (see connect_options::notify_probe_timeout).
 inline task<void> connection::prove_usable(connect_options options) {
+  co_await refuse_standby();
   auto live = options.liveness_timeout;
   if (live.count() > 0) co_await detail::apply_server_liveness(*this, live);
   if (options.notify_probe_timeout.count() <= 0) co_return;
@@ -321,9 +323,29 @@ inline task<void> connection::prove_usable(connect_options options) {
   throw error;
 }
 
+// A hot standby takes connections but refuses LISTEN's effect, NOTIFY and
+// every write: say so at connect (a single host, a stale DNS name) rather
+// than fail later. PostgreSQL 14 on reports it at startup; older ones are asked.
+inline task<void> connection::refuse_standby() {
+  const char* reported = PQparameterStatus(conn_.get(), "in_hot_standby");
+  bool standby = reported && std::string_view(reported) == "on";
+  if (!reported) {
+    auto r = co_await query(std::string(detail::sql::in_recovery));
+    standby = r.get(0, 0) == "t";
+  }
+  if (!standby) co_return;
+  auto error = cannot_connect(detail::parse_conninfo(conninfo_),
+                              "the server is in recovery (a hot standby): LISTEN, NOTIFY and the locks need the "
+                              "primary; give the primary's host too (several hosts get target_session_attrs="
+                              "read-write), or the address that follows the primary");
+  co_await close();
+  throw error;
+}
+
 inline connection_error connection::cannot_connect(const detail::conninfo_params& params,
                                                    const std::string& why) const {
-  std::string target = conn_ ? detail::describe_target(conn_.get()) : std::string();
+  // With several hosts libpq's message names each one it tried; ours names the list.
+  std::string target = conn_ && params.hosts == 1 ? detail::describe_target(conn_.get()) : std::string();
   if (target.empty()) target = params.target;
   return connection_error("pgiplock: cannot connect to " + target + ": " + why + detail::setting_hint(why));
 }

@@ -48,6 +48,7 @@ struct conninfo_params {
   std::vector<std::string> keys, values;
   std::optional<std::chrono::milliseconds> connect_timeout;
   std::string target;  // host/port/dbname/user for messages, never the password
+  std::size_t hosts = 1;  // in the host (or hostaddr) list
 
   void set_default(const std::string& key, std::string value) {
     if (std::find(keys.begin(), keys.end(), key) == keys.end()) set(key, std::move(value));
@@ -135,6 +136,10 @@ inline conninfo_params parse_conninfo(const std::string& conninfo) {
   }
   std::string host = given.count("host") ? given["host"] : given["hostaddr"];
   out.target = describe_target(host, given["port"], given["dbname"], given["user"]);
+  out.hosts = 1 + static_cast<std::size_t>(std::count(host.begin(), host.end(), ','));
+  // Several hosts are an HA cluster: LISTEN, the locks and the journal need
+  // its primary, so libpq is to skip the standbys (docs/failover.md).
+  if (out.hosts > 1) out.set_default("target_session_attrs", "read-write");
   return out;
 }
 

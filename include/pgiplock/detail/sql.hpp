@@ -55,6 +55,8 @@ inline constexpr std::string_view unlisten_all = "UNLISTEN *";
 // The probe's self-notification, with the pid of the server backend that
 // serves us (through a proxy, PQbackendPID() is the proxy's own key).
 inline constexpr std::string_view probe_notify = "SELECT pg_backend_pid(), pg_notify($1, '')";
+// A server older than 14 does not report in_hot_standby: asked instead.
+inline constexpr std::string_view in_recovery = "SELECT pg_is_in_recovery()";
 // Whether a second session of a pool gets our backend while we hold it.
 inline constexpr std::string_view begin = "BEGIN";
 inline constexpr std::string_view backend_pid = "SELECT pg_backend_pid()";
