@@ -4266,7 +4266,13 @@ inline bool journal::deliver(const std::string& channel, stream& s, std::int64_t
   s.next = id + 1;
   s.delivered = id;
   std::string ch = channel;  // a handler may erase the stream and its key
-  hooks_.deliver(delivery{ch, payload, id, token});
+  try {
+    hooks_.deliver(delivery{ch, payload, id, token});
+  } catch (const std::exception& e) {
+    // Not the journal's to undo: the message counts as handled (a poison
+    // message must not stop its channel); the handler's failure is said.
+    complain("durable channel " + ch + ": the handler of message " + std::to_string(id) + " threw: " + e.what());
+  }
   auto it = streams_.find(ch);
   if (it == streams_.end() || it->second.token != token) return false;
   if (tx_handler_) tx_queue_.push_back(owned_delivery{ch, std::string(payload), id, token});
