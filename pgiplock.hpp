@@ -23,7 +23,9 @@
 //   detail/probes.hpp        detail: what connect() checks before it hands a connection out
 //   detail/lock_schema.hpp   detail: the lock schema on the server
 //   ip_lock.hpp              ip_lock
+//   stats.hpp                stats
 //   detail/claims.hpp        detail: the execution lock's claims
+//   detail/echo_probe.hpp    detail: the end-to-end probe of a listening connection
 //   detail/journal.hpp       detail: durable channels, the holder's side of the journal
 //   detail/member.hpp        detail: a fleet member, the single-listener engine of pubsub
 //   detail/notify_batch.hpp  detail: notify() batching
@@ -72,6 +74,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <deque>
 #include <exception>
 #include <functional>
@@ -1699,6 +1702,9 @@ inline constexpr std::string_view unlisten_all = "UNLISTEN *";
 // The probe's self-notification, with the pid of the server backend that
 // serves us (through a proxy, PQbackendPID() is the proxy's own key).
 inline constexpr std::string_view probe_notify = "SELECT pg_backend_pid(), pg_notify($1, '')";
+// The end-to-end probe: a notification to itself, and the server's NOTIFY
+// queue usage sampled in the same statement.
+inline constexpr std::string_view echo_probe = "SELECT pg_notify($1, ''), pg_notification_queue_usage()";
 // A server older than 14 does not report in_hot_standby: asked instead.
 inline constexpr std::string_view in_recovery = "SELECT pg_is_in_recovery()";
 // Whether a second session of a pool gets our backend while we hold it.
@@ -2185,9 +2191,10 @@ inline constexpr std::string_view cursor_take =
 // Acknowledges many channels, each only under its tenure's token (or a
 // newer one: a cursor row a replaced holder put back after it was deleted);
 // a row that is gone (the table truncated) is put back where this holder
-// stands. Yields per channel whether it was accepted, and the channel's
-// last id: lower than what this holder delivered means the journal was
-// dropped and began again (ids from 1), which the holder then follows.
+// stands. Yields per channel whether it was accepted; the channel's last
+// id: lower than what this holder delivered means the journal was dropped
+// and began again (ids from 1), which the holder then follows; and the age
+// of the oldest message after the acknowledged one, in ms (for stats()).
 // $1 channels, $2 ids (0: only check), $3 tokens.
 inline constexpr std::string_view cursor_ack =
     "WITH a AS (INSERT INTO @schema@.pgiplock_cursor AS c (channel, acked, token, acked_at) "
@@ -2196,7 +2203,9 @@ inline constexpr std::string_view cursor_ack =
     "ON CONFLICT (channel) DO UPDATE SET acked = greatest(c.acked, EXCLUDED.acked), token = EXCLUDED.token, "
     "acked_at = EXCLUDED.acked_at WHERE c.token <= EXCLUDED.token RETURNING c.channel) "
     "SELECT x.ch, EXISTS (SELECT 1 FROM a WHERE a.channel = x.ch), "
-    "(SELECT n.last_id FROM @schema@.pgiplock_channel n WHERE n.channel = x.ch) FROM unnest($1::text[]) AS x(ch)";
+    "(SELECT n.last_id FROM @schema@.pgiplock_channel n WHERE n.channel = x.ch), "
+    "(SELECT (extract(epoch FROM now() - min(j.published)) * 1000)::bigint FROM @schema@.pgiplock_journal j "
+    "WHERE j.channel = x.ch AND j.id > x.id) FROM unnest($1::text[], $2::bigint[]) AS x(ch, id)";
 // The journal began again: the cursor follows it, under this tenure only.
 inline constexpr std::string_view cursor_reset =
     "UPDATE @schema@.pgiplock_cursor SET acked = 0, acked_at = now() WHERE channel = $1 AND token = $2::bigint";
@@ -3862,6 +3871,190 @@ inline task<void> ip_lock::take_over() {
 
 }  // namespace pgiplock
 
+// ==== stats ==================================================================
+//
+// What an operator asks of a fleet member: who holds what since when, how
+// many takeovers and how long they took, whether the listener still hears
+// (the end-to-end probe), how far behind a durable channel is, how full the
+// server's NOTIFY queue is. pubsub::stats() takes a snapshot (cheap enough
+// every second); counters never go back while the pubsub lives.
+// prometheus_text() renders one in the Prometheus text exposition format.
+namespace pgiplock {
+
+enum class channel_role {
+  plain,    // every instance delivers (single_listener off)
+  standby,  // single-listener mode, another member holds it
+  holder,   // this member holds it and delivers it
+};
+
+struct channel_stats {
+  std::string channel;
+  channel_role role = channel_role::plain;
+  std::int64_t token = 0;                                 // holder: its tenure's fencing token
+  std::chrono::system_clock::time_point tenure_since{};   // holder: when the tenure began
+  std::uint64_t delivered = 0;                            // messages handed to the handlers
+  std::chrono::system_clock::time_point last_delivery{};  // the epoch when none yet (a few ms coarse)
+  // Tenures this instance won from a holder that was gone (a crash, a
+  // demotion), and of a channel that was free (a graceful handover, or the
+  // first holder); each with how long its last claim took.
+  std::uint64_t takeovers = 0, handovers = 0;
+  std::chrono::microseconds last_takeover{0}, last_handover{0};
+  bool durable = false;
+  // Durable holder, as of its last acknowledgement: published minus
+  // acknowledged, and the age of the oldest unacknowledged message.
+  std::int64_t backlog = 0;
+  std::chrono::milliseconds oldest_unacknowledged{0};
+};
+
+struct pubsub_stats {
+  std::string member;  // the listening connection's application_name
+  std::uint64_t reconnects = 0;
+  std::uint64_t notify_sent = 0, notify_failed = 0;  // notify() calls
+  std::uint64_t probes_failed = 0;                   // echoes that did not come back
+  std::chrono::microseconds probe_round_trip{0};     // the last echo's; 0 before the first
+  double queue_usage = 0;                            // pg_notification_queue_usage() at the last probe
+  std::vector<channel_stats> channels;
+};
+
+// The Prometheus text exposition format (version 0.0.4): names in the
+// pgiplock_ namespace with their unit, labels member and channel.
+[[nodiscard]] std::string prometheus_text(const pubsub_stats& stats);
+
+// ---- implementation ---------------------------------------------------------
+
+namespace detail {
+
+// Per channel, on the delivery path: an increment and a coarse clock read
+// (the vDSO's CLOCK_REALTIME_COARSE, no system call).
+struct delivery_count {
+  std::uint64_t n = 0;
+  std::int64_t last_ms = 0;
+  void tick() noexcept {
+    ++n;
+    timespec ts{};
+    ::clock_gettime(CLOCK_REALTIME_COARSE, &ts);
+    last_ms = static_cast<std::int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
+  }
+};
+
+inline std::string prometheus_label(std::string_view value) {
+  std::string out;
+  for (char c : value) {
+    if (c == '\\' || c == '"') {
+      out.push_back('\\');
+      out.push_back(c);
+    } else if (c == '\n') {
+      out += "\\n";
+    } else {
+      out.push_back(c);
+    }
+  }
+  return out;
+}
+
+inline std::string prometheus_number(double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.17g", v);
+  return buf;
+}
+
+inline double unix_seconds(std::chrono::system_clock::time_point t) {
+  return std::chrono::duration<double>(t.time_since_epoch()).count();
+}
+
+// One metric family: its HELP and TYPE once, then a sample per label set.
+struct prometheus_family {
+  std::string& out;
+  std::string name;
+  void head(std::string_view type, std::string_view help) {
+    out += "# HELP " + name + " " + std::string(help) + "\n# TYPE " + name + " " + std::string(type) + "\n";
+  }
+  void sample(std::string_view labels, double v) { out += name + "{" + std::string(labels) + "} " + prometheus_number(v) + "\n"; }
+};
+
+}  // namespace detail
+
+namespace detail {
+
+inline void prometheus_member(std::string& out, const pubsub_stats& s, const std::string& m) {
+  auto metric = [&](const char* name, const char* type, const char* help, double v) {
+    prometheus_family f{out, name};
+    f.head(type, help);
+    f.sample(m, v);
+  };
+  metric("pgiplock_reconnects_total", "counter", "Reconnects of the listening connection.",
+         static_cast<double>(s.reconnects));
+  metric("pgiplock_notify_sent_total", "counter", "notify() calls that committed.", static_cast<double>(s.notify_sent));
+  metric("pgiplock_notify_failed_total", "counter", "notify() calls that failed.",
+         static_cast<double>(s.notify_failed));
+  metric("pgiplock_probe_failures_total", "counter", "End-to-end probes whose echo did not come back.",
+         static_cast<double>(s.probes_failed));
+  metric("pgiplock_probe_round_trip_seconds", "gauge", "The last end-to-end probe's round trip.",
+         std::chrono::duration<double>(s.probe_round_trip).count());
+  metric("pgiplock_notify_queue_usage_ratio", "gauge",
+         "The server's NOTIFY queue usage (pg_notification_queue_usage()) at the last probe.", s.queue_usage);
+}
+
+struct channel_column {
+  const char* name;
+  const char* type;
+  const char* help;
+  double (*value)(const channel_stats&);
+  bool durable_only;
+};
+
+inline double seconds(std::chrono::microseconds d) { return std::chrono::duration<double>(d).count(); }
+
+inline const std::vector<channel_column>& channel_columns() {
+  using c_t = const channel_stats&;
+  static const std::vector<channel_column> columns{
+      {"pgiplock_channel_holder", "gauge", "1 while this member delivers the channel (holder, or plain mode).",
+       [](c_t c) { return c.role == channel_role::standby ? 0.0 : 1.0; }, false},
+      {"pgiplock_channel_token", "gauge", "The fencing token of this member's tenure (0: none).",
+       [](c_t c) { return static_cast<double>(c.token); }, false},
+      {"pgiplock_channel_tenure_start_seconds", "gauge", "Unix time this member's tenure began (0: none).",
+       [](c_t c) { return c.role == channel_role::holder ? unix_seconds(c.tenure_since) : 0.0; }, false},
+      {"pgiplock_channel_delivered_total", "counter", "Messages delivered to the handlers.",
+       [](c_t c) { return static_cast<double>(c.delivered); }, false},
+      {"pgiplock_channel_last_delivery_seconds", "gauge", "Unix time of the last delivery (0: none).",
+       [](c_t c) { return unix_seconds(c.last_delivery); }, false},
+      {"pgiplock_channel_takeovers_total", "counter", "Tenures won from a holder that was gone.",
+       [](c_t c) { return static_cast<double>(c.takeovers); }, false},
+      {"pgiplock_channel_handovers_total", "counter", "Tenures won of a free channel (a graceful handover).",
+       [](c_t c) { return static_cast<double>(c.handovers); }, false},
+      {"pgiplock_channel_last_takeover_seconds", "gauge", "How long the claim of the last takeover took.",
+       [](c_t c) { return seconds(c.last_takeover); }, false},
+      {"pgiplock_channel_last_handover_seconds", "gauge", "How long the claim of the last handover took.",
+       [](c_t c) { return seconds(c.last_handover); }, false},
+      {"pgiplock_durable_backlog_messages", "gauge", "Durable channel: published minus acknowledged.",
+       [](c_t c) { return static_cast<double>(c.backlog); }, true},
+      {"pgiplock_durable_oldest_unacknowledged_seconds", "gauge",
+       "Durable channel: the age of the oldest unacknowledged message.",
+       [](c_t c) { return std::chrono::duration<double>(c.oldest_unacknowledged).count(); }, true},
+  };
+  return columns;
+}
+
+}  // namespace detail
+
+inline std::string prometheus_text(const pubsub_stats& s) {
+  std::string out;
+  std::string m = "member=\"" + detail::prometheus_label(s.member) + "\"";
+  detail::prometheus_member(out, s, m);
+  for (auto& col : detail::channel_columns()) {
+    auto wanted = [&](const channel_stats& c) { return !col.durable_only || c.durable; };
+    if (std::none_of(s.channels.begin(), s.channels.end(), wanted)) continue;
+    detail::prometheus_family f{out, col.name};
+    f.head(col.type, col.help);
+    for (auto& c : s.channels) {
+      if (wanted(c)) f.sample(m + ",channel=\"" + detail::prometheus_label(c.channel) + "\"", col.value(c));
+    }
+  }
+  return out;
+}
+
+}  // namespace pgiplock
+
 // ==== detail: the execution lock's claims =====================================
 //
 // In execution-lock mode every instance LISTENs, and each message is handled
@@ -3965,6 +4158,125 @@ class claim_queue {
 
 }  // namespace pgiplock::detail
 
+// ==== detail: the end-to-end probe of a listening connection ==================
+//
+// A connection can look healthy (its queries answer) while its LISTEN hears
+// nothing: a proxy that drops notifications, a LISTEN lost behind the
+// library's back. Only an end-to-end check finds that: every interval the
+// connection notifies itself on a private channel and expects the echo
+// within the limit (the liveness timeout). The same statement samples the
+// server's NOTIFY queue (pg_notification_queue_usage()), which one stuck
+// listener anywhere in the database fills until every NOTIFY fails.
+namespace pgiplock::detail {
+
+class echo_probe {
+ public:
+  struct hooks {
+    std::function<void(const std::string& why)> dead;  // the echo did not come back
+    std::function<void(double usage)> queue_high;      // crossed the threshold upwards
+  };
+  struct options {
+    std::chrono::milliseconds every{10000}, limit{10000};
+    double queue_threshold = 0.5;
+  };
+
+  echo_probe(std::shared_ptr<connection> c, options o, hooks h);
+  echo_probe(const echo_probe&) = delete;
+  echo_probe& operator=(const echo_probe&) = delete;
+  ~echo_probe();
+
+  // The last echo's round trip; 0 before the first.
+  [[nodiscard]] std::chrono::microseconds last_round_trip() const noexcept { return rtt_; }
+  [[nodiscard]] double queue_usage() const noexcept { return usage_; }
+  [[nodiscard]] std::uint64_t failures() const noexcept { return failures_; }
+
+ private:
+  task<void> run();
+  task<bool> once();
+  void note_usage(double usage);
+
+  std::shared_ptr<connection> c_;
+  options options_;
+  hooks hooks_;
+  std::string channel_;
+  std::uint64_t sub_ = 0;
+  std::shared_ptr<cancel_source> heard_;
+  std::chrono::microseconds rtt_{0};
+  double usage_ = 0;
+  bool above_ = false;
+  std::uint64_t failures_ = 0;
+  task<void> task_;  // last: destroyed first
+};
+
+// ---- implementation ---------------------------------------------------------
+
+inline echo_probe::echo_probe(std::shared_ptr<connection> c, options o, hooks h)
+    : c_(std::move(c)), options_(o), hooks_(std::move(h)), channel_("pgiplock-echo-" + random_uuid()) {
+  heard_ = std::make_shared<cancel_source>();
+  auto heard = heard_;  // the handler may outlive this probe
+  sub_ = c_->subscribe(channel_, [heard](const notification&) { heard->cancel(); });
+  task_ = run();
+  c_->loop().start(task_);
+}
+
+inline echo_probe::~echo_probe() {
+  task_ = task<void>{};
+  c_->unsubscribe(sub_);
+}
+
+inline task<void> echo_probe::run() {
+  try {
+    co_await c_->listen(channel_);
+  } catch (const std::exception& e) {
+    log(c_->logger(), log_level::debug, std::string("echo probe: LISTEN failed: ") + e.what());
+    co_return;  // the connection is going; its successor has a probe of its own
+  }
+  for (;;) {
+    co_await c_->loop().sleep(options_.every);
+    if (!c_->is_open()) co_return;
+    if (!co_await once()) co_return;
+  }
+}
+
+// One probe; false when the echo did not come back (the hook said so).
+inline task<bool> echo_probe::once() {
+  heard_->reset();
+  auto t0 = event_loop::clock::now();
+  double usage = -1;
+  try {
+    auto r = co_await c_->query(std::string(sql::echo_probe), channel_);
+    usage = std::strtod(std::string(r.get(0, 1)).c_str(), nullptr);
+  } catch (const std::exception&) {
+    co_return c_->is_open();  // a failed statement says nothing about LISTEN; a lost link has its own path
+  }
+  note_usage(usage);
+  auto left = options_.limit - std::chrono::duration_cast<std::chrono::milliseconds>(event_loop::clock::now() - t0);
+  bool timed_out = heard_->cancelled() ? false : co_await c_->loop().sleep(std::max(left, std::chrono::milliseconds(1)), heard_.get());
+  if (!c_->is_open()) co_return false;
+  if (!timed_out) {
+    rtt_ = std::chrono::duration_cast<std::chrono::microseconds>(event_loop::clock::now() - t0);
+    co_return true;
+  }
+  ++failures_;
+  hooks_.dead("its probe notification did not come back within " + std::to_string(options_.limit.count()) +
+              " ms: LISTEN hears nothing on this connection");
+  co_return false;
+}
+
+// Said once per crossing upwards, not once per probe while it stays high.
+inline void echo_probe::note_usage(double usage) {
+  if (usage < 0) return;
+  usage_ = usage;
+  if (usage >= options_.queue_threshold && !above_) {
+    above_ = true;
+    hooks_.queue_high(usage);
+  } else if (usage < options_.queue_threshold) {
+    above_ = false;
+  }
+}
+
+}  // namespace pgiplock::detail
+
 // ==== detail: durable channels, the holder's side of the journal ==============
 //
 // DESIGN.md section 8 and docs/durable.md. While this member holds a durable
@@ -4007,7 +4319,7 @@ class journal {
   ~journal();
 
   // A tenure began (its LISTEN committed with the win) or ended.
-  void begin_tenure(const std::string& channel, std::int64_t token);
+  void begin_tenure(const std::string& channel, std::int64_t token, delivery_count* count);
   void end_tenure(const std::string& channel);
   // Before a release: stop delivering these channels and acknowledge what
   // they delivered, so the successor resumes exactly there.
@@ -4017,6 +4329,13 @@ class journal {
   // From now on the cursor moves only with the handler's transaction.
   void set_transaction_handler(transaction_handler fn);
   [[nodiscard]] bool live(std::string_view channel) const;
+  // A held channel as of its last acknowledgement: published minus
+  // acknowledged, and the age of the oldest unacknowledged message.
+  struct lag {
+    std::int64_t backlog = 0;
+    std::chrono::milliseconds oldest{0};
+  };
+  [[nodiscard]] std::optional<lag> lag_of(std::string_view channel) const;
 
  private:
   enum class phase { resuming, catching_up, live, stopped };
@@ -4033,6 +4352,8 @@ class journal {
     std::deque<nudge> backlog;  // arrived while not live
     std::int64_t delivered = 0, acked = 0;
     bool check = false;  // saw an id it had delivered: is the journal still the same?
+    delivery_count* count = nullptr;
+    lag behind;  // from the last acknowledgement
   };
   struct owned_delivery {
     std::string channel, payload;
@@ -4174,9 +4495,10 @@ inline task<bool> journal::rebuild() {
   co_return true;
 }
 
-inline void journal::begin_tenure(const std::string& channel, std::int64_t token) {
+inline void journal::begin_tenure(const std::string& channel, std::int64_t token, delivery_count* count) {
   stream s;
   s.token = token;
+  s.count = count;
   streams_[channel] = std::move(s);
   wake_reader();
 }
@@ -4185,6 +4507,12 @@ inline void journal::end_tenure(const std::string& channel) {
   auto it = streams_.find(channel);
   if (it != streams_.end()) streams_.erase(it);
   std::erase_if(tx_queue_, [&](const owned_delivery& d) { return d.channel == channel; });
+}
+
+inline std::optional<journal::lag> journal::lag_of(std::string_view channel) const {
+  auto it = streams_.find(channel);
+  if (it == streams_.end()) return std::nullopt;
+  return it->second.behind;
 }
 
 inline bool journal::live(std::string_view channel) const {
@@ -4265,6 +4593,7 @@ inline bool journal::deliver(const std::string& channel, stream& s, std::int64_t
   auto token = s.token;
   s.next = id + 1;
   s.delivered = id;
+  if (s.count) s.count->tick();
   std::string ch = channel;  // a handler may erase the stream and its key
   try {
     hooks_.deliver(delivery{ch, payload, id, token});
@@ -4512,6 +4841,9 @@ inline task<void> journal::take_acks(const result& r, std::vector<std::pair<std:
     auto it = streams_.find(ch);
     if (r.is_null(i, 2) || it == streams_.end() || it->second.token != token) continue;
     auto last = std::strtoll(std::string(r.get(i, 2)).c_str(), nullptr, 10);
+    it->second.behind.backlog = std::max<std::int64_t>(0, last - it->second.acked);
+    it->second.behind.oldest =
+        std::chrono::milliseconds(r.is_null(i, 3) ? 0 : std::strtoll(std::string(r.get(i, 3)).c_str(), nullptr, 10));
     if (last < it->second.next - 1) restarted.emplace_back(ch, token);
   }
   for (auto& [ch, token] : restarted) co_await restart(ch, token);
@@ -4675,8 +5007,14 @@ struct member_options {
 
 class member final : public lock_holder {
  public:
+  struct win {
+    std::int64_t token = 0;
+    bool fresh = false;  // a free row (a graceful handover, or the first holder), not a dead holder's
+    std::chrono::microseconds took{0};  // the claim round that won it
+  };
   struct hooks {
-    std::function<void(const std::string& channel, std::int64_t token)> won;  // LISTEN committed with the win
+    // LISTEN committed with the win; yields where to count its deliveries.
+    std::function<delivery_count*(const std::string& channel, const win& w)> won;
     // Stopped delivering: released (reason empty) or demoted (the reason).
     std::function<void(const std::string& channel, const std::string& reason)> lost;
     // Optional: awaited before held channels are released (a durable
@@ -4703,7 +5041,10 @@ class member final : public lock_holder {
   task<void> leave();
 
   [[nodiscard]] bool delivering(std::string_view ch) const;   // holding or draining
-  [[nodiscard]] bool deliverable(std::string_view ch) const;  // and past the handover cut
+  // Holding or draining and past the handover cut: where to count the
+  // delivery; nullptr when this notification is not ours to deliver.
+  [[nodiscard]] delivery_count* deliverable(std::string_view ch);
+  [[nodiscard]] std::chrono::system_clock::time_point since(std::string_view ch) const;
   [[nodiscard]] std::int64_t token(std::string_view ch) const;
   [[nodiscard]] std::size_t held() const;
   [[nodiscard]] const std::string& app() const noexcept { return app_; }
@@ -4721,6 +5062,8 @@ class member final : public lock_holder {
     bool fresh = false;          // won a released row: the predecessor may be draining
     bool cut_seen = false;       // our own announcement came back
     bool lock_listened = false;  // LISTENing its lock channel: a non-member holds it
+    delivery_count* count = nullptr;  // the pubsub's, per channel (it outlives reconnects)
+    std::chrono::system_clock::time_point since{};
   };
   struct claim_result {
     std::vector<std::string> won, orphans, listen_locks, unlisten_locks;
@@ -4773,6 +5116,8 @@ class member final : public lock_holder {
   std::shared_ptr<async_event> next_claim_done_;  // set when the next claim round has run
   std::optional<std::string> gone_;  // a member the watcher found dead: the next claim sweeps it
   std::size_t won_in_round_ = 0;
+  event_loop::clock::time_point round_started_{};
+  delivery_count uncounted_;  // where deliveries count when the hook gives no place
   std::shared_ptr<async_event> drained_;  // set when no channel is draining any more
   bool watcher_failing_ = false;          // said once, until it works again
   std::uint64_t lost_sub_ = 0;
@@ -4882,11 +5227,19 @@ inline bool member::delivering(std::string_view ch) const {
 // fresh tenure leaves what precedes its own announcement to the draining
 // predecessor (see ip_lock::past_handover_cut); a draining one delivers
 // until its successor's announcement.
-inline bool member::deliverable(std::string_view ch) const {
+inline delivery_count* member::deliverable(std::string_view ch) {
   auto it = tenures_.find(ch);
-  if (it == tenures_.end()) return false;
+  if (it == tenures_.end()) return nullptr;
   auto& t = it->second;
-  return (t.state == lock_state::holding && (!t.fresh || t.cut_seen)) || t.state == lock_state::draining;
+  bool ours = (t.state == lock_state::holding && (!t.fresh || t.cut_seen)) || t.state == lock_state::draining;
+  if (!ours) return nullptr;
+  return t.count ? t.count : &uncounted_;
+}
+
+inline std::chrono::system_clock::time_point member::since(std::string_view ch) const {
+  auto it = tenures_.find(ch);
+  return (it != tenures_.end() && it->second.state == lock_state::holding) ? it->second.since
+                                                                            : std::chrono::system_clock::time_point{};
 }
 
 inline std::int64_t member::token(std::string_view ch) const {
@@ -4964,6 +5317,7 @@ inline task<void> member::claim_once() {
     if (share) quota = *share - held();
   }
   if (want.empty() && !gone) co_return;
+  round_started_ = event_loop::clock::now();
   for (auto& ch : want) tenures_[ch].cut_seen = false;  // our announcement may come back before the result
   won_in_round_ = 0;
   std::size_t chunks = quota ? 1 : std::max<std::size_t>(1, (want.size() + claim_chunk_size - 1) / claim_chunk_size);
@@ -5044,7 +5398,12 @@ inline task<void> member::claim_chunk(std::vector<std::string> channels, std::op
   won_in_round_ += got.won.size();
   // Synchronous up to here: the won channels deliver from the next
   // notification on, which may sit in the very read that brought the result.
-  for (auto& ch : got.won) hooks_.won(ch, token(ch));
+  auto took = std::chrono::duration_cast<std::chrono::microseconds>(event_loop::clock::now() - round_started_);
+  for (auto& ch : got.won) {
+    auto& t = tenures_[ch];
+    t.since = std::chrono::system_clock::now();
+    t.count = hooks_.won(ch, win{t.token, t.fresh, took});
+  }
   if (!got.listen_locks.empty() || !got.unlisten_locks.empty()) {
     co_await listen_many(std::move(got.listen_locks), std::move(got.unlisten_locks));
   }
@@ -5450,6 +5809,15 @@ struct pubsub_options {
   bool durable = false;
   // How long messages of a durable channel that nobody acknowledges are kept.
   std::chrono::milliseconds durable_retention{std::chrono::hours(24 * 7)};
+  // The end-to-end probe of a listening connection: this often it notifies
+  // itself and expects the echo within liveness_timeout; a missing echo is
+  // a LISTEN that hears nothing: reported on on_error, then a reconnect.
+  // Unset: 10 s, or liveness_timeout when shorter. 0 disables. At least
+  // 100 ms and at most liveness_timeout.
+  std::optional<std::chrono::milliseconds> probe_interval;
+  // The probe also samples the server's NOTIFY queue; from this usage up a
+  // warning is logged, once per crossing.
+  double queue_warning = 0.5;
 };
 
 // Handlers for one channel each: pubsub::channels().on(ch, fn).
@@ -5507,6 +5875,8 @@ class pubsub {
   // The fencing token of this instance's current tenure on `ch` (0 when it
   // does not hold it, and outside single-listener mode).
   [[nodiscard]] std::int64_t token(std::string_view ch) const;
+  // A snapshot of what this instance did and holds (stats.hpp); cheap.
+  [[nodiscard]] pubsub_stats stats() const;
 
   [[nodiscard]] std::shared_ptr<connection> client() const { return client_; }  // replaced on reconnect
   [[nodiscard]] const pubsub_options& options() const noexcept { return options_; }
@@ -5542,6 +5912,9 @@ class pubsub {
     bool listening = false;  // LISTEN committed on the current connection
     bool listen_started = false;
     std::shared_ptr<async_event> listened;  // set when the LISTEN in progress settles
+    detail::delivery_count count;           // its address is handed to the member and the journal
+    std::uint64_t takeovers = 0, handovers = 0;
+    std::chrono::microseconds last_takeover{0}, last_handover{0};
   };
 
   bool locked() const { return options_.single_listener && !options_.execution_lock; }
@@ -5565,6 +5938,11 @@ class pubsub {
   void deliver(std::string_view ch, std::string_view payload);
   void deliver_durable(const delivery& d);
   void make_journal();
+  static void validate(const pubsub_options& o);
+  detail::delivery_count* won(const std::string& ch, const detail::member::win& w);
+  channel_stats channel_stats_of(const std::string& name, const channel_state& st) const;
+  std::chrono::milliseconds probe_every() const;
+  void ensure_probe();
   static bool journal_gone(const std::exception_ptr& failure);
   task<void> settle_durable(std::vector<std::string> channels);
   void on_link_lost(const connection_error& e);
@@ -5578,6 +5956,8 @@ class pubsub {
   // that only notifies costs one connection, and is no member of the fleet.
   std::unique_ptr<detail::member> member_;
   std::unique_ptr<detail::journal> journal_;  // durable: beside member_, bound to the same connection
+  std::unique_ptr<detail::echo_probe> probe_;  // per listening connection
+  std::uint64_t reconnects_ = 0, notify_sent_ = 0, notify_failed_ = 0, probes_failed_ = 0;
   std::function<task<void>(const delivery&, connection&)> tx_handler_;
   std::shared_ptr<async_event> member_started_;  // set once member_ has started (or failed to)
   std::uint64_t notify_sub_ = 0, lost_sub_ = 0;
@@ -5617,19 +5997,37 @@ inline pubsub::pubsub(event_loop& loop, pubsub_options options)
       claims_(loop,
               detail::claim_queue::hooks{
                   [this] { return client_; },
-                  [this](std::string_view ch, std::string_view payload) { deliver(ch, payload); },
+                  [this](std::string_view ch, std::string_view payload) {
+                    if (auto it = channels_.find(ch); it != channels_.end()) it->second.count.tick();
+                    deliver(ch, payload);
+                  },
                   [this](const std::exception& e) { report(e); }},
               options_.execution_key, options_.execution_ttl) {
-  if (options_.retry_delay.count() < 0) throw std::invalid_argument("pgiplock: retry_delay is negative");
-  if (options_.durable && options_.filtered) {
+  validate(options_);
+  if (options_.handle_signals) enable_graceful_shutdown(loop);
+}
+
+inline void pubsub::validate(const pubsub_options& o) {
+  if (o.retry_delay.count() < 0) throw std::invalid_argument("pgiplock: retry_delay is negative");
+  if (o.durable && o.filtered) {
     // A durable channel delivers every message of its journal, whoever sent it.
     throw std::invalid_argument("pgiplock: filtered cannot be combined with durable");
   }
-  if (options_.durable_retention.count() <= 0) {
+  if (o.durable_retention.count() <= 0) {
     throw std::invalid_argument("pgiplock: durable_retention must be positive (it is " +
-                                std::to_string(options_.durable_retention.count()) + " ms)");
+                                std::to_string(o.durable_retention.count()) + " ms)");
   }
-  if (options_.handle_signals) enable_graceful_shutdown(loop);
+  auto probe = o.probe_interval.value_or(std::chrono::milliseconds(0)).count();
+  auto live = o.liveness_timeout.count();
+  if (probe != 0 && (probe < 100 || (live > 0 && probe > live))) {
+    throw std::invalid_argument("pgiplock: probe_interval is " + std::to_string(probe) +
+                                " ms; it must be at least 100 ms and at most liveness_timeout (" +
+                                std::to_string(live) + " ms), or 0 to disable the probe");
+  }
+  if (!(o.queue_warning > 0 && o.queue_warning <= 1)) {
+    throw std::invalid_argument("pgiplock: queue_warning is " + std::to_string(o.queue_warning) +
+                                "; it is a share of the NOTIFY queue, in (0, 1]");
+  }
 }
 
 inline pubsub::~pubsub() {
@@ -5703,6 +6101,7 @@ inline task<void> pubsub::listen(std::vector<std::string> channels) {
   }
   for (auto& ch : channels) channels_.try_emplace(ch);
   if (!client_) co_return;  // remembered; subscribed on (re)connect
+  ensure_probe();
   if (!locked()) {
     for (auto& ch : channels) co_await start_listening(ch);
     co_return;
@@ -5753,11 +6152,13 @@ inline task<void> pubsub::notify(std::string_view channel_view, std::string_view
     // Nothing of a failed batch committed: after the journal's tables are
     // put back (someone dropped them), sending it once more is safe.
     if (attempt > 0 || !options_.durable || !journal_gone(b->failure) || !connected()) {
+      ++notify_failed_;
       std::rethrow_exception(b->failure);
     }
     report(error("pgiplock: the durable journal's tables are gone (dropped?): re-creating them"));
     co_await detail::ensure_journal(client_);
   }
+  ++notify_sent_;
   fire(on_notify_, std::string_view(ch), std::string_view(payload));
 }
 
@@ -5811,9 +6212,11 @@ inline void pubsub::attach(std::shared_ptr<connection> c) {
   client_ = std::move(c);
   notify_sub_ = client_->subscribe("", [this](const notification& n) { on_notification(n); });
   lost_sub_ = client_->on_lost([this](const connection_error& e) { on_link_lost(e); });
+  ensure_probe();
 }
 
 inline void pubsub::detach() {
+  probe_.reset();
   if (!client_) return;
   client_->unsubscribe(notify_sub_);
   client_->remove_on_lost(lost_sub_);
@@ -5856,10 +6259,7 @@ inline std::unique_ptr<detail::member> pubsub::make_member() {
   // 0 disables the demotion: a day stands for "never" in the heartbeat.
   mo.liveness_timeout = options_.liveness_timeout.count() > 0 ? options_.liveness_timeout
                                                               : std::chrono::milliseconds(std::chrono::hours(24));
-  detail::member::hooks h{[this](const std::string& ch, std::int64_t token) {
-                            on_won(ch);
-                            if (journal_) journal_->begin_tenure(ch, token);
-                          },
+  detail::member::hooks h{[this](const std::string& ch, const detail::member::win& w) { return won(ch, w); },
                           [this](const std::string& ch, const std::string& why) {
                             if (journal_) journal_->end_tenure(ch);
                             on_lost(ch, why);
@@ -5942,7 +6342,8 @@ inline void pubsub::on_notification(const notification& n) {
   if (locked()) {  // the member's tenures are a subset of channels_
     if (journal_) {
       journal_->on_nudge(n);
-    } else if (member_ && member_->deliverable(n.channel)) {
+    } else if (auto* count = member_ ? member_->deliverable(n.channel) : nullptr) {
+      count->tick();
       deliver(n.channel, n.payload);
     }
     return;
@@ -5953,6 +6354,7 @@ inline void pubsub::on_notification(const notification& n) {
     claims_.add(n);
     return;
   }
+  it->second.count.tick();
   deliver(n.channel, n.payload);
 }
 
@@ -5966,6 +6368,93 @@ inline void pubsub::deliver_durable(const delivery& d) {
   fire(on_message_, d.channel, d.payload);
   emitter_.emit(d.channel, d.payload);
   fire(on_delivery_, d);
+}
+
+// A tenure began (its LISTEN committed with the win): counted, and the
+// journal follows it on a durable channel. Yields where deliveries count.
+inline detail::delivery_count* pubsub::won(const std::string& ch, const detail::member::win& w) {
+  auto it = channels_.find(ch);
+  if (it == channels_.end()) return nullptr;
+  auto& st = it->second;
+  if (w.fresh) {
+    ++st.handovers;
+    st.last_handover = w.took;
+  } else {
+    ++st.takeovers;
+    st.last_takeover = w.took;
+  }
+  on_won(ch);
+  if (journal_) journal_->begin_tenure(ch, w.token, &st.count);
+  return &st.count;
+}
+
+inline pubsub_stats pubsub::stats() const {
+  pubsub_stats out;
+  out.member = client_ ? std::string(client_->app_name()) : std::string();
+  out.reconnects = reconnects_;
+  out.notify_sent = notify_sent_;
+  out.notify_failed = notify_failed_;
+  out.probes_failed = probes_failed_;
+  if (probe_) {
+    out.probe_round_trip = probe_->last_round_trip();
+    out.queue_usage = probe_->queue_usage();
+  }
+  out.channels.reserve(channels_.size());
+  for (auto& [name, st] : channels_) out.channels.push_back(channel_stats_of(name, st));
+  return out;
+}
+
+inline channel_stats pubsub::channel_stats_of(const std::string& name, const channel_state& st) const {
+  channel_stats c;
+  c.channel = name;
+  c.token = token(name);
+  c.role = !locked() ? channel_role::plain : (c.token ? channel_role::holder : channel_role::standby);
+  if (member_) c.tenure_since = member_->since(name);
+  c.delivered = st.count.n;
+  c.last_delivery = std::chrono::system_clock::time_point(std::chrono::milliseconds(st.count.last_ms));
+  c.takeovers = st.takeovers;
+  c.handovers = st.handovers;
+  c.last_takeover = st.last_takeover;
+  c.last_handover = st.last_handover;
+  c.durable = options_.durable;
+  if (auto lag = journal_ ? journal_->lag_of(name) : std::nullopt) {
+    c.backlog = lag->backlog;
+    c.oldest_unacknowledged = lag->oldest;
+  }
+  return c;
+}
+
+// Unset: every 10 s, or every liveness_timeout when that is shorter.
+inline std::chrono::milliseconds pubsub::probe_every() const {
+  if (options_.probe_interval) return *options_.probe_interval;
+  std::chrono::milliseconds standard{10000};
+  auto live = options_.liveness_timeout;
+  return live.count() > 0 ? std::min(standard, live) : standard;
+}
+
+// Once the connection listens (a pubsub that only notifies has nothing to
+// prove); one per connection.
+inline void pubsub::ensure_probe() {
+  auto every = probe_every();
+  if (probe_ || !connected() || channels_.empty() || every.count() <= 0) return;
+  detail::echo_probe::options o;
+  o.every = every;
+  o.limit = options_.liveness_timeout.count() > 0 ? options_.liveness_timeout : every;
+  o.queue_threshold = options_.queue_warning;
+  detail::echo_probe::hooks h{[this](const std::string& why) {
+                                ++probes_failed_;
+                                report(error("pgiplock: the listening connection is dead: " + why + "; reconnecting"));
+                                if (client_) loop_->spawn(connection::close_quietly(client_));
+                              },
+                              [this](double usage) {
+                                detail::log(options_.logger, log_level::warn,
+                                            "pgiplock: the server's NOTIFY queue is " +
+                                                std::to_string(static_cast<int>(usage * 100)) +
+                                                "% full: a session somewhere in this database LISTENs and does not "
+                                                "read (stuck, or idle in a transaction); when the queue is full, "
+                                                "every NOTIFY fails");
+                              }};
+  probe_ = std::make_unique<detail::echo_probe>(client_, o, std::move(h));
 }
 
 // Bound to the connection, as the member is: made with it, gone with it.
@@ -6036,6 +6525,7 @@ inline task<void> pubsub::reconnect(std::shared_ptr<connection> dead) {
   } catch (const std::exception& e) {
     report(e);
   }
+  ++reconnects_;
   fire(on_reconnect_, attempts);
 }
 

@@ -17,5 +17,6 @@
 #include "event_loop.hpp"
 #include "connection.hpp"
 #include "ip_lock.hpp"
+#include "stats.hpp"
 #include "pubsub.hpp"
 #include "shutdown.hpp"

@@ -8,6 +8,7 @@
 #pragma once
 
 #include "detail/claims.hpp"
+#include "detail/echo_probe.hpp"
 #include "detail/journal.hpp"
 #include "detail/member.hpp"
 #include "detail/notify_batch.hpp"
@@ -51,6 +52,15 @@ struct pubsub_options {
   bool durable = false;
   // How long messages of a durable channel that nobody acknowledges are kept.
   std::chrono::milliseconds durable_retention{std::chrono::hours(24 * 7)};
+  // The end-to-end probe of a listening connection: this often it notifies
+  // itself and expects the echo within liveness_timeout; a missing echo is
+  // a LISTEN that hears nothing: reported on on_error, then a reconnect.
+  // Unset: 10 s, or liveness_timeout when shorter. 0 disables. At least
+  // 100 ms and at most liveness_timeout.
+  std::optional<std::chrono::milliseconds> probe_interval;
+  // The probe also samples the server's NOTIFY queue; from this usage up a
+  // warning is logged, once per crossing.
+  double queue_warning = 0.5;
 };
 
 // Handlers for one channel each: pubsub::channels().on(ch, fn).
@@ -108,6 +118,8 @@ class pubsub {
   // The fencing token of this instance's current tenure on `ch` (0 when it
   // does not hold it, and outside single-listener mode).
   [[nodiscard]] std::int64_t token(std::string_view ch) const;
+  // A snapshot of what this instance did and holds (stats.hpp); cheap.
+  [[nodiscard]] pubsub_stats stats() const;
 
   [[nodiscard]] std::shared_ptr<connection> client() const { return client_; }  // replaced on reconnect
   [[nodiscard]] const pubsub_options& options() const noexcept { return options_; }
@@ -143,6 +155,9 @@ class pubsub {
     bool listening = false;  // LISTEN committed on the current connection
     bool listen_started = false;
     std::shared_ptr<async_event> listened;  // set when the LISTEN in progress settles
+    detail::delivery_count count;           // its address is handed to the member and the journal
+    std::uint64_t takeovers = 0, handovers = 0;
+    std::chrono::microseconds last_takeover{0}, last_handover{0};
   };
 
   bool locked() const { return options_.single_listener && !options_.execution_lock; }
@@ -166,6 +181,11 @@ class pubsub {
   void deliver(std::string_view ch, std::string_view payload);
   void deliver_durable(const delivery& d);
   void make_journal();
+  static void validate(const pubsub_options& o);
+  detail::delivery_count* won(const std::string& ch, const detail::member::win& w);
+  channel_stats channel_stats_of(const std::string& name, const channel_state& st) const;
+  std::chrono::milliseconds probe_every() const;
+  void ensure_probe();
   static bool journal_gone(const std::exception_ptr& failure);
   task<void> settle_durable(std::vector<std::string> channels);
   void on_link_lost(const connection_error& e);
@@ -179,6 +199,8 @@ class pubsub {
   // that only notifies costs one connection, and is no member of the fleet.
   std::unique_ptr<detail::member> member_;
   std::unique_ptr<detail::journal> journal_;  // durable: beside member_, bound to the same connection
+  std::unique_ptr<detail::echo_probe> probe_;  // per listening connection
+  std::uint64_t reconnects_ = 0, notify_sent_ = 0, notify_failed_ = 0, probes_failed_ = 0;
   std::function<task<void>(const delivery&, connection&)> tx_handler_;
   std::shared_ptr<async_event> member_started_;  // set once member_ has started (or failed to)
   std::uint64_t notify_sub_ = 0, lost_sub_ = 0;
@@ -218,19 +240,37 @@ inline pubsub::pubsub(event_loop& loop, pubsub_options options)
       claims_(loop,
               detail::claim_queue::hooks{
                   [this] { return client_; },
-                  [this](std::string_view ch, std::string_view payload) { deliver(ch, payload); },
+                  [this](std::string_view ch, std::string_view payload) {
+                    if (auto it = channels_.find(ch); it != channels_.end()) it->second.count.tick();
+                    deliver(ch, payload);
+                  },
                   [this](const std::exception& e) { report(e); }},
               options_.execution_key, options_.execution_ttl) {
-  if (options_.retry_delay.count() < 0) throw std::invalid_argument("pgiplock: retry_delay is negative");
-  if (options_.durable && options_.filtered) {
+  validate(options_);
+  if (options_.handle_signals) enable_graceful_shutdown(loop);
+}
+
+inline void pubsub::validate(const pubsub_options& o) {
+  if (o.retry_delay.count() < 0) throw std::invalid_argument("pgiplock: retry_delay is negative");
+  if (o.durable && o.filtered) {
     // A durable channel delivers every message of its journal, whoever sent it.
     throw std::invalid_argument("pgiplock: filtered cannot be combined with durable");
   }
-  if (options_.durable_retention.count() <= 0) {
+  if (o.durable_retention.count() <= 0) {
     throw std::invalid_argument("pgiplock: durable_retention must be positive (it is " +
-                                std::to_string(options_.durable_retention.count()) + " ms)");
+                                std::to_string(o.durable_retention.count()) + " ms)");
   }
-  if (options_.handle_signals) enable_graceful_shutdown(loop);
+  auto probe = o.probe_interval.value_or(std::chrono::milliseconds(0)).count();
+  auto live = o.liveness_timeout.count();
+  if (probe != 0 && (probe < 100 || (live > 0 && probe > live))) {
+    throw std::invalid_argument("pgiplock: probe_interval is " + std::to_string(probe) +
+                                " ms; it must be at least 100 ms and at most liveness_timeout (" +
+                                std::to_string(live) + " ms), or 0 to disable the probe");
+  }
+  if (!(o.queue_warning > 0 && o.queue_warning <= 1)) {
+    throw std::invalid_argument("pgiplock: queue_warning is " + std::to_string(o.queue_warning) +
+                                "; it is a share of the NOTIFY queue, in (0, 1]");
+  }
 }
 
 inline pubsub::~pubsub() {
@@ -304,6 +344,7 @@ inline task<void> pubsub::listen(std::vector<std::string> channels) {
   }
   for (auto& ch : channels) channels_.try_emplace(ch);
   if (!client_) co_return;  // remembered; subscribed on (re)connect
+  ensure_probe();
   if (!locked()) {
     for (auto& ch : channels) co_await start_listening(ch);
     co_return;
@@ -354,11 +395,13 @@ inline task<void> pubsub::notify(std::string_view channel_view, std::string_view
     // Nothing of a failed batch committed: after the journal's tables are
     // put back (someone dropped them), sending it once more is safe.
     if (attempt > 0 || !options_.durable || !journal_gone(b->failure) || !connected()) {
+      ++notify_failed_;
       std::rethrow_exception(b->failure);
     }
     report(error("pgiplock: the durable journal's tables are gone (dropped?): re-creating them"));
     co_await detail::ensure_journal(client_);
   }
+  ++notify_sent_;
   fire(on_notify_, std::string_view(ch), std::string_view(payload));
 }
 
@@ -412,9 +455,11 @@ inline void pubsub::attach(std::shared_ptr<connection> c) {
   client_ = std::move(c);
   notify_sub_ = client_->subscribe("", [this](const notification& n) { on_notification(n); });
   lost_sub_ = client_->on_lost([this](const connection_error& e) { on_link_lost(e); });
+  ensure_probe();
 }
 
 inline void pubsub::detach() {
+  probe_.reset();
   if (!client_) return;
   client_->unsubscribe(notify_sub_);
   client_->remove_on_lost(lost_sub_);
@@ -457,10 +502,7 @@ inline std::unique_ptr<detail::member> pubsub::make_member() {
   // 0 disables the demotion: a day stands for "never" in the heartbeat.
   mo.liveness_timeout = options_.liveness_timeout.count() > 0 ? options_.liveness_timeout
                                                               : std::chrono::milliseconds(std::chrono::hours(24));
-  detail::member::hooks h{[this](const std::string& ch, std::int64_t token) {
-                            on_won(ch);
-                            if (journal_) journal_->begin_tenure(ch, token);
-                          },
+  detail::member::hooks h{[this](const std::string& ch, const detail::member::win& w) { return won(ch, w); },
                           [this](const std::string& ch, const std::string& why) {
                             if (journal_) journal_->end_tenure(ch);
                             on_lost(ch, why);
@@ -543,7 +585,8 @@ inline void pubsub::on_notification(const notification& n) {
   if (locked()) {  // the member's tenures are a subset of channels_
     if (journal_) {
       journal_->on_nudge(n);
-    } else if (member_ && member_->deliverable(n.channel)) {
+    } else if (auto* count = member_ ? member_->deliverable(n.channel) : nullptr) {
+      count->tick();
       deliver(n.channel, n.payload);
     }
     return;
@@ -554,6 +597,7 @@ inline void pubsub::on_notification(const notification& n) {
     claims_.add(n);
     return;
   }
+  it->second.count.tick();
   deliver(n.channel, n.payload);
 }
 
@@ -567,6 +611,93 @@ inline void pubsub::deliver_durable(const delivery& d) {
   fire(on_message_, d.channel, d.payload);
   emitter_.emit(d.channel, d.payload);
   fire(on_delivery_, d);
+}
+
+// A tenure began (its LISTEN committed with the win): counted, and the
+// journal follows it on a durable channel. Yields where deliveries count.
+inline detail::delivery_count* pubsub::won(const std::string& ch, const detail::member::win& w) {
+  auto it = channels_.find(ch);
+  if (it == channels_.end()) return nullptr;
+  auto& st = it->second;
+  if (w.fresh) {
+    ++st.handovers;
+    st.last_handover = w.took;
+  } else {
+    ++st.takeovers;
+    st.last_takeover = w.took;
+  }
+  on_won(ch);
+  if (journal_) journal_->begin_tenure(ch, w.token, &st.count);
+  return &st.count;
+}
+
+inline pubsub_stats pubsub::stats() const {
+  pubsub_stats out;
+  out.member = client_ ? std::string(client_->app_name()) : std::string();
+  out.reconnects = reconnects_;
+  out.notify_sent = notify_sent_;
+  out.notify_failed = notify_failed_;
+  out.probes_failed = probes_failed_;
+  if (probe_) {
+    out.probe_round_trip = probe_->last_round_trip();
+    out.queue_usage = probe_->queue_usage();
+  }
+  out.channels.reserve(channels_.size());
+  for (auto& [name, st] : channels_) out.channels.push_back(channel_stats_of(name, st));
+  return out;
+}
+
+inline channel_stats pubsub::channel_stats_of(const std::string& name, const channel_state& st) const {
+  channel_stats c;
+  c.channel = name;
+  c.token = token(name);
+  c.role = !locked() ? channel_role::plain : (c.token ? channel_role::holder : channel_role::standby);
+  if (member_) c.tenure_since = member_->since(name);
+  c.delivered = st.count.n;
+  c.last_delivery = std::chrono::system_clock::time_point(std::chrono::milliseconds(st.count.last_ms));
+  c.takeovers = st.takeovers;
+  c.handovers = st.handovers;
+  c.last_takeover = st.last_takeover;
+  c.last_handover = st.last_handover;
+  c.durable = options_.durable;
+  if (auto lag = journal_ ? journal_->lag_of(name) : std::nullopt) {
+    c.backlog = lag->backlog;
+    c.oldest_unacknowledged = lag->oldest;
+  }
+  return c;
+}
+
+// Unset: every 10 s, or every liveness_timeout when that is shorter.
+inline std::chrono::milliseconds pubsub::probe_every() const {
+  if (options_.probe_interval) return *options_.probe_interval;
+  std::chrono::milliseconds standard{10000};
+  auto live = options_.liveness_timeout;
+  return live.count() > 0 ? std::min(standard, live) : standard;
+}
+
+// Once the connection listens (a pubsub that only notifies has nothing to
+// prove); one per connection.
+inline void pubsub::ensure_probe() {
+  auto every = probe_every();
+  if (probe_ || !connected() || channels_.empty() || every.count() <= 0) return;
+  detail::echo_probe::options o;
+  o.every = every;
+  o.limit = options_.liveness_timeout.count() > 0 ? options_.liveness_timeout : every;
+  o.queue_threshold = options_.queue_warning;
+  detail::echo_probe::hooks h{[this](const std::string& why) {
+                                ++probes_failed_;
+                                report(error("pgiplock: the listening connection is dead: " + why + "; reconnecting"));
+                                if (client_) loop_->spawn(connection::close_quietly(client_));
+                              },
+                              [this](double usage) {
+                                detail::log(options_.logger, log_level::warn,
+                                            "pgiplock: the server's NOTIFY queue is " +
+                                                std::to_string(static_cast<int>(usage * 100)) +
+                                                "% full: a session somewhere in this database LISTENs and does not "
+                                                "read (stuck, or idle in a transaction); when the queue is full, "
+                                                "every NOTIFY fails");
+                              }};
+  probe_ = std::make_unique<detail::echo_probe>(client_, o, std::move(h));
 }
 
 // Bound to the connection, as the member is: made with it, gone with it.
@@ -637,6 +768,7 @@ inline task<void> pubsub::reconnect(std::shared_ptr<connection> dead) {
   } catch (const std::exception& e) {
     report(e);
   }
+  ++reconnects_;
   fire(on_reconnect_, attempts);
 }
 

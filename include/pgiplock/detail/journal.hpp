@@ -16,6 +16,7 @@
 #pragma once
 
 #include "lock_schema.hpp"
+#include "../stats.hpp"
 
 namespace pgiplock::detail {
 
@@ -44,7 +45,7 @@ class journal {
   ~journal();
 
   // A tenure began (its LISTEN committed with the win) or ended.
-  void begin_tenure(const std::string& channel, std::int64_t token);
+  void begin_tenure(const std::string& channel, std::int64_t token, delivery_count* count);
   void end_tenure(const std::string& channel);
   // Before a release: stop delivering these channels and acknowledge what
   // they delivered, so the successor resumes exactly there.
@@ -54,6 +55,13 @@ class journal {
   // From now on the cursor moves only with the handler's transaction.
   void set_transaction_handler(transaction_handler fn);
   [[nodiscard]] bool live(std::string_view channel) const;
+  // A held channel as of its last acknowledgement: published minus
+  // acknowledged, and the age of the oldest unacknowledged message.
+  struct lag {
+    std::int64_t backlog = 0;
+    std::chrono::milliseconds oldest{0};
+  };
+  [[nodiscard]] std::optional<lag> lag_of(std::string_view channel) const;
 
  private:
   enum class phase { resuming, catching_up, live, stopped };
@@ -70,6 +78,8 @@ class journal {
     std::deque<nudge> backlog;  // arrived while not live
     std::int64_t delivered = 0, acked = 0;
     bool check = false;  // saw an id it had delivered: is the journal still the same?
+    delivery_count* count = nullptr;
+    lag behind;  // from the last acknowledgement
   };
   struct owned_delivery {
     std::string channel, payload;
@@ -211,9 +221,10 @@ inline task<bool> journal::rebuild() {
   co_return true;
 }
 
-inline void journal::begin_tenure(const std::string& channel, std::int64_t token) {
+inline void journal::begin_tenure(const std::string& channel, std::int64_t token, delivery_count* count) {
   stream s;
   s.token = token;
+  s.count = count;
   streams_[channel] = std::move(s);
   wake_reader();
 }
@@ -222,6 +233,12 @@ inline void journal::end_tenure(const std::string& channel) {
   auto it = streams_.find(channel);
   if (it != streams_.end()) streams_.erase(it);
   std::erase_if(tx_queue_, [&](const owned_delivery& d) { return d.channel == channel; });
+}
+
+inline std::optional<journal::lag> journal::lag_of(std::string_view channel) const {
+  auto it = streams_.find(channel);
+  if (it == streams_.end()) return std::nullopt;
+  return it->second.behind;
 }
 
 inline bool journal::live(std::string_view channel) const {
@@ -302,6 +319,7 @@ inline bool journal::deliver(const std::string& channel, stream& s, std::int64_t
   auto token = s.token;
   s.next = id + 1;
   s.delivered = id;
+  if (s.count) s.count->tick();
   std::string ch = channel;  // a handler may erase the stream and its key
   try {
     hooks_.deliver(delivery{ch, payload, id, token});
@@ -549,6 +567,9 @@ inline task<void> journal::take_acks(const result& r, std::vector<std::pair<std:
     auto it = streams_.find(ch);
     if (r.is_null(i, 2) || it == streams_.end() || it->second.token != token) continue;
     auto last = std::strtoll(std::string(r.get(i, 2)).c_str(), nullptr, 10);
+    it->second.behind.backlog = std::max<std::int64_t>(0, last - it->second.acked);
+    it->second.behind.oldest =
+        std::chrono::milliseconds(r.is_null(i, 3) ? 0 : std::strtoll(std::string(r.get(i, 3)).c_str(), nullptr, 10));
     if (last < it->second.next - 1) restarted.emplace_back(ch, token);
   }
   for (auto& [ch, token] : restarted) co_await restart(ch, token);

@@ -25,6 +25,7 @@
 
 #include "lock_schema.hpp"
 #include "../ip_lock.hpp"
+#include "../stats.hpp"
 
 namespace pgiplock::detail {
 
@@ -50,8 +51,14 @@ struct member_options {
 
 class member final : public lock_holder {
  public:
+  struct win {
+    std::int64_t token = 0;
+    bool fresh = false;  // a free row (a graceful handover, or the first holder), not a dead holder's
+    std::chrono::microseconds took{0};  // the claim round that won it
+  };
   struct hooks {
-    std::function<void(const std::string& channel, std::int64_t token)> won;  // LISTEN committed with the win
+    // LISTEN committed with the win; yields where to count its deliveries.
+    std::function<delivery_count*(const std::string& channel, const win& w)> won;
     // Stopped delivering: released (reason empty) or demoted (the reason).
     std::function<void(const std::string& channel, const std::string& reason)> lost;
     // Optional: awaited before held channels are released (a durable
@@ -78,7 +85,10 @@ class member final : public lock_holder {
   task<void> leave();
 
   [[nodiscard]] bool delivering(std::string_view ch) const;   // holding or draining
-  [[nodiscard]] bool deliverable(std::string_view ch) const;  // and past the handover cut
+  // Holding or draining and past the handover cut: where to count the
+  // delivery; nullptr when this notification is not ours to deliver.
+  [[nodiscard]] delivery_count* deliverable(std::string_view ch);
+  [[nodiscard]] std::chrono::system_clock::time_point since(std::string_view ch) const;
   [[nodiscard]] std::int64_t token(std::string_view ch) const;
   [[nodiscard]] std::size_t held() const;
   [[nodiscard]] const std::string& app() const noexcept { return app_; }
@@ -96,6 +106,8 @@ class member final : public lock_holder {
     bool fresh = false;          // won a released row: the predecessor may be draining
     bool cut_seen = false;       // our own announcement came back
     bool lock_listened = false;  // LISTENing its lock channel: a non-member holds it
+    delivery_count* count = nullptr;  // the pubsub's, per channel (it outlives reconnects)
+    std::chrono::system_clock::time_point since{};
   };
   struct claim_result {
     std::vector<std::string> won, orphans, listen_locks, unlisten_locks;
@@ -148,6 +160,8 @@ class member final : public lock_holder {
   std::shared_ptr<async_event> next_claim_done_;  // set when the next claim round has run
   std::optional<std::string> gone_;  // a member the watcher found dead: the next claim sweeps it
   std::size_t won_in_round_ = 0;
+  event_loop::clock::time_point round_started_{};
+  delivery_count uncounted_;  // where deliveries count when the hook gives no place
   std::shared_ptr<async_event> drained_;  // set when no channel is draining any more
   bool watcher_failing_ = false;          // said once, until it works again
   std::uint64_t lost_sub_ = 0;
@@ -257,11 +271,19 @@ inline bool member::delivering(std::string_view ch) const {
 // fresh tenure leaves what precedes its own announcement to the draining
 // predecessor (see ip_lock::past_handover_cut); a draining one delivers
 // until its successor's announcement.
-inline bool member::deliverable(std::string_view ch) const {
+inline delivery_count* member::deliverable(std::string_view ch) {
   auto it = tenures_.find(ch);
-  if (it == tenures_.end()) return false;
+  if (it == tenures_.end()) return nullptr;
   auto& t = it->second;
-  return (t.state == lock_state::holding && (!t.fresh || t.cut_seen)) || t.state == lock_state::draining;
+  bool ours = (t.state == lock_state::holding && (!t.fresh || t.cut_seen)) || t.state == lock_state::draining;
+  if (!ours) return nullptr;
+  return t.count ? t.count : &uncounted_;
+}
+
+inline std::chrono::system_clock::time_point member::since(std::string_view ch) const {
+  auto it = tenures_.find(ch);
+  return (it != tenures_.end() && it->second.state == lock_state::holding) ? it->second.since
+                                                                            : std::chrono::system_clock::time_point{};
 }
 
 inline std::int64_t member::token(std::string_view ch) const {
@@ -339,6 +361,7 @@ inline task<void> member::claim_once() {
     if (share) quota = *share - held();
   }
   if (want.empty() && !gone) co_return;
+  round_started_ = event_loop::clock::now();
   for (auto& ch : want) tenures_[ch].cut_seen = false;  // our announcement may come back before the result
   won_in_round_ = 0;
   std::size_t chunks = quota ? 1 : std::max<std::size_t>(1, (want.size() + claim_chunk_size - 1) / claim_chunk_size);
@@ -419,7 +442,12 @@ inline task<void> member::claim_chunk(std::vector<std::string> channels, std::op
   won_in_round_ += got.won.size();
   // Synchronous up to here: the won channels deliver from the next
   // notification on, which may sit in the very read that brought the result.
-  for (auto& ch : got.won) hooks_.won(ch, token(ch));
+  auto took = std::chrono::duration_cast<std::chrono::microseconds>(event_loop::clock::now() - round_started_);
+  for (auto& ch : got.won) {
+    auto& t = tenures_[ch];
+    t.since = std::chrono::system_clock::now();
+    t.count = hooks_.won(ch, win{t.token, t.fresh, took});
+  }
   if (!got.listen_locks.empty() || !got.unlisten_locks.empty()) {
     co_await listen_many(std::move(got.listen_locks), std::move(got.unlisten_locks));
   }

@@ -55,6 +55,9 @@ inline constexpr std::string_view unlisten_all = "UNLISTEN *";
 // The probe's self-notification, with the pid of the server backend that
 // serves us (through a proxy, PQbackendPID() is the proxy's own key).
 inline constexpr std::string_view probe_notify = "SELECT pg_backend_pid(), pg_notify($1, '')";
+// The end-to-end probe: a notification to itself, and the server's NOTIFY
+// queue usage sampled in the same statement.
+inline constexpr std::string_view echo_probe = "SELECT pg_notify($1, ''), pg_notification_queue_usage()";
 // A server older than 14 does not report in_hot_standby: asked instead.
 inline constexpr std::string_view in_recovery = "SELECT pg_is_in_recovery()";
 // Whether a second session of a pool gets our backend while we hold it.
@@ -541,9 +544,10 @@ inline constexpr std::string_view cursor_take =
 // Acknowledges many channels, each only under its tenure's token (or a
 // newer one: a cursor row a replaced holder put back after it was deleted);
 // a row that is gone (the table truncated) is put back where this holder
-// stands. Yields per channel whether it was accepted, and the channel's
-// last id: lower than what this holder delivered means the journal was
-// dropped and began again (ids from 1), which the holder then follows.
+// stands. Yields per channel whether it was accepted; the channel's last
+// id: lower than what this holder delivered means the journal was dropped
+// and began again (ids from 1), which the holder then follows; and the age
+// of the oldest message after the acknowledged one, in ms (for stats()).
 // $1 channels, $2 ids (0: only check), $3 tokens.
 inline constexpr std::string_view cursor_ack =
     "WITH a AS (INSERT INTO @schema@.pgiplock_cursor AS c (channel, acked, token, acked_at) "
@@ -552,7 +556,9 @@ inline constexpr std::string_view cursor_ack =
     "ON CONFLICT (channel) DO UPDATE SET acked = greatest(c.acked, EXCLUDED.acked), token = EXCLUDED.token, "
     "acked_at = EXCLUDED.acked_at WHERE c.token <= EXCLUDED.token RETURNING c.channel) "
     "SELECT x.ch, EXISTS (SELECT 1 FROM a WHERE a.channel = x.ch), "
-    "(SELECT n.last_id FROM @schema@.pgiplock_channel n WHERE n.channel = x.ch) FROM unnest($1::text[]) AS x(ch)";
+    "(SELECT n.last_id FROM @schema@.pgiplock_channel n WHERE n.channel = x.ch), "
+    "(SELECT (extract(epoch FROM now() - min(j.published)) * 1000)::bigint FROM @schema@.pgiplock_journal j "
+    "WHERE j.channel = x.ch AND j.id > x.id) FROM unnest($1::text[], $2::bigint[]) AS x(ch, id)";
 // The journal began again: the cursor follows it, under this tenure only.
 inline constexpr std::string_view cursor_reset =
     "UPDATE @schema@.pgiplock_cursor SET acked = 0, acked_at = now() WHERE channel = $1 AND token = $2::bigint";
