@@ -21,9 +21,9 @@
 //   detail/sql.hpp           detail: every statement the library sends, and the SQLSTATEs it reads
 //   connection.hpp           connection
 //   detail/probes.hpp        detail: what connect() checks before it hands a connection out
+//   stats.hpp                stats
 //   detail/lock_schema.hpp   detail: the lock schema on the server
 //   ip_lock.hpp              ip_lock
-//   stats.hpp                stats
 //   detail/claims.hpp        detail: the execution lock's claims
 //   detail/echo_probe.hpp    detail: the end-to-end probe of a listening connection
 //   detail/journal.hpp       detail: durable channels, the holder's side of the journal
@@ -3015,6 +3015,190 @@ inline void connection::lose(const std::string& why) {
 
 }  // namespace pgiplock
 
+// ==== stats ==================================================================
+//
+// What an operator asks of a fleet member: who holds what since when, how
+// many takeovers and how long they took, whether the listener still hears
+// (the end-to-end probe), how far behind a durable channel is, how full the
+// server's NOTIFY queue is. pubsub::stats() takes a snapshot (cheap enough
+// every second); counters never go back while the pubsub lives.
+// prometheus_text() renders one in the Prometheus text exposition format.
+namespace pgiplock {
+
+enum class channel_role {
+  plain,    // every instance delivers (single_listener off)
+  standby,  // single-listener mode, another member holds it
+  holder,   // this member holds it and delivers it
+};
+
+struct channel_stats {
+  std::string channel;
+  channel_role role = channel_role::plain;
+  std::int64_t token = 0;                                 // holder: its tenure's fencing token
+  std::chrono::system_clock::time_point tenure_since{};   // holder: when the tenure began
+  std::uint64_t delivered = 0;                            // messages handed to the handlers
+  std::chrono::system_clock::time_point last_delivery{};  // the epoch when none yet (a few ms coarse)
+  // Tenures this instance won from a holder that was gone (a crash, a
+  // demotion), and of a channel that was free (a graceful handover, or the
+  // first holder); each with how long its last claim took.
+  std::uint64_t takeovers = 0, handovers = 0;
+  std::chrono::microseconds last_takeover{0}, last_handover{0};
+  bool durable = false;
+  // Durable holder, as of its last acknowledgement: published minus
+  // acknowledged, and the age of the oldest unacknowledged message.
+  std::int64_t backlog = 0;
+  std::chrono::milliseconds oldest_unacknowledged{0};
+};
+
+struct pubsub_stats {
+  std::string member;  // the listening connection's application_name
+  std::uint64_t reconnects = 0;
+  std::uint64_t notify_sent = 0, notify_failed = 0;  // notify() calls
+  std::uint64_t probes_failed = 0;                   // echoes that did not come back
+  std::chrono::microseconds probe_round_trip{0};     // the last echo's; 0 before the first
+  double queue_usage = 0;                            // pg_notification_queue_usage() at the last probe
+  std::vector<channel_stats> channels;
+};
+
+// The Prometheus text exposition format (version 0.0.4): names in the
+// pgiplock_ namespace with their unit, labels member and channel.
+[[nodiscard]] std::string prometheus_text(const pubsub_stats& stats);
+
+// ---- implementation ---------------------------------------------------------
+
+namespace detail {
+
+// Per channel, on the delivery path: an increment and a coarse clock read
+// (the vDSO's CLOCK_REALTIME_COARSE, no system call).
+struct delivery_count {
+  std::uint64_t n = 0;
+  std::int64_t last_ms = 0;
+  void tick() noexcept {
+    ++n;
+    timespec ts{};
+    ::clock_gettime(CLOCK_REALTIME_COARSE, &ts);
+    last_ms = static_cast<std::int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
+  }
+};
+
+inline std::string prometheus_label(std::string_view value) {
+  std::string out;
+  for (char c : value) {
+    if (c == '\\' || c == '"') {
+      out.push_back('\\');
+      out.push_back(c);
+    } else if (c == '\n') {
+      out += "\\n";
+    } else {
+      out.push_back(c);
+    }
+  }
+  return out;
+}
+
+inline std::string prometheus_number(double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.17g", v);
+  return buf;
+}
+
+inline double unix_seconds(std::chrono::system_clock::time_point t) {
+  return std::chrono::duration<double>(t.time_since_epoch()).count();
+}
+
+// One metric family: its HELP and TYPE once, then a sample per label set.
+struct prometheus_family {
+  std::string& out;
+  std::string name;
+  void head(std::string_view type, std::string_view help) {
+    out += "# HELP " + name + " " + std::string(help) + "\n# TYPE " + name + " " + std::string(type) + "\n";
+  }
+  void sample(std::string_view labels, double v) { out += name + "{" + std::string(labels) + "} " + prometheus_number(v) + "\n"; }
+};
+
+}  // namespace detail
+
+namespace detail {
+
+inline void prometheus_member(std::string& out, const pubsub_stats& s, const std::string& m) {
+  auto metric = [&](const char* name, const char* type, const char* help, double v) {
+    prometheus_family f{out, name};
+    f.head(type, help);
+    f.sample(m, v);
+  };
+  metric("pgiplock_reconnects_total", "counter", "Reconnects of the listening connection.",
+         static_cast<double>(s.reconnects));
+  metric("pgiplock_notify_sent_total", "counter", "notify() calls that committed.", static_cast<double>(s.notify_sent));
+  metric("pgiplock_notify_failed_total", "counter", "notify() calls that failed.",
+         static_cast<double>(s.notify_failed));
+  metric("pgiplock_probe_failures_total", "counter", "End-to-end probes whose echo did not come back.",
+         static_cast<double>(s.probes_failed));
+  metric("pgiplock_probe_round_trip_seconds", "gauge", "The last end-to-end probe's round trip.",
+         std::chrono::duration<double>(s.probe_round_trip).count());
+  metric("pgiplock_notify_queue_usage_ratio", "gauge",
+         "The server's NOTIFY queue usage (pg_notification_queue_usage()) at the last probe.", s.queue_usage);
+}
+
+struct channel_column {
+  const char* name;
+  const char* type;
+  const char* help;
+  double (*value)(const channel_stats&);
+  bool durable_only;
+};
+
+inline double seconds(std::chrono::microseconds d) { return std::chrono::duration<double>(d).count(); }
+
+inline const std::vector<channel_column>& channel_columns() {
+  using c_t = const channel_stats&;
+  static const std::vector<channel_column> columns{
+      {"pgiplock_channel_holder", "gauge", "1 while this member delivers the channel (holder, or plain mode).",
+       [](c_t c) { return c.role == channel_role::standby ? 0.0 : 1.0; }, false},
+      {"pgiplock_channel_token", "gauge", "The fencing token of this member's tenure (0: none).",
+       [](c_t c) { return static_cast<double>(c.token); }, false},
+      {"pgiplock_channel_tenure_start_seconds", "gauge", "Unix time this member's tenure began (0: none).",
+       [](c_t c) { return c.role == channel_role::holder ? unix_seconds(c.tenure_since) : 0.0; }, false},
+      {"pgiplock_channel_delivered_total", "counter", "Messages delivered to the handlers.",
+       [](c_t c) { return static_cast<double>(c.delivered); }, false},
+      {"pgiplock_channel_last_delivery_seconds", "gauge", "Unix time of the last delivery (0: none).",
+       [](c_t c) { return unix_seconds(c.last_delivery); }, false},
+      {"pgiplock_channel_takeovers_total", "counter", "Tenures won from a holder that was gone.",
+       [](c_t c) { return static_cast<double>(c.takeovers); }, false},
+      {"pgiplock_channel_handovers_total", "counter", "Tenures won of a free channel (a graceful handover).",
+       [](c_t c) { return static_cast<double>(c.handovers); }, false},
+      {"pgiplock_channel_last_takeover_seconds", "gauge", "How long the claim of the last takeover took.",
+       [](c_t c) { return seconds(c.last_takeover); }, false},
+      {"pgiplock_channel_last_handover_seconds", "gauge", "How long the claim of the last handover took.",
+       [](c_t c) { return seconds(c.last_handover); }, false},
+      {"pgiplock_durable_backlog_messages", "gauge", "Durable channel: published minus acknowledged.",
+       [](c_t c) { return static_cast<double>(c.backlog); }, true},
+      {"pgiplock_durable_oldest_unacknowledged_seconds", "gauge",
+       "Durable channel: the age of the oldest unacknowledged message.",
+       [](c_t c) { return std::chrono::duration<double>(c.oldest_unacknowledged).count(); }, true},
+  };
+  return columns;
+}
+
+}  // namespace detail
+
+inline std::string prometheus_text(const pubsub_stats& s) {
+  std::string out;
+  std::string m = "member=\"" + detail::prometheus_label(s.member) + "\"";
+  detail::prometheus_member(out, s, m);
+  for (auto& col : detail::channel_columns()) {
+    auto wanted = [&](const channel_stats& c) { return !col.durable_only || c.durable; };
+    if (std::none_of(s.channels.begin(), s.channels.end(), wanted)) continue;
+    detail::prometheus_family f{out, col.name};
+    f.head(col.type, col.help);
+    for (auto& c : s.channels) {
+      if (wanted(c)) f.sample(m + ",channel=\"" + detail::prometheus_label(c.channel) + "\"", col.value(c));
+    }
+  }
+  return out;
+}
+
+}  // namespace pgiplock
+
 // ==== detail: the lock schema on the server ==================================
 //
 // Creating the schema the locks live in (shared with @imqueue/pg-pubsub) and
@@ -3244,6 +3428,11 @@ class ip_lock {
   // The fencing token of the current tenure: strictly increasing across the
   // lock group (a sequence), 0 when not holding.
   [[nodiscard]] std::int64_t token() const noexcept;
+  // A snapshot: role (holder or standby), token, tenure start, and the
+  // tenures won by takeover and by handover, each with how long its
+  // winning attempt took (stats.hpp). delivered stays 0: a lock delivers
+  // nothing itself.
+  [[nodiscard]] channel_stats stats() const;
   // Why the last tenure ended without a release (the liveness check failed,
   // the row was deleted); empty after a release or a new win. Set before
   // on_lose runs.
@@ -3283,6 +3472,7 @@ class ip_lock {
 
   task<outcome> take();
   task<outcome> attempt(std::shared_ptr<connection> client);
+  void count_win(bool fresh, event_loop::clock::duration took);
   task<bool> holds_row(std::shared_ptr<connection> client);
   task<void> demote(std::string why);
   task<void> wait_for_successor();
@@ -3322,6 +3512,7 @@ class ip_lock {
   std::shared_ptr<async_event> attempt_done_;  // set while an attempt is in flight: one at a time
   std::shared_ptr<async_event> announced_;     // the successor announced (while draining)
   std::optional<std::int64_t> token_;
+  channel_stats wins_;  // the counters of stats(), kept for the lock's life
   event_loop::clock::time_point passive_until_{};
   std::uint64_t notify_sub_ = 0, lost_sub_ = 0;
   channel_handler on_release_;
@@ -3437,6 +3628,27 @@ inline bool ip_lock::listens_on_acquire() const noexcept {
 inline bool ip_lock::past_handover_cut() const noexcept { return !cut_.fresh_tenure || cut_.own_announcement_seen; }
 
 inline std::int64_t ip_lock::token() const noexcept { return is_acquired() && token_ ? *token_ : 0; }
+
+inline channel_stats ip_lock::stats() const {
+  channel_stats s = wins_;
+  s.channel = channel_;
+  s.token = token();
+  s.role = s.token ? channel_role::holder : channel_role::standby;
+  if (!s.token) s.tenure_since = {};
+  return s;
+}
+
+inline void ip_lock::count_win(bool fresh, event_loop::clock::duration took) {
+  auto us = std::chrono::duration_cast<std::chrono::microseconds>(took);
+  wins_.tenure_since = std::chrono::system_clock::now();
+  if (fresh) {
+    ++wins_.handovers;
+    wins_.last_handover = us;
+  } else {
+    ++wins_.takeovers;
+    wins_.last_takeover = us;
+  }
+}
 
 inline void ip_lock::on_release(channel_handler fn) {
   if (on_release_) throw std::logic_error("pgiplock: ip_lock '" + channel_ + "' already has an on_release handler");
@@ -3638,6 +3850,7 @@ inline task<ip_lock::outcome> ip_lock::attempt(std::shared_ptr<connection> clien
   // (both arrive in one read): forget earlier ones before sending.
   cut_.own_announcement_seen = false;
   const auto& sql = statements();
+  auto t0 = event_loop::clock::now();
   auto r = co_await client->query_prepared(sql.acquire, lock_channel_, client->app_name(), key_,
                                            options_.listen_on_acquire, sql.tenure_sequence, sql.app_pattern);
   outcome out{r.get(0, 0) == "t", r.get(0, 1) == "t"};
@@ -3649,6 +3862,7 @@ inline task<ip_lock::outcome> ip_lock::attempt(std::shared_ptr<connection> clien
     // A fresh row: the previous holder released it and may be draining
     // until our announcement. A row taken over: its holder is dead.
     cut_.fresh_tenure = r.get(0, 3) == "t";
+    count_win(cut_.fresh_tenure, event_loop::clock::now() - t0);
     enter(lock_state::holding, cut_.fresh_tenure ? "won a released row" : "took over a dead holder's row");
   } else if (out.got_advisory) {
     // The advisory lock was free but the row is a live holder's: a Node
@@ -3867,190 +4081,6 @@ inline task<void> ip_lock::take_over() {
   if (!won && state_ == lock_state::standby && client->is_open()) {
     co_await client->loop().sleep(options_.acquire_interval, &wake_);
   }
-}
-
-}  // namespace pgiplock
-
-// ==== stats ==================================================================
-//
-// What an operator asks of a fleet member: who holds what since when, how
-// many takeovers and how long they took, whether the listener still hears
-// (the end-to-end probe), how far behind a durable channel is, how full the
-// server's NOTIFY queue is. pubsub::stats() takes a snapshot (cheap enough
-// every second); counters never go back while the pubsub lives.
-// prometheus_text() renders one in the Prometheus text exposition format.
-namespace pgiplock {
-
-enum class channel_role {
-  plain,    // every instance delivers (single_listener off)
-  standby,  // single-listener mode, another member holds it
-  holder,   // this member holds it and delivers it
-};
-
-struct channel_stats {
-  std::string channel;
-  channel_role role = channel_role::plain;
-  std::int64_t token = 0;                                 // holder: its tenure's fencing token
-  std::chrono::system_clock::time_point tenure_since{};   // holder: when the tenure began
-  std::uint64_t delivered = 0;                            // messages handed to the handlers
-  std::chrono::system_clock::time_point last_delivery{};  // the epoch when none yet (a few ms coarse)
-  // Tenures this instance won from a holder that was gone (a crash, a
-  // demotion), and of a channel that was free (a graceful handover, or the
-  // first holder); each with how long its last claim took.
-  std::uint64_t takeovers = 0, handovers = 0;
-  std::chrono::microseconds last_takeover{0}, last_handover{0};
-  bool durable = false;
-  // Durable holder, as of its last acknowledgement: published minus
-  // acknowledged, and the age of the oldest unacknowledged message.
-  std::int64_t backlog = 0;
-  std::chrono::milliseconds oldest_unacknowledged{0};
-};
-
-struct pubsub_stats {
-  std::string member;  // the listening connection's application_name
-  std::uint64_t reconnects = 0;
-  std::uint64_t notify_sent = 0, notify_failed = 0;  // notify() calls
-  std::uint64_t probes_failed = 0;                   // echoes that did not come back
-  std::chrono::microseconds probe_round_trip{0};     // the last echo's; 0 before the first
-  double queue_usage = 0;                            // pg_notification_queue_usage() at the last probe
-  std::vector<channel_stats> channels;
-};
-
-// The Prometheus text exposition format (version 0.0.4): names in the
-// pgiplock_ namespace with their unit, labels member and channel.
-[[nodiscard]] std::string prometheus_text(const pubsub_stats& stats);
-
-// ---- implementation ---------------------------------------------------------
-
-namespace detail {
-
-// Per channel, on the delivery path: an increment and a coarse clock read
-// (the vDSO's CLOCK_REALTIME_COARSE, no system call).
-struct delivery_count {
-  std::uint64_t n = 0;
-  std::int64_t last_ms = 0;
-  void tick() noexcept {
-    ++n;
-    timespec ts{};
-    ::clock_gettime(CLOCK_REALTIME_COARSE, &ts);
-    last_ms = static_cast<std::int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
-  }
-};
-
-inline std::string prometheus_label(std::string_view value) {
-  std::string out;
-  for (char c : value) {
-    if (c == '\\' || c == '"') {
-      out.push_back('\\');
-      out.push_back(c);
-    } else if (c == '\n') {
-      out += "\\n";
-    } else {
-      out.push_back(c);
-    }
-  }
-  return out;
-}
-
-inline std::string prometheus_number(double v) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%.17g", v);
-  return buf;
-}
-
-inline double unix_seconds(std::chrono::system_clock::time_point t) {
-  return std::chrono::duration<double>(t.time_since_epoch()).count();
-}
-
-// One metric family: its HELP and TYPE once, then a sample per label set.
-struct prometheus_family {
-  std::string& out;
-  std::string name;
-  void head(std::string_view type, std::string_view help) {
-    out += "# HELP " + name + " " + std::string(help) + "\n# TYPE " + name + " " + std::string(type) + "\n";
-  }
-  void sample(std::string_view labels, double v) { out += name + "{" + std::string(labels) + "} " + prometheus_number(v) + "\n"; }
-};
-
-}  // namespace detail
-
-namespace detail {
-
-inline void prometheus_member(std::string& out, const pubsub_stats& s, const std::string& m) {
-  auto metric = [&](const char* name, const char* type, const char* help, double v) {
-    prometheus_family f{out, name};
-    f.head(type, help);
-    f.sample(m, v);
-  };
-  metric("pgiplock_reconnects_total", "counter", "Reconnects of the listening connection.",
-         static_cast<double>(s.reconnects));
-  metric("pgiplock_notify_sent_total", "counter", "notify() calls that committed.", static_cast<double>(s.notify_sent));
-  metric("pgiplock_notify_failed_total", "counter", "notify() calls that failed.",
-         static_cast<double>(s.notify_failed));
-  metric("pgiplock_probe_failures_total", "counter", "End-to-end probes whose echo did not come back.",
-         static_cast<double>(s.probes_failed));
-  metric("pgiplock_probe_round_trip_seconds", "gauge", "The last end-to-end probe's round trip.",
-         std::chrono::duration<double>(s.probe_round_trip).count());
-  metric("pgiplock_notify_queue_usage_ratio", "gauge",
-         "The server's NOTIFY queue usage (pg_notification_queue_usage()) at the last probe.", s.queue_usage);
-}
-
-struct channel_column {
-  const char* name;
-  const char* type;
-  const char* help;
-  double (*value)(const channel_stats&);
-  bool durable_only;
-};
-
-inline double seconds(std::chrono::microseconds d) { return std::chrono::duration<double>(d).count(); }
-
-inline const std::vector<channel_column>& channel_columns() {
-  using c_t = const channel_stats&;
-  static const std::vector<channel_column> columns{
-      {"pgiplock_channel_holder", "gauge", "1 while this member delivers the channel (holder, or plain mode).",
-       [](c_t c) { return c.role == channel_role::standby ? 0.0 : 1.0; }, false},
-      {"pgiplock_channel_token", "gauge", "The fencing token of this member's tenure (0: none).",
-       [](c_t c) { return static_cast<double>(c.token); }, false},
-      {"pgiplock_channel_tenure_start_seconds", "gauge", "Unix time this member's tenure began (0: none).",
-       [](c_t c) { return c.role == channel_role::holder ? unix_seconds(c.tenure_since) : 0.0; }, false},
-      {"pgiplock_channel_delivered_total", "counter", "Messages delivered to the handlers.",
-       [](c_t c) { return static_cast<double>(c.delivered); }, false},
-      {"pgiplock_channel_last_delivery_seconds", "gauge", "Unix time of the last delivery (0: none).",
-       [](c_t c) { return unix_seconds(c.last_delivery); }, false},
-      {"pgiplock_channel_takeovers_total", "counter", "Tenures won from a holder that was gone.",
-       [](c_t c) { return static_cast<double>(c.takeovers); }, false},
-      {"pgiplock_channel_handovers_total", "counter", "Tenures won of a free channel (a graceful handover).",
-       [](c_t c) { return static_cast<double>(c.handovers); }, false},
-      {"pgiplock_channel_last_takeover_seconds", "gauge", "How long the claim of the last takeover took.",
-       [](c_t c) { return seconds(c.last_takeover); }, false},
-      {"pgiplock_channel_last_handover_seconds", "gauge", "How long the claim of the last handover took.",
-       [](c_t c) { return seconds(c.last_handover); }, false},
-      {"pgiplock_durable_backlog_messages", "gauge", "Durable channel: published minus acknowledged.",
-       [](c_t c) { return static_cast<double>(c.backlog); }, true},
-      {"pgiplock_durable_oldest_unacknowledged_seconds", "gauge",
-       "Durable channel: the age of the oldest unacknowledged message.",
-       [](c_t c) { return std::chrono::duration<double>(c.oldest_unacknowledged).count(); }, true},
-  };
-  return columns;
-}
-
-}  // namespace detail
-
-inline std::string prometheus_text(const pubsub_stats& s) {
-  std::string out;
-  std::string m = "member=\"" + detail::prometheus_label(s.member) + "\"";
-  detail::prometheus_member(out, s, m);
-  for (auto& col : detail::channel_columns()) {
-    auto wanted = [&](const channel_stats& c) { return !col.durable_only || c.durable; };
-    if (std::none_of(s.channels.begin(), s.channels.end(), wanted)) continue;
-    detail::prometheus_family f{out, col.name};
-    f.head(col.type, col.help);
-    for (auto& c : s.channels) {
-      if (wanted(c)) f.sample(m + ",channel=\"" + detail::prometheus_label(c.channel) + "\"", col.value(c));
-    }
-  }
-  return out;
 }
 
 }  // namespace pgiplock

@@ -37,6 +37,7 @@
 #pragma once
 
 #include "connection.hpp"
+#include "stats.hpp"
 #include "detail/lock_schema.hpp"
 
 namespace pgiplock {
@@ -146,6 +147,11 @@ class ip_lock {
   // The fencing token of the current tenure: strictly increasing across the
   // lock group (a sequence), 0 when not holding.
   [[nodiscard]] std::int64_t token() const noexcept;
+  // A snapshot: role (holder or standby), token, tenure start, and the
+  // tenures won by takeover and by handover, each with how long its
+  // winning attempt took (stats.hpp). delivered stays 0: a lock delivers
+  // nothing itself.
+  [[nodiscard]] channel_stats stats() const;
   // Why the last tenure ended without a release (the liveness check failed,
   // the row was deleted); empty after a release or a new win. Set before
   // on_lose runs.
@@ -185,6 +191,7 @@ class ip_lock {
 
   task<outcome> take();
   task<outcome> attempt(std::shared_ptr<connection> client);
+  void count_win(bool fresh, event_loop::clock::duration took);
   task<bool> holds_row(std::shared_ptr<connection> client);
   task<void> demote(std::string why);
   task<void> wait_for_successor();
@@ -224,6 +231,7 @@ class ip_lock {
   std::shared_ptr<async_event> attempt_done_;  // set while an attempt is in flight: one at a time
   std::shared_ptr<async_event> announced_;     // the successor announced (while draining)
   std::optional<std::int64_t> token_;
+  channel_stats wins_;  // the counters of stats(), kept for the lock's life
   event_loop::clock::time_point passive_until_{};
   std::uint64_t notify_sub_ = 0, lost_sub_ = 0;
   channel_handler on_release_;
@@ -339,6 +347,27 @@ inline bool ip_lock::listens_on_acquire() const noexcept {
 inline bool ip_lock::past_handover_cut() const noexcept { return !cut_.fresh_tenure || cut_.own_announcement_seen; }
 
 inline std::int64_t ip_lock::token() const noexcept { return is_acquired() && token_ ? *token_ : 0; }
+
+inline channel_stats ip_lock::stats() const {
+  channel_stats s = wins_;
+  s.channel = channel_;
+  s.token = token();
+  s.role = s.token ? channel_role::holder : channel_role::standby;
+  if (!s.token) s.tenure_since = {};
+  return s;
+}
+
+inline void ip_lock::count_win(bool fresh, event_loop::clock::duration took) {
+  auto us = std::chrono::duration_cast<std::chrono::microseconds>(took);
+  wins_.tenure_since = std::chrono::system_clock::now();
+  if (fresh) {
+    ++wins_.handovers;
+    wins_.last_handover = us;
+  } else {
+    ++wins_.takeovers;
+    wins_.last_takeover = us;
+  }
+}
 
 inline void ip_lock::on_release(channel_handler fn) {
   if (on_release_) throw std::logic_error("pgiplock: ip_lock '" + channel_ + "' already has an on_release handler");
@@ -540,6 +569,7 @@ inline task<ip_lock::outcome> ip_lock::attempt(std::shared_ptr<connection> clien
   // (both arrive in one read): forget earlier ones before sending.
   cut_.own_announcement_seen = false;
   const auto& sql = statements();
+  auto t0 = event_loop::clock::now();
   auto r = co_await client->query_prepared(sql.acquire, lock_channel_, client->app_name(), key_,
                                            options_.listen_on_acquire, sql.tenure_sequence, sql.app_pattern);
   outcome out{r.get(0, 0) == "t", r.get(0, 1) == "t"};
@@ -551,6 +581,7 @@ inline task<ip_lock::outcome> ip_lock::attempt(std::shared_ptr<connection> clien
     // A fresh row: the previous holder released it and may be draining
     // until our announcement. A row taken over: its holder is dead.
     cut_.fresh_tenure = r.get(0, 3) == "t";
+    count_win(cut_.fresh_tenure, event_loop::clock::now() - t0);
     enter(lock_state::holding, cut_.fresh_tenure ? "won a released row" : "took over a dead holder's row");
   } else if (out.got_advisory) {
     // The advisory lock was free but the row is a live holder's: a Node
