@@ -11,6 +11,7 @@
 #include "detail/names.hpp"
 #include "detail/sql.hpp"
 #include "event_loop.hpp"
+#include "stats.hpp"
 
 namespace pgiplock {
 
@@ -612,7 +613,9 @@ inline std::exception_ptr connection::to_error(const PGresult* r) const {
 }
 
 inline void connection::dispatch_notifications() {
+  bool timed = false;
   while (PGnotify* n = PQnotifies(conn_.get())) {
+    if (!std::exchange(timed, true)) detail::note_dispatch_time();
     notification note{n->relname, n->extra ? std::string_view(n->extra) : std::string_view(), n->be_pid};
     ++dispatching_;
     std::size_t count = subs_.size();  // handlers added meanwhile see the next one

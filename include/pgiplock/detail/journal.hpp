@@ -476,6 +476,7 @@ inline task<bool> journal::read_once() {
 // Rows come ordered by channel, then id; a row without its payload says
 // that the channel has more than this page.
 inline void journal::take_rows(const result& r, const read_round& round, std::uint64_t read_no) {
+  note_dispatch_time();  // the deliveries below are not a connection's notifications
   std::set<std::string, std::less<>> more;
   for (int i = 0; i < r.rows(); ++i) {
     std::string ch(r.get(i, 0));
