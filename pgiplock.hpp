@@ -4393,6 +4393,7 @@ class journal {
     bool check = false;  // saw an id it had delivered: is the journal still the same?
     delivery_count* count = nullptr;
     lag behind;  // from the last acknowledgement
+    bool fenced = false;  // a newer tenure took the cursor: said once
   };
   struct owned_delivery {
     std::string channel, payload;
@@ -4419,7 +4420,12 @@ class journal {
   void take_rows(const result& r, const read_round& round, std::uint64_t read_no);
   task<void> acker_loop();
   task<void> ack(std::vector<std::string> only);
-  task<void> take_acks(const result& r, std::vector<std::pair<std::string, std::int64_t>> sent);
+  struct ack_sent {
+    std::string channel;
+    std::int64_t token = 0;
+    std::int64_t position = 0;  // delivered up to here when the statement went: its snapshot saw at least this
+  };
+  task<void> take_acks(const result& r, std::vector<ack_sent> sent);
   task<void> restart(std::string channel, std::int64_t token);
   task<void> prune();
   task<void> transaction_loop();
@@ -4688,7 +4694,8 @@ inline void journal::drain_backlog(const std::string& channel, std::uint64_t rea
 // Another tenure took the cursor: this member must not deliver the channel.
 inline void journal::fence(const std::string& channel, std::int64_t token) {
   auto it = streams_.find(channel);
-  if (it == streams_.end() || it->second.token != token) return;
+  if (it == streams_.end() || it->second.token != token || it->second.fenced) return;
+  it->second.fenced = true;
   it->second.state = phase::stopped;
   it->second.backlog.clear();
   complain("durable channel " + channel + ": tenure " + std::to_string(token) +
@@ -4841,7 +4848,7 @@ inline task<void> journal::acker_loop() {
 // token; a refused one is fenced.
 inline task<void> journal::ack(std::vector<std::string> only) {
   text_array chs, ids, toks;
-  std::vector<std::pair<std::string, std::int64_t>> sent;
+  std::vector<ack_sent> sent;
   for (auto& [ch, s] : streams_) {
     bool moves = s.delivered > s.acked && !tx_handler_;
     if (!moves && !s.check) continue;
@@ -4849,7 +4856,7 @@ inline task<void> journal::ack(std::vector<std::string> only) {
     chs.add(ch);
     ids.add(std::to_string(moves ? s.delivered : 0));
     toks.add(std::to_string(s.token));
-    sent.emplace_back(ch, s.token);
+    sent.push_back(ack_sent{ch, s.token, s.next - 1});
     if (moves) s.acked = s.delivered;  // optimistic: a failure puts it back below
     s.check = false;
   }
@@ -4860,9 +4867,9 @@ inline task<void> journal::ack(std::vector<std::string> only) {
     acked_since_prune_ = true;
   } catch (const std::exception& e) {
     failed("acknowledging durable messages", e);
-    for (auto& [ch, token] : sent) {
-      auto it = streams_.find(ch);
-      if (it != streams_.end() && it->second.token == token) it->second.acked = 0;  // sent again next time
+    for (auto& a : sent) {
+      auto it = streams_.find(a.channel);
+      if (it != streams_.end() && it->second.token == a.token) it->second.acked = 0;  // sent again next time
     }
     if (client_->is_open()) ack_requested_ = true;
     co_return;
@@ -4870,23 +4877,29 @@ inline task<void> journal::ack(std::vector<std::string> only) {
   co_await take_acks(r, sent);
 }
 
-inline task<void> journal::take_acks(const result& r, std::vector<std::pair<std::string, std::int64_t>> sent) {
-  std::vector<std::pair<std::string, std::int64_t>> restarted;
-  for (int i = 0; i < r.rows() && i < static_cast<int>(sent.size()); ++i) {
-    auto& [ch, token] = sent[static_cast<std::size_t>(i)];
+// A last id below what was delivered when the statement went means the
+// journal began again (a delivery since then is no sign of it).
+inline task<void> journal::take_acks(const result& r, std::vector<ack_sent> sent) {
+  std::map<std::string, int, std::less<>> row_of;
+  for (int i = 0; i < r.rows(); ++i) row_of[std::string(r.get(i, 0))] = i;
+  std::vector<ack_sent> restarted;
+  for (auto& a : sent) {
+    auto row = row_of.find(a.channel);
+    if (row == row_of.end()) continue;
+    int i = row->second;
     if (r.get(i, 1) != "t") {
-      fence(ch, token);
+      fence(a.channel, a.token);
       continue;
     }
-    auto it = streams_.find(ch);
-    if (r.is_null(i, 2) || it == streams_.end() || it->second.token != token) continue;
+    auto it = streams_.find(a.channel);
+    if (r.is_null(i, 2) || it == streams_.end() || it->second.token != a.token) continue;
     auto last = std::strtoll(std::string(r.get(i, 2)).c_str(), nullptr, 10);
     it->second.behind.backlog = std::max<std::int64_t>(0, last - it->second.acked);
     it->second.behind.oldest =
         std::chrono::milliseconds(r.is_null(i, 3) ? 0 : std::strtoll(std::string(r.get(i, 3)).c_str(), nullptr, 10));
-    if (last < it->second.next - 1) restarted.emplace_back(ch, token);
+    if (last < a.position) restarted.push_back(a);
   }
-  for (auto& [ch, token] : restarted) co_await restart(ch, token);
+  for (auto& a : restarted) co_await restart(a.channel, a.token);
 }
 
 // The channel's ids went back (its journal was dropped and made again):
