@@ -10,6 +10,20 @@
 //   bench_pgiplock holder   DSN CH INTERVAL_MS    single-listener pubsub that
 //                                                  reports listening/messages and
 //                                                  obeys `destroy` / `exit` on stdin
+//   bench_pgiplock e2e_listen  DSN CH COUNT DURABLE
+//                                                  single-listener pubsub (durable
+//                                                  = DURABLE), counts on_delivery
+//                                                  and checks the ids (1, 2, ...)
+//   bench_pgiplock e2e_publish DSN CH COUNT INFLIGHT DURABLE BYTES
+//                                                  pubsub::notify, INFLIGHT
+//                                                  coroutines, payloads of BYTES
+//                                                  (64: bench::payload; more:
+//                                                  random, incompressible)
+//   bench_pgiplock latency  DSN CH COUNT PAUSE_MS  a plain and a durable
+//                                                  publisher/listener pair on one
+//                                                  loop, one message at a time,
+//                                                  alternating: notify() call ->
+//                                                  the listener's handler
 //
 // Protocol: see bench/driver.py.
 #include "bench_common.hpp"
@@ -18,8 +32,10 @@
 
 #include <poll.h>
 
+#include <algorithm>
 #include <cstring>
 #include <fstream>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -229,6 +245,219 @@ int holder(int argc, char** argv) {
   return 0;
 }
 
+// ---- durable channels: end to end, latency ----------------------------------
+
+pubsub_options e2e_options(const char* dsn, bool durable) {
+  auto o = options_for(dsn);
+  o.durable = durable;
+  return o;
+}
+
+struct e2e_state {
+  long count = 0, got = 0, out_of_order = 0, errors = 0, repeats = 0, calls = 0;
+  std::int64_t next_id = 1, cpu0 = 0, t_first = 0;
+  std::vector<bool> seen;  // durable: ids delivered at least once
+};
+
+task<void> e2e_listen_main(event_loop& loop, pubsub& ps, std::string ch, bool durable, e2e_state& st) {
+  pgiplock::async_event finished(loop);
+  // Done when every message arrived (durable: every id 1..COUNT at least
+  // once; a redelivery is counted, not mistaken for progress).
+  ps.on_delivery([&st, &finished, durable](const pgiplock::delivery& d) {
+    if (st.calls++ == 0) st.t_first = bench::now_ns();
+    if (durable) {
+      if (d.id != st.next_id) ++st.out_of_order;  // a gap, a repeat, or out of order
+      st.next_id = d.id + 1;
+      if (d.id < 1 || d.id > st.count) return;
+      if (st.seen[static_cast<std::size_t>(d.id)]) {
+        ++st.repeats;
+        return;
+      }
+      st.seen[static_cast<std::size_t>(d.id)] = true;
+    }
+    if (++st.got == st.count) {
+      std::int64_t t_done = bench::now_ns(), cpu1 = bench::cpu_us();
+      bench::say("done %ld %lld %lld %lld %ld %ld %ld", st.got, static_cast<long long>(cpu1 - st.cpu0),
+                 static_cast<long long>(t_done), static_cast<long long>(st.t_first), st.out_of_order, st.errors,
+                 st.repeats);
+      finished.set();
+    }
+  });
+  ps.on_error([&st](const std::exception& e) {
+    ++st.errors;
+    std::fprintf(stderr, "bench: e2e_listen: on_error after %ld deliveries: %s\n", st.got, e.what());
+  });
+  co_await ps.connect();
+  co_await ps.listen(ch);
+  if (!ps.is_active(ch)) bench::die("listener is not active on " + ch);
+  bench::say("ready %d", static_cast<int>(::getpid()));
+  st.cpu0 = bench::cpu_us();
+  co_await finished.wait();
+  // Stays the holder (acknowledging) until the driver closes stdin.
+  for (;;) {
+    auto r = co_await loop.poll(0, POLLIN);
+    (void)r;
+    char buf[64];
+    if (::read(0, buf, sizeof buf) <= 0) break;
+  }
+  co_await ps.close();
+}
+
+int e2e_listen(int argc, char** argv) {
+  if (argc < 6) bench::die("usage: e2e_listen DSN CH COUNT DURABLE");
+  event_loop loop;
+  bool durable = bench::arg_long(argc, argv, 5, 0) != 0;
+  pubsub ps(loop, e2e_options(argv[2], durable));
+  e2e_state st;
+  st.count = bench::arg_long(argc, argv, 4, 0);
+  if (durable) st.seen.assign(static_cast<std::size_t>(st.count) + 1, false);
+  loop.run(e2e_listen_main(loop, ps, argv[3], durable, st));
+  return 0;
+}
+
+// Incompressible payloads (pglz finds no repeats in random letters): the
+// journal's size on disk is then what was sent.
+struct payload_source {
+  std::size_t bytes = 64;
+  std::string noise;
+  std::mt19937_64 rng{42};
+  explicit payload_source(std::size_t b) : bytes(b) {
+    if (bytes <= 64) return;
+    static constexpr char letters[] = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    noise.resize(bytes * 4);
+    for (auto& c : noise) c = letters[rng() % (sizeof letters - 1)];
+  }
+  std::string make(long i) {
+    if (bytes <= 64) return bench::payload("p", i, bytes);
+    std::string p = std::to_string(i) + ":";
+    std::size_t at = rng() % (noise.size() - bytes);
+    p.append(noise, at, bytes - p.size());
+    return p;
+  }
+};
+
+struct e2e_pub_state {
+  long count = 0, inflight = 0, next = 0, done = 0, workers_left = 0;
+  payload_source payloads{64};
+  std::exception_ptr failure;
+};
+
+// Messages are taken in order from one counter, so the journal's ids follow
+// the calls' order (notify() calls in flight together are journaled in the
+// order they were made).
+task<void> e2e_worker(pubsub& ps, std::string ch, e2e_pub_state& st, pgiplock::async_event& all) {
+  try {
+    while (st.next < st.count) {
+      std::string p = st.payloads.make(st.next++);
+      co_await ps.notify(ch, p);
+      ++st.done;
+    }
+  } catch (...) {
+    if (!st.failure) st.failure = std::current_exception();
+  }
+  if (--st.workers_left == 0) all.set();
+}
+
+task<void> e2e_publish_main(event_loop& loop, pubsub& ps, std::string ch, e2e_pub_state& st) {
+  co_await ps.connect();
+  pgiplock::async_event all(loop);
+  st.workers_left = st.inflight;
+  std::int64_t t0 = bench::now_ns();
+  for (long w = 0; w < st.inflight; ++w) loop.spawn(e2e_worker(ps, ch, st, all));
+  co_await all.wait();
+  std::int64_t t1 = bench::now_ns();
+  if (st.failure) std::rethrow_exception(st.failure);
+  bench::say("sent %ld %lld %lld", st.done, static_cast<long long>(t0), static_cast<long long>(t1));
+  co_await ps.close();
+}
+
+int e2e_publish(int argc, char** argv) {
+  if (argc < 8) bench::die("usage: e2e_publish DSN CH COUNT INFLIGHT DURABLE BYTES");
+  event_loop loop;
+  pubsub ps(loop, e2e_options(argv[2], bench::arg_long(argc, argv, 6, 0) != 0));
+  e2e_pub_state st;
+  st.count = bench::arg_long(argc, argv, 4, 0);
+  st.inflight = std::max(1L, std::min(st.count, bench::arg_long(argc, argv, 5, 1000)));
+  st.payloads = payload_source(static_cast<std::size_t>(bench::arg_long(argc, argv, 7, 64)));
+  loop.run(e2e_publish_main(loop, ps, argv[3], st));
+  return 0;
+}
+
+struct latency_pair {
+  pubsub pub, sub;
+  pgiplock::async_event got;
+  std::int64_t t_got = 0;
+  std::vector<std::int64_t> samples;
+  latency_pair(event_loop& loop, const char* dsn, bool durable)
+      : pub(loop, e2e_options(dsn, durable)), sub(loop, e2e_options(dsn, durable)), got(loop) {}
+};
+
+task<void> latency_once(latency_pair& p, std::string ch, long i, bool keep) {
+  p.got.reset();
+  std::string payload = bench::payload("t", i);
+  std::int64_t t0 = bench::now_ns();
+  co_await p.pub.notify(ch, payload);
+  co_await p.got.wait();
+  if (keep) p.samples.push_back(p.t_got - t0);
+}
+
+task<void> latency_setup(latency_pair& p, std::string ch) {
+  p.sub.on_delivery([&p](const pgiplock::delivery&) {
+    p.t_got = bench::now_ns();
+    p.got.set();
+  });
+  co_await p.pub.connect();
+  co_await p.sub.connect();
+  co_await p.sub.listen(ch);
+  if (!p.sub.is_active(ch)) bench::die("latency: listener is not active on " + ch);
+}
+
+std::int64_t percentile(std::vector<std::int64_t> v, double q) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[static_cast<std::size_t>(q * static_cast<double>(v.size() - 1))];
+}
+
+// One message at a time, plain and durable alternating (the first of each
+// pair alternates too), so both see the same server and machine load.
+task<void> latency_main(event_loop& loop, latency_pair& plain, latency_pair& durable, std::string ch, long count,
+                        std::chrono::milliseconds pause) {
+  co_await latency_setup(plain, ch + "_p");
+  co_await latency_setup(durable, ch + "_d");
+  const long warmup = 50;
+  for (long i = 0; i < count + warmup; ++i) {
+    bool keep = i >= warmup;
+    if (i % 2 == 0) {
+      co_await latency_once(plain, ch + "_p", i, keep);
+      co_await loop.sleep(pause);
+      co_await latency_once(durable, ch + "_d", i, keep);
+    } else {
+      co_await latency_once(durable, ch + "_d", i, keep);
+      co_await loop.sleep(pause);
+      co_await latency_once(plain, ch + "_p", i, keep);
+    }
+    co_await loop.sleep(pause);
+  }
+  auto line = [](const latency_pair& p) {
+    return std::to_string(p.samples.size()) + " " + std::to_string(percentile(p.samples, 0.5)) + " " +
+           std::to_string(percentile(p.samples, 0.9)) + " " + std::to_string(percentile(p.samples, 0.99));
+  };
+  bench::say("lat plain %s durable %s", line(plain).c_str(), line(durable).c_str());
+  co_await plain.sub.close();
+  co_await plain.pub.close();
+  co_await durable.sub.close();
+  co_await durable.pub.close();
+}
+
+int latency(int argc, char** argv) {
+  if (argc < 6) bench::die("usage: latency DSN CH COUNT PAUSE_MS");
+  event_loop loop;
+  latency_pair plain(loop, argv[2], false), durable(loop, argv[2], true);
+  loop.run(latency_main(loop, plain, durable, argv[3], bench::arg_long(argc, argv, 4, 1000),
+                        std::chrono::milliseconds(bench::arg_long(argc, argv, 5, 2))));
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -238,8 +467,11 @@ int main(int argc, char** argv) {
     if (cmd == "notify") return notify(argc, argv);
     if (cmd == "exec") return exec(argc, argv);
     if (cmd == "holder") return holder(argc, argv);
+    if (cmd == "e2e_listen") return e2e_listen(argc, argv);
+    if (cmd == "e2e_publish") return e2e_publish(argc, argv);
+    if (cmd == "latency") return latency(argc, argv);
   } catch (const std::exception& e) {
     bench::die(e.what());
   }
-  bench::die("usage: bench_pgiplock listen|notify|exec|holder ...");
+  bench::die("usage: bench_pgiplock listen|notify|exec|holder|e2e_listen|e2e_publish|latency ...");
 }

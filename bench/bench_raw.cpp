@@ -18,6 +18,12 @@
 //                                          that order), then for each `drain K`
 //                                          line on stdin: drain K notifications
 //                                          and report; exits when stdin closes
+//   bench_raw sql     DSN STATEMENT       runs one statement; `result <first
+//                                          field>` (or `error <message>`)
+//   bench_raw journal_size DSN SCHEMA MS  every MS ms, `size <t> <bytes>`: the
+//                                          durable journal's partitions on disk
+//                                          (pg_total_relation_size), until stdin
+//                                          closes
 //
 // Protocol: see bench/driver.py.
 #include "bench_common.hpp"
@@ -220,6 +226,49 @@ int listenmany(int argc, char** argv) {
   return 0;
 }
 
+// The driver's settings (fsync for the durable rows) and checks. A failure
+// is a line, not an exit: the driver decides what it means.
+int sql(int argc, char** argv) {
+  if (argc < 4) bench::die("usage: sql DSN STATEMENT");
+  PGconn* c = connect_or_die(argv[2]);
+  PGresult* r = PQexec(c, argv[3]);
+  auto st = PQresultStatus(r);
+  if (st == PGRES_TUPLES_OK && PQntuples(r) > 0 && PQnfields(r) > 0) {
+    bench::say("result %s", PQgetvalue(r, 0, 0));
+  } else if (st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK) {
+    bench::say("result ");
+  } else {
+    std::string msg = PQerrorMessage(c);
+    std::replace(msg.begin(), msg.end(), '\n', ' ');
+    bench::say("error %s", msg.c_str());
+  }
+  PQclear(r);
+  PQfinish(c);
+  return 0;
+}
+
+// The journal's size: its time-slot partitions with their indexes and TOAST.
+int journal_size(int argc, char** argv) {
+  if (argc < 5) bench::die("usage: journal_size DSN SCHEMA MS");
+  PGconn* c = connect_or_die(argv[2]);
+  int ms = static_cast<int>(bench::arg_long(argc, argv, 4, 200));
+  const char* sql =
+      "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c "
+      "JOIN pg_namespace n ON n.oid = c.relnamespace "
+      "WHERE n.nspname = $1 AND c.relkind = 'r' AND c.relname ~ '^pgiplock_journal_[0-9]+$'";
+  pollfd in{0, POLLIN, 0};
+  for (;;) {
+    const char* values[] = {argv[3]};
+    PGresult* r = PQexecParams(c, sql, 1, nullptr, values, nullptr, nullptr, 0);
+    if (PQresultStatus(r) != PGRES_TUPLES_OK) bench::die(std::string("journal_size: ") + PQerrorMessage(c));
+    bench::say("size %lld %s", static_cast<long long>(bench::now_ns()), PQgetvalue(r, 0, 0));
+    PQclear(r);
+    if (::poll(&in, 1, ms) != 0) break;  // stdin closed or written: stop
+  }
+  PQfinish(c);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -231,5 +280,7 @@ int main(int argc, char** argv) {
   if (cmd == "ticker") return ticker(argc, argv);
   if (cmd == "crashfloor") return crashfloor(argc, argv);
   if (cmd == "listenmany") return listenmany(argc, argv);
-  bench::die("usage: bench_raw listen|publish|naive|ticker|crashfloor|listenmany ...");
+  if (cmd == "sql") return sql(argc, argv);
+  if (cmd == "journal_size") return journal_size(argc, argv);
+  bench::die("usage: bench_raw listen|publish|naive|ticker|crashfloor|listenmany|sql|journal_size ...");
 }

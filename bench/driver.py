@@ -14,6 +14,10 @@ against a previous header, next to the current one, and reports new / old
 (the Node reference rows are left out then).
 listen_scale measures the server alone (plain libpq): one connection
 LISTENing to 1, 1,000 and 10,000 channels, ratios against the first row.
+durable (durable channels, docs/durable.md) and durable_retention run with
+fsync = on: the driver turns it on for them with ALTER SYSTEM (the throwaway
+server runs with fsync = off) and back afterwards, and says in the rows what
+the server had. durable_retention (1 GiB through the journal) only when named.
 
 Line protocol of the programs (stdout, one line per event; times are
 CLOCK_MONOTONIC ns, the clock time.monotonic_ns() reads):
@@ -25,6 +29,13 @@ CLOCK_MONOTONIC ns, the clock time.monotonic_ns() reads):
   holders   : `ready active|standby`, `listening <t>` (LISTEN committed after
               becoming holder), `msg <t> <payload>`, `destroy <t>` (just before
               calling destroy()), `destroyed <t>`.
+  e2e       : e2e_listen `ready <pid>`, then `done <count> <cpu_us> <t_done>
+              <t_first> <out_of_order> <on_error calls> <repeats>` once every
+              id (durable) or COUNT messages (plain) arrived; e2e_publish
+              `sent <count> <t_start> <t_end>`; latency `lat plain <n> <p50>
+              <p90> <p99> durable <n> <p50> <p90> <p99>` (ns).
+  sql       : `result <first field>` or `error <message>`; journal_size:
+              `size <t> <bytes>` per interval until stdin closes.
 Progress goes to stderr, the table to stdout.
 """
 
@@ -436,6 +447,201 @@ class Bench:
                  summary(ratio, lambda v: f"{v:.0f}×"), "≤ 10 ms median",
                  bool(ours) and not never and statistics.median(ours) <= 10)
 
+    # ---- durable channels (fsync on) ----------------------------------------------
+
+    def sql(self, statement):
+        """(True, first field) or (False, error message), on a new connection."""
+        out = subprocess.run([self.raw, "sql", self.a.dsn, statement], stdout=subprocess.PIPE,
+                             stderr=self.errlog, timeout=60).stdout.decode(errors="replace").strip()
+        word, _, rest = out.partition(" ")
+        return word == "result", rest
+
+    def fsync_on(self):
+        """fsync = on for the durable rows. Returns (what the rows say about the
+        server, how to put it back)."""
+        ok, before = self.sql("SHOW fsync")
+        if not ok:
+            raise RuntimeError(f"SHOW fsync: {before}")
+        restore = lambda: None
+        if before != "on":
+            ok, why = self.sql("ALTER SYSTEM SET fsync = on")
+            if ok:
+                def restore():
+                    self.sql("ALTER SYSTEM RESET fsync")
+                    self.sql("SELECT pg_reload_conf()")
+                    self.wait_setting("fsync", before)
+                self.sql("SELECT pg_reload_conf()")
+                if not self.wait_setting("fsync", "on"):
+                    restore()
+                    raise RuntimeError("fsync did not turn on after pg_reload_conf()")
+            else:
+                log(f"cannot turn fsync on ({why}): the durable rows run with fsync = {before}")
+        _, now = self.sql("SHOW fsync")
+        _, sync = self.sql("SHOW synchronous_commit")
+        _, method = self.sql("SHOW wal_sync_method")
+        return f"fsync={now}, synchronous_commit={sync}, wal_sync_method={method}", restore
+
+    def wait_setting(self, name, value, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ok, got = self.sql(f"SHOW {name}")
+            if ok and got == value:
+                return True
+            time.sleep(0.1)
+        return False
+
+    def e2e_once(self, ch, n, durable, inflight=1000, size=64):
+        """One publisher process (n notify(), `inflight` in flight) and one
+        listener process: (messages/s from the first notify() call to the
+        handler's last new message, the listener's done line)."""
+        a = self.a
+        flag = "1" if durable else "0"
+        listener = self.spawn([self.pgl, "e2e_listen", a.dsn, ch, str(n), flag])
+        listener.must("ready")
+        _, sent, t0, _ = self.run([self.pgl, "e2e_publish", a.dsn, ch, str(n), str(inflight), flag, str(size)],
+                                  "sent", timeout=1800)
+        if int(sent) != n:
+            raise RuntimeError(f"e2e_publish sent {sent} of {n}")
+        done = listener.must("done", 600)
+        listener.finish()
+        return n / ((int(done[3]) - int(t0)) / NS), done
+
+    def durable(self):
+        server, restore = self.fsync_on()
+        try:
+            self.durable_rows(server)
+        finally:
+            restore()
+
+    def durable_rows(self, server):
+        # Latency first, on a journal that holds nothing yet: what the
+        # holder's connection does besides delivering (acknowledgements,
+        # pruning) slows its live deliveries when the journal is large.
+        self.durable_latency(server)
+        self.durable_e2e(server)
+
+    def durable_e2e(self, server):
+        a, n = self.a, self.a.durable_count
+        plain, ours, ratio, bad = [], [], [], []
+        for rep in range(a.reps):
+            order = [False, True] if rep % 2 == 0 else [True, False]
+            got = {}
+            for durable in order:
+                rate, done = self.e2e_once(f"{self.tag}_d{rep}{'d' if durable else 'p'}", n, durable)
+                got[durable] = rate
+                _, _, _, _, _, ooo, errors, repeats = done
+                if int(ooo) or int(errors) or int(repeats):
+                    bad.append(f"{'durable' if durable else 'plain'} rep {rep + 1}: {repeats} redelivered, "
+                               f"{ooo} out of order, {errors} on_error")
+            plain.append(got[False])
+            ours.append(got[True])
+            ratio.append(got[True] / got[False])
+            log(f"durable e2e rep {rep + 1}/{a.reps}: plain {got[False]:,.0f}/s, durable {got[True]:,.0f}/s")
+        per_s = lambda v: f"{v:,.0f} msg/s"
+        cell = summary(ours, per_s) + ("; " + "; ".join(bad) if bad else "; every id once, in order (all reps)")
+        self.row(f"durable channel end to end: {n:,} notify(), 1,000 in flight on one connection → a durable "
+                 f"listener's on_delivery, first call → last new message ({server})",
+                 "plain notify() → single-listener on_delivery, same shape " + summary(plain, per_s), cell,
+                 summary(ratio, lambda v: f"{v:.2f}×"), "≥ 100,000 msg/s and ≥ 0.3× plain",
+                 statistics.median(ours) >= 100_000 and statistics.median(ratio) >= 0.3 and not bad)
+
+    def durable_latency(self, server):
+        a = self.a
+        # One message at a time, plain and durable alternating.
+        lat = {"plain": [], "durable": [], "plain99": [], "durable99": []}
+        lratio = []
+        for rep in range(a.reps):
+            line = self.run([self.pgl, "latency", a.dsn, f"{self.tag}_t{rep}", str(a.latency_count),
+                             str(a.latency_pause)], "lat", timeout=600)
+            p50, p99, d50, d99 = int(line[3]), int(line[5]), int(line[8]), int(line[10])
+            lat["plain"].append(p50 / 1e6)
+            lat["durable"].append(d50 / 1e6)
+            lat["plain99"].append(p99 / 1e6)
+            lat["durable99"].append(d99 / 1e6)
+            lratio.append(d50 / p50)
+            log(f"durable latency rep {rep + 1}/{a.reps}: plain p50 {p50 / 1e6:.2f} ms, durable p50 {d50 / 1e6:.2f} ms")
+        ms = lambda v: f"{v:.2f} ms"
+        self.row(f"durable channel live latency, one message at a time ({a.latency_count:,} each, alternating with "
+                 f"plain, {a.latency_pause} ms apart): notify() call → listener's handler, median ({server})",
+                 f"plain notify() {summary(lat['plain'], ms)}; p99 {summary(lat['plain99'], ms)}",
+                 f"{summary(lat['durable'], ms)}; p99 {summary(lat['durable99'], ms)}",
+                 summary(lratio, lambda v: f"{v:.2f}×"), "≤ 1.5× plain (median)",
+                 statistics.median(lratio) <= 1.5)
+
+    def durable_retention(self):
+        server, restore = self.fsync_on()
+        try:
+            self.retention_row(server)
+        finally:
+            restore()
+
+    def retention_row(self, server):
+        """1 GiB of messages through a durable channel that one listener
+        acknowledges: the journal's size on disk, sampled every 200 ms, until it
+        is under 10 % of its peak."""
+        a = self.a
+        size = a.retention_payload
+        n = -(-a.retention_bytes // size)
+        schema = os.environ.get("PG_PUBSUB_SCHEMA_NAME", "pgip_lock")
+        ch = f"{self.tag}_r"
+        watch = self.spawn([self.raw, "journal_size", a.dsn, schema, "200"])
+        samples = []  # (t, bytes)
+
+        def take(timeout):
+            line = watch.expect("size", timeout)
+            if line is not None:
+                samples.append((int(line[1]), int(line[2])))
+            return line
+
+        take(30)
+        start_size = samples[-1][1]
+        listener = self.spawn([self.pgl, "e2e_listen", a.dsn, ch, str(n), "1"])
+        listener.must("ready")
+        publisher = self.spawn([self.pgl, "e2e_publish", a.dsn, ch, str(n), "200", "1", str(size)])
+        sent = None
+        while sent is None:
+            take(1)
+            sent = publisher.expect("sent", 0.001)
+            if publisher.eof and sent is None:
+                raise RuntimeError("durable_retention: the publisher exited early")
+        publisher.finish()
+        t_start, t_end = int(sent[2]), int(sent[3])
+        done = None
+        while done is None:
+            take(1)
+            done = listener.expect("done", 0.001)
+            if listener.eof and done is None:
+                raise RuntimeError("durable_retention: the listener exited early")
+        # The listener stays, acknowledging and pruning, while the journal shrinks.
+        peak_t, peak = max(samples, key=lambda s: s[1])
+        deadline = time.monotonic() + a.retention_wait
+        under = None
+        while time.monotonic() < deadline:
+            take(1)
+            t, b = samples[-1]
+            if t > t_end and b < 0.1 * peak:
+                under = (t, b)
+                break
+        listener.finish()
+        watch.finish()
+        final_t, final = samples[-1]
+        mib = lambda v: f"{v / 2**20:,.1f} MiB"
+        secs = lambda t: f"{(t - t_start) / NS:.1f} s"
+        log(f"retention: {n:,} × {size:,} B in {(t_end - t_start) / NS:.1f} s; peak {mib(peak)} at {secs(peak_t)}; "
+            f"final {mib(final)} at {secs(final_t)}")
+        _, _, _, _, _, ooo, errors, repeats = done
+        note = "" if not (int(ooo) or int(errors) or int(repeats)) else \
+            f"; {repeats} redelivered, {ooo} out of order, {errors} on_error"
+        self.row(f"durable retention (not in the default set): {n * size / 2**30:.2f} GiB = {n:,} messages × "
+                 f"{size:,} B (random, incompressible) through one durable channel, acknowledged by one listener; "
+                 f"the journal's partitions on disk (pg_total_relation_size, sampled every 200 ms) ({server})",
+                 f"peak {mib(peak)} at {secs(peak_t)} after the first notify() (published in "
+                 f"{(t_end - t_start) / NS:.1f} s; {mib(start_size)} before)",
+                 (f"{mib(under[1])} {(under[0] - t_end) / NS:.1f} s after the last notify() returned"
+                  if under else f"still {mib(final)} {(final_t - t_end) / NS:.1f} s after the last notify()") + note,
+                 f"{(under[1] if under else final) / peak:.3f}× peak" if peak else "n/a",
+                 "< 10 % of the peak", under is not None)
+
     # ---- PostgreSQL's listen list: one connection LISTENing to many channels ----
 
     def backend_cpu_ns(self, pid):
@@ -556,13 +762,21 @@ def main():
                     help="listen_scale: notifications per run (twice per connection)")
     ap.add_argument("--scale-channels", default="1,1000,10000",
                     help="listen_scale: how many channels the connection LISTENs to; ratios against the first")
+    ap.add_argument("--durable-count", type=int, default=200_000, help="durable: messages per end-to-end run")
+    ap.add_argument("--latency-count", type=int, default=500, help="durable: messages per latency run, each kind")
+    ap.add_argument("--latency-pause", type=int, default=2, help="durable: ms between latency messages")
+    ap.add_argument("--retention-bytes", type=int, default=1 << 30, help="durable_retention: payload bytes in all")
+    ap.add_argument("--retention-payload", type=int, default=7000,
+                    help="durable_retention: bytes per message (≤ 7,900 travel in the nudge)")
+    ap.add_argument("--retention-wait", type=int, default=180,
+                    help="durable_retention: seconds to wait, after the last message, for the journal to shrink")
     ap.add_argument("--baseline-bin", help="bench_pgiplock built against a previous header (bench/build_baseline.py): "
                     "the listener scenario runs it next to the current one")
     ap.add_argument("--baseline-label", default="baseline", help="what the baseline header is, for the table")
     ap.add_argument("--workdir", default="/tmp/pgiplock-bench")
-    ap.add_argument("--only", default="listeners,notify,exec_lock,handover,crash",
+    ap.add_argument("--only", default="listeners,notify,exec_lock,handover,crash,durable",
                     help="scenarios to run, in this order; listen_scale (PostgreSQL's own cost of a long listen "
-                    "list, ~1 min) only when named")
+                    "list, ~1 min) and durable_retention (1 GiB through the journal, minutes) only when named")
     a = ap.parse_args()
     b = Bench(a)
     t0 = time.monotonic()

@@ -1,10 +1,13 @@
 // pgiplock — the command-line tool: listen to channels, send a notification,
 // and show who holds which channel lock.
 //
-//   pgiplock listen [--single] CH...   one JSON object per notification on stdout
-//   pgiplock notify CH PAYLOAD          PAYLOAD '-' reads standard input
+//   pgiplock listen [--single|--durable] CH...
+//                                       one JSON object per notification on stdout
+//   pgiplock notify [--durable] CH PAYLOAD
+//                                       PAYLOAD '-' reads standard input
 //   pgiplock status [--json]            the lock table, with alive/stale holders,
-//                                       and the fleet members (alive or dead)
+//                                       the fleet members (alive or dead), and
+//                                       each durable channel's backlog
 //
 // Exit codes: 0 success, 1 runtime failure (cannot connect, SQL error),
 // 2 usage error. `listen` runs until SIGINT/SIGTERM and then ends the way
@@ -51,8 +54,16 @@ constexpr const char* usage_text =
     "                           --single: single-listener mode: of all processes\n"
     "                           listening with --single, only the holder of a\n"
     "                           channel's lock prints it; the others stand by.\n"
-    "  notify CH PAYLOAD        send PAYLOAD (at most 7999 bytes; '-' reads it from\n"
-    "                           standard input) on channel CH\n"
+    "  listen --durable CH...   durable channels (single-listener mode): the holder\n"
+    "                           prints what the journal holds after the channel's\n"
+    "                           cursor, then what comes, in order, with the\n"
+    "                           message's id instead of the pid:\n"
+    "                           {\"channel\",\"payload\",\"id\",\"time\"}.\n"
+    "  notify [--durable] CH PAYLOAD\n"
+    "                           send PAYLOAD (at most 7999 bytes; '-' reads it from\n"
+    "                           standard input) on channel CH. --durable: append it\n"
+    "                           to the channel's journal (up to 1 GiB) and nudge\n"
+    "                           the channel, in one transaction.\n"
     "  status [--json]          list the channel locks: channel, alive or stale, the\n"
     "                           holder's backend pid and application_name, and since\n"
     "                           when its session exists (the lock table records no\n"
@@ -61,8 +72,13 @@ constexpr const char* usage_text =
     "                           alive (holds its member lock), dead, or unlocked (its\n"
     "                           session lost the lock: the others treat it as dead),\n"
     "                           the backend pid and time it joined with, and how many\n"
-    "                           channels it holds. --json prints one JSON object:\n"
-    "                           {\"channels\":[...],\"members\":[...]}.\n"
+    "                           channels it holds; then, once a durable channel was\n"
+    "                           used, each durable channel: messages published,\n"
+    "                           acknowledged, the backlog (published - acknowledged)\n"
+    "                           and the age of the oldest unacknowledged message.\n"
+    "                           --json prints one JSON object,\n"
+    "                           {\"channels\":[...],\"members\":[...]}, with a third\n"
+    "                           list, \"durable\":[...].\n"
     "\n"
     "Options:\n"
     "  --dsn DSN      libpq connection string or postgresql:// URI. Default:\n"
@@ -86,6 +102,7 @@ struct command_line {
   std::string dsn;
   bool dsn_given = false;
   bool single = false;
+  bool durable = false;
   bool json = false;
   bool help = false;
   bool version = false;
@@ -106,6 +123,8 @@ command_line parse(int argc, char** argv) {
         cl.version = true;
       } else if (a == "--single") {
         cl.single = true;
+      } else if (a == "--durable") {
+        cl.durable = true;
       } else if (a == "--json") {
         cl.json = true;
       } else if (a == "--dsn") {
@@ -134,6 +153,10 @@ command_line parse(int argc, char** argv) {
     throw usage_error{"unknown command '" + cl.command + "' (listen, notify or status)"};
   }
   if (cl.single && cl.command != "listen") throw usage_error{"--single applies to 'listen' only"};
+  if (cl.durable && cl.command != "listen" && cl.command != "notify") {
+    throw usage_error{"--durable applies to 'listen' and 'notify' only"};
+  }
+  if (cl.durable && cl.command == "listen") cl.single = true;  // a durable channel is delivered by its holder
   if (cl.json && cl.command != "status") throw usage_error{"--json applies to 'status' only"};
   if (cl.command == "listen" && cl.args.empty()) throw usage_error{"listen: give at least one channel"};
   if (cl.command == "notify" && cl.args.size() != 2) {
@@ -251,20 +274,34 @@ void print_notification(const pgiplock::notification& n) {
   std::fflush(stdout);
 }
 
+// A durable channel's message comes from the journal or a nudge, with its
+// id; the sender's pid is not recorded.
+void print_delivery(const pgiplock::delivery& d) {
+  std::string line = "{\"channel\":" + json_string(d.channel) + ",\"payload\":" + json_string(d.payload) +
+                     ",\"id\":" + std::to_string(d.id) + ",\"time\":\"" + utc_now_iso() + "\"}\n";
+  std::fwrite(line.data(), 1, line.size(), stdout);
+  std::fflush(stdout);
+}
+
 task<int> run_listen(event_loop& loop, command_line cl) {
   pgiplock::pubsub_options opt;
   opt.conninfo = cl.dsn;
   opt.single_listener = cl.single;
   opt.execution_lock = false;
+  opt.durable = cl.durable;
   opt.logger = stderr_logger();
   pgiplock::pubsub ps(loop, std::move(opt));
   listen_state st;
-  ps.on_message([&st](std::string_view, std::string_view) { st.delivered = true; });
-  ps.on_connect([&ps, &st] {
-    (void)ps.client()->subscribe("", [&st](const pgiplock::notification& n) {
-      if (std::exchange(st.delivered, false)) print_notification(n);
+  if (cl.durable) {
+    ps.on_delivery(print_delivery);
+  } else {
+    ps.on_message([&st](std::string_view, std::string_view) { st.delivered = true; });
+    ps.on_connect([&ps, &st] {
+      (void)ps.client()->subscribe("", [&st](const pgiplock::notification& n) {
+        if (std::exchange(st.delivered, false)) print_notification(n);
+      });
     });
-  });
+  }
   ps.on_listen([](std::string_view ch) {
     std::cerr << "pgiplock: listening on " << json_string(ch) << '\n';
   });
@@ -298,6 +335,7 @@ task<int> run_notify(event_loop& loop, command_line cl) {
   opt.conninfo = cl.dsn;
   opt.single_listener = false;
   opt.execution_lock = false;
+  opt.durable = cl.durable;
   opt.retry_limit = 0;
   opt.logger = stderr_logger();
   pgiplock::pubsub ps(loop, std::move(opt));
@@ -324,11 +362,18 @@ struct member_row {
   bool session = false;  // a session with its application_name exists
 };
 
+// A durable channel (docs/durable.md): its counter row, its cursor, and the
+// oldest message of the journal above the cursor (empty: none there).
+struct durable_row {
+  std::string channel, published, acked, backlog, oldest_age;
+};
+
 struct status_report {
   std::string schema;
   bool lock_table = false;
   std::vector<lock_row> channels;
   std::vector<member_row> members;
+  std::vector<durable_row> durable;
 };
 
 std::string format_age(long secs) {
@@ -344,21 +389,40 @@ std::string since_cell(const std::string& since, const std::string& age) {
   return since + " (" + format_age(std::strtol(age.c_str(), nullptr, 10)) + " ago)";
 }
 
+// Seconds with a fraction (from extract(epoch ...)): tenths under a minute,
+// where a backlog's age matters most.
+std::string age_cell(const std::string& secs) {
+  if (secs.empty()) return "-";
+  double v = std::strtod(secs.c_str(), nullptr);
+  if (v < 60) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.1fs", v < 0 ? 0.0 : v);
+    return std::string(buf) + " ago";
+  }
+  return format_age(static_cast<long>(v)) + " ago";
+}
+
 const char* member_state(const member_row& m) {
   if (m.locked) return "alive";
   return m.session ? "unlocked" : "dead";
 }
 
+// Columns line up in characters, not bytes (a channel name may be UTF-8).
+std::size_t display_width(std::string_view s) {
+  return static_cast<std::size_t>(
+      std::count_if(s.begin(), s.end(), [](char c) { return (static_cast<unsigned char>(c) & 0xc0) != 0x80; }));
+}
+
 void print_columns(const std::vector<std::vector<std::string>>& cells) {
   std::vector<std::size_t> width(cells.front().size(), 0);
   for (const auto& row : cells) {
-    for (std::size_t i = 0; i < row.size(); ++i) width[i] = std::max(width[i], row[i].size());
+    for (std::size_t i = 0; i < row.size(); ++i) width[i] = std::max(width[i], display_width(row[i]));
   }
   for (const auto& row : cells) {
     std::string line;
     for (std::size_t i = 0; i < row.size(); ++i) {
       line += row[i];
-      if (i + 1 < row.size()) line += std::string(width[i] - row[i].size() + 2, ' ');
+      if (i + 1 < row.size()) line += std::string(width[i] - display_width(row[i]) + 2, ' ');
     }
     std::cout << line << '\n';
   }
@@ -377,11 +441,20 @@ void print_text(const status_report& s) {
     }
     print_columns(cells);
   }
-  if (s.members.empty()) return;
+  if (!s.members.empty()) {
+    std::vector<std::vector<std::string>> cells;
+    cells.push_back({"MEMBER", "STATE", "PID", "SINCE", "CHANNELS"});
+    for (const auto& m : s.members) {
+      cells.push_back({m.app, member_state(m), m.pid, since_cell(m.since, m.age), m.channels});
+    }
+    std::cout << '\n';
+    print_columns(cells);
+  }
+  if (s.durable.empty()) return;
   std::vector<std::vector<std::string>> cells;
-  cells.push_back({"MEMBER", "STATE", "PID", "SINCE", "CHANNELS"});
-  for (const auto& m : s.members) {
-    cells.push_back({m.app, member_state(m), m.pid, since_cell(m.since, m.age), m.channels});
+  cells.push_back({"DURABLE CHANNEL", "PUBLISHED", "ACKNOWLEDGED", "BACKLOG", "OLDEST UNACKNOWLEDGED"});
+  for (const auto& d : s.durable) {
+    cells.push_back({d.channel, d.published, d.acked, d.backlog, age_cell(d.oldest_age)});
   }
   std::cout << '\n';
   print_columns(cells);
@@ -402,6 +475,13 @@ void print_json(const status_report& s) {
     std::cout << (i ? ",\n " : "") << "{\"app\":" << json_string(m.app) << ",\"alive\":"
               << (m.locked ? "true" : "false") << ",\"pid\":" << m.pid << ",\"since\":" << json_string(m.since)
               << ",\"channels\":" << m.channels << ",\"session\":" << (m.session ? "true" : "false") << '}';
+  }
+  std::cout << "],\n \"durable\":[";
+  for (std::size_t i = 0; i < s.durable.size(); ++i) {
+    const auto& d = s.durable[i];
+    std::cout << (i ? ",\n " : "") << "{\"channel\":" << json_string(d.channel) << ",\"published\":" << d.published
+              << ",\"acknowledged\":" << d.acked << ",\"backlog\":" << d.backlog
+              << ",\"oldest_age_s\":" << (d.oldest_age.empty() ? "null" : d.oldest_age) << '}';
   }
   std::cout << "]}\n";
 }
@@ -480,6 +560,28 @@ task<std::vector<member_row>> read_members(std::shared_ptr<pgiplock::connection>
   co_return rows;
 }
 
+// The journal's tables exist from the first durable pubsub's connect on
+// (all of them, in one bootstrap); before that there is nothing to show.
+task<std::vector<durable_row>> read_durable(std::shared_ptr<pgiplock::connection> conn, std::string schema) {
+  for (const char* table : {".pgiplock_channel", ".pgiplock_cursor", ".pgiplock_journal"}) {
+    bool present = co_await table_exists(conn, schema + table);
+    if (!present) co_return std::vector<durable_row>{};
+  }
+  namespace sql = pgiplock::detail::sql;
+  auto r = co_await conn->query(sql::in_schema(sql::durable_status, schema));
+  std::vector<durable_row> rows;
+  for (int i = 0; i < r.rows(); ++i) {
+    durable_row row;
+    row.channel = r.get(i, 0);
+    row.published = r.get(i, 1);
+    row.acked = r.get(i, 2);
+    row.backlog = r.get(i, 3);
+    row.oldest_age = r.is_null(i, 4) ? std::string() : std::string(r.get(i, 4));
+    rows.push_back(std::move(row));
+  }
+  co_return rows;
+}
+
 // Reads only: status never creates the lock schema.
 task<int> run_status(event_loop& loop, command_line cl) {
   pgiplock::connect_options copt;
@@ -494,6 +596,7 @@ task<int> run_status(event_loop& loop, command_line cl) {
   if (co_await table_exists(conn, schema + ".pgiplock_member")) {
     s.members = co_await read_members(conn, schema, s.lock_table);
   }
+  s.durable = co_await read_durable(conn, schema);
   co_await conn->close();
   if (cl.json) {
     print_json(s);
