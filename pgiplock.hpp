@@ -1430,6 +1430,9 @@ inline constexpr std::string_view announce_payload = "listening";   // a new hol
 inline constexpr std::string_view release_payload = "1";            // the Node trigger's release event
 inline constexpr std::size_t max_identifier = 63;                   // NAMEDATALEN - 1
 inline constexpr std::size_t max_channel = max_identifier - lock_prefix.size();
+// Starts every nudge of a durable channel (sql.hpp's pgiplock_publish_many
+// writes the same text).
+inline constexpr std::string_view nudge_prefix = "pgiplock#";
 inline constexpr std::size_t max_payload = 7999;                    // the server rejects 8000 bytes
 inline constexpr std::size_t max_durable_payload = (1u << 30) - 1024;  // a text value is at most 1 GiB
 inline constexpr std::string_view default_schema = "pgip_lock";
@@ -2046,14 +2049,16 @@ inline constexpr std::string_view notify_many =
 // an open publisher. The journal is list-partitioned into time slots that
 // are truncated whole once every row in them is acknowledged (or older than
 // the retention): no per-message DELETE on the hot path, and the disk space
-// comes back at once. A nudge is "<id>:<payload>" when it fits in a
-// notification, else "<id>" (the payload is read from the journal).
+// comes back at once. A nudge is "pgiplock#<id>:<payload>" when it fits in
+// a notification, else "pgiplock#<id>" (the payload is read from the
+// journal): the prefix (names.hpp nudge_prefix) keeps a plain notification
+// on the channel, say a number, from passing for one.
 inline constexpr std::string_view journal_setting = "pgiplock.journal_schema";
 inline constexpr std::string_view journal_version_setting = "pgiplock.journal_version";
 inline constexpr int journal_slots = 8;
 // The functions carry the version of their bodies as a comment: a schema
 // made by an older pgiplock gets the current ones (CREATE OR REPLACE).
-inline constexpr std::string_view journal_version = "pgiplock journal 1";
+inline constexpr std::string_view journal_version = "pgiplock journal 2";
 inline constexpr std::string_view journal_present =
     "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL AND to_regclass($3) IS NOT NULL "
     "AND to_regprocedure($4) IS NOT NULL AND to_regprocedure($5) IS NOT NULL AND to_regprocedure($6) IS NOT NULL "
@@ -2107,8 +2112,8 @@ EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_publish_many(chs text
     j AS (INSERT INTO %1$I.pgiplock_journal (slot, channel, id, payload)
           SELECT %1$I.pgiplock_slot(), numbered.c, numbered.id, coalesce(numbered.p, '') FROM numbered)
     SELECT array_agg(numbered.id ORDER BY numbered.o), array_agg(numbered.c ORDER BY numbered.o),
-           array_agg(CASE WHEN octet_length(numbered.p) <= 7900 THEN numbered.id || ':' || numbered.p
-                          ELSE numbered.id::text END ORDER BY numbered.o)
+           array_agg(CASE WHEN octet_length(numbered.p) <= 7900 THEN 'pgiplock#' || numbered.id || ':' || numbered.p
+                          ELSE 'pgiplock#' || numbered.id END ORDER BY numbered.o)
       INTO ids, names, nudges FROM numbered;
     PERFORM pg_notify(x.c, x.n) FROM unnest(names, nudges) AS x(c, n);
     RETURN QUERY SELECT unnest(ids);
@@ -2147,12 +2152,15 @@ EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_prune(keep interval)
       BEGIN
         PERFORM set_config('lock_timeout', '20', true);
         EXECUTE format('LOCK TABLE %%s IN ACCESS EXCLUSIVE MODE', part);
-        EXECUTE format('SELECT EXISTS (SELECT 1 FROM %%s j LEFT JOIN %%I.pgiplock_cursor c ON c.channel = j.channel '
-                       'WHERE j.id > coalesce(c.acked, 0) AND j.published > now() - $1)', part, %2$L)
+        -- Per channel, an index probe from its cursor: no scan of the acknowledged rows.
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM %%I.pgiplock_channel n LEFT JOIN %%I.pgiplock_cursor c '
+                       'ON c.channel = n.channel WHERE EXISTS (SELECT 1 FROM %%s j WHERE j.channel = n.channel '
+                       'AND j.id > coalesce(c.acked, 0) AND j.published > now() - $1))', %2$L, %2$L, part)
           USING keep INTO busy;
         IF busy THEN
-          EXECUTE format('DELETE FROM %%s j USING %%I.pgiplock_cursor c WHERE c.channel = j.channel '
-                         'AND j.id <= c.acked', part, %2$L);
+          EXECUTE format('DELETE FROM %%s j WHERE j.published <= now() - $1 OR EXISTS (SELECT 1 FROM '
+                         '%%I.pgiplock_cursor c WHERE c.channel = j.channel AND j.id <= c.acked)', part, %2$L)
+            USING keep;
         ELSE
           EXECUTE format('TRUNCATE %%s', part);
           cut := cut + 1;
@@ -2204,8 +2212,8 @@ inline constexpr std::string_view cursor_ack =
     "acked_at = EXCLUDED.acked_at WHERE c.token <= EXCLUDED.token RETURNING c.channel) "
     "SELECT x.ch, EXISTS (SELECT 1 FROM a WHERE a.channel = x.ch), "
     "(SELECT n.last_id FROM @schema@.pgiplock_channel n WHERE n.channel = x.ch), "
-    "(SELECT (extract(epoch FROM now() - min(j.published)) * 1000)::bigint FROM @schema@.pgiplock_journal j "
-    "WHERE j.channel = x.ch AND j.id > x.id) FROM unnest($1::text[], $2::bigint[]) AS x(ch, id)";
+    "(SELECT (extract(epoch FROM now() - j.published) * 1000)::bigint FROM @schema@.pgiplock_journal j "
+    "WHERE j.channel = x.ch AND j.id > x.id ORDER BY j.id LIMIT 1) FROM unnest($1::text[], $2::bigint[]) AS x(ch, id)";
 // The journal began again: the cursor follows it, under this tenure only.
 inline constexpr std::string_view cursor_reset =
     "UPDATE @schema@.pgiplock_cursor SET acked = 0, acked_at = now() WHERE channel = $1 AND token = $2::bigint";
@@ -4443,6 +4451,7 @@ class journal {
   bool rebuild_needed_ = false;  // a statement found the journal's tables gone
   cancel_source reader_wake_, acker_wake_, tx_wake_;
   bool acked_since_prune_ = false;
+  bool prune_failed_ = false;  // said once
   transaction_handler tx_handler_;
   std::deque<owned_delivery> tx_queue_;
   std::shared_ptr<connection> tx_conn_;
@@ -4583,8 +4592,11 @@ inline void journal::wake_acker() {
   acker_wake_.cancel();
 }
 
-// "<id>:<payload>" or "<id>"; anything else is not a nudge of the journal.
+// "<id>:<payload>" or "<id>", after nudge_prefix; anything else is not a
+// nudge of the journal.
 inline std::optional<journal::nudge> journal::parse(std::string_view payload) {
+  if (!payload.starts_with(nudge_prefix)) return std::nullopt;
+  payload.remove_prefix(nudge_prefix.size());
   nudge n;
   auto colon = payload.find(':');
   auto digits = payload.substr(0, colon);
@@ -4603,10 +4615,11 @@ inline void journal::on_nudge(const notification& n) {
   auto it = streams_.find(n.channel);
   if (it == streams_.end() || it->second.state == phase::stopped) return;
   auto& s = it->second;
-  if (s.state == phase::live) {
-    auto colon = n.payload.find(':');
+  if (s.state == phase::live && n.payload.starts_with(nudge_prefix)) {
+    auto body = n.payload.substr(nudge_prefix.size());
+    auto colon = body.find(':');
     std::int64_t id = 0;
-    auto digits = n.payload.substr(0, colon);
+    auto digits = body.substr(0, colon);
     auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), id);
     if (ec == std::errc{} && end == digits.data() + digits.size() && id < s.next && id > 0) {
       s.check = true;  // seen: a late nudge of a replayed message, or a journal that began again
@@ -4614,8 +4627,8 @@ inline void journal::on_nudge(const notification& n) {
       acker_wake_.cancel();
       return;
     }
-    if (ec == std::errc{} && id == s.next && colon != std::string_view::npos && end == n.payload.data() + colon) {
-      deliver(it->first, s, id, n.payload.substr(colon + 1));
+    if (ec == std::errc{} && id == s.next && colon != std::string_view::npos && end == body.data() + colon) {
+      deliver(it->first, s, id, body.substr(colon + 1));
       return;
     }
   }
@@ -4930,7 +4943,11 @@ inline task<void> journal::prune() {
     co_await client_->query_prepared(prune_sql_, keep);
     acked_since_prune_ = false;
   } catch (const std::exception& e) {
-    note(log_level::debug, std::string("pruning the journal failed: ") + e.what());
+    // Said once: without it the journal only grows (a missing TRUNCATE grant).
+    if (client_->is_open() && !std::exchange(prune_failed_, true)) {
+      note(log_level::warn, std::string("pruning the journal failed (it keeps growing until this is fixed): ") +
+                                e.what());
+    }
   }
 }
 

@@ -357,9 +357,10 @@ task<void> out_of_order_flow(event_loop& loop, std::string ch, order_report& rep
   // Commit order == id order: NOTIFY delivers in commit order.
   std::vector<std::int64_t> commit_order;
   for (auto& m : watch.messages) {
+    REQUIRE(m.rfind("pgiplock#", 0) == 0);
     auto colon = m.find(':');
     REQUIRE(colon != std::string::npos);
-    auto id = std::stoll(m.substr(0, colon));
+    auto id = std::stoll(m.substr(9, colon - 9));
     commit_order.push_back(id);
     CHECK(m.substr(colon + 1) == published[id]);
   }
@@ -1375,7 +1376,7 @@ TEST_CASE("durable: the journal truncated under a running listener: it keeps del
   WARN(missing << " of " << rep.last_id << " not delivered (all reported as gaps: " << gaps.size() << " reports)");
 }
 
-TEST_CASE("durable: a plain peer hears the nudges: \"<id>:<payload>\" up to 7900 bytes, \"<id>\" beyond",
+TEST_CASE("durable: a plain peer hears the nudges: \"pgiplock#<id>:<payload>\" up to 7900 bytes, \"pgiplock#<id>\" beyond",
           "[durable][nudge]") {
   cleanup guard;
   auto ch = fresh_channel("durable_nudge");
@@ -1383,7 +1384,8 @@ TEST_CASE("durable: a plain peer hears the nudges: \"<id>:<payload>\" up to 7900
   std::string large = noise(20000, 3);
   event_loop loop;
   auto got = loop.run(nudges_flow(loop, ch, large));
-  CHECK(got == std::vector<std::string>{"1:hello", "2", "3:a:b:c", "4:" + std::string(7900, 'y'), "5", "6:from sql"});
+  CHECK(got == std::vector<std::string>{"pgiplock#1:hello", "pgiplock#2", "pgiplock#3:a:b:c",
+                                        "pgiplock#4:" + std::string(7900, 'y'), "pgiplock#5", "pgiplock#6:from sql"});
 }
 
 TEST_CASE("durable: misuse is refused: listen without single_listener or with the execution lock, a transaction "
@@ -1438,4 +1440,39 @@ TEST_CASE("durable: a steady stream through one holder: every id once, in order,
   CHECK(rep.errors.empty());
   WARN(total << " messages delivered and acknowledged in " << rep.ms << " ms; " << rep.got.size() << " deliveries, "
              << twice << " of them repeated");
+}
+
+// ==== plain notifications on a durable channel ====
+
+// A plain NOTIFY on a durable channel is not a message of the channel, even
+// when it looks like the id of one (a Node notify() of a number): the
+// holder delivers only what the journal holds, ids and payloads intact.
+task<std::vector<got_msg>> plain_noise_flow(event_loop& loop, std::string ch) {
+  recorder holder(loop, durable_opts(), ch);
+  co_await start(holder);
+  pubsub plain(loop, plain_opts()), pub(loop, durable_opts());
+  co_await plain.connect();
+  co_await pub.connect();
+  for (const char* noise : {"1", "2:forged", "pgiplock", "pgiplock#x", "3"}) co_await plain.notify(ch, noise);
+  co_await pub.notify(ch, "real one");
+  co_await plain.notify(ch, "1:forged again");
+  co_await pub.notify(ch, "real two");
+  bool two = co_await wait_until(loop, [&] { return holder.got.size() >= 2; }, 5s);
+  CHECK(two);
+  co_await loop.sleep(200ms);  // what else would come, comes now
+  auto out = holder.got;
+  co_await plain.close();
+  co_await pub.close();
+  co_await holder.ps.destroy();
+  co_return out;
+}
+
+TEST_CASE("durable: plain notifications on the channel, numbers too, are not taken for messages", "[durable][nudge]") {
+  event_loop loop;
+  auto got = loop.run(plain_noise_flow(loop, fresh_channel("durable_noise")));
+  REQUIRE(got.size() == 2);
+  CHECK(got[0].id == 1);
+  CHECK(got[0].payload == "real one");
+  CHECK(got[1].id == 2);
+  CHECK(got[1].payload == "real two");
 }

@@ -130,6 +130,7 @@ class journal {
   bool rebuild_needed_ = false;  // a statement found the journal's tables gone
   cancel_source reader_wake_, acker_wake_, tx_wake_;
   bool acked_since_prune_ = false;
+  bool prune_failed_ = false;  // said once
   transaction_handler tx_handler_;
   std::deque<owned_delivery> tx_queue_;
   std::shared_ptr<connection> tx_conn_;
@@ -270,8 +271,11 @@ inline void journal::wake_acker() {
   acker_wake_.cancel();
 }
 
-// "<id>:<payload>" or "<id>"; anything else is not a nudge of the journal.
+// "<id>:<payload>" or "<id>", after nudge_prefix; anything else is not a
+// nudge of the journal.
 inline std::optional<journal::nudge> journal::parse(std::string_view payload) {
+  if (!payload.starts_with(nudge_prefix)) return std::nullopt;
+  payload.remove_prefix(nudge_prefix.size());
   nudge n;
   auto colon = payload.find(':');
   auto digits = payload.substr(0, colon);
@@ -290,10 +294,11 @@ inline void journal::on_nudge(const notification& n) {
   auto it = streams_.find(n.channel);
   if (it == streams_.end() || it->second.state == phase::stopped) return;
   auto& s = it->second;
-  if (s.state == phase::live) {
-    auto colon = n.payload.find(':');
+  if (s.state == phase::live && n.payload.starts_with(nudge_prefix)) {
+    auto body = n.payload.substr(nudge_prefix.size());
+    auto colon = body.find(':');
     std::int64_t id = 0;
-    auto digits = n.payload.substr(0, colon);
+    auto digits = body.substr(0, colon);
     auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), id);
     if (ec == std::errc{} && end == digits.data() + digits.size() && id < s.next && id > 0) {
       s.check = true;  // seen: a late nudge of a replayed message, or a journal that began again
@@ -301,8 +306,8 @@ inline void journal::on_nudge(const notification& n) {
       acker_wake_.cancel();
       return;
     }
-    if (ec == std::errc{} && id == s.next && colon != std::string_view::npos && end == n.payload.data() + colon) {
-      deliver(it->first, s, id, n.payload.substr(colon + 1));
+    if (ec == std::errc{} && id == s.next && colon != std::string_view::npos && end == body.data() + colon) {
+      deliver(it->first, s, id, body.substr(colon + 1));
       return;
     }
   }
@@ -617,7 +622,11 @@ inline task<void> journal::prune() {
     co_await client_->query_prepared(prune_sql_, keep);
     acked_since_prune_ = false;
   } catch (const std::exception& e) {
-    note(log_level::debug, std::string("pruning the journal failed: ") + e.what());
+    // Said once: without it the journal only grows (a missing TRUNCATE grant).
+    if (client_->is_open() && !std::exchange(prune_failed_, true)) {
+      note(log_level::warn, std::string("pruning the journal failed (it keeps growing until this is fixed): ") +
+                                e.what());
+    }
   }
 }
 

@@ -22,6 +22,9 @@ inline constexpr std::string_view announce_payload = "listening";   // a new hol
 inline constexpr std::string_view release_payload = "1";            // the Node trigger's release event
 inline constexpr std::size_t max_identifier = 63;                   // NAMEDATALEN - 1
 inline constexpr std::size_t max_channel = max_identifier - lock_prefix.size();
+// Starts every nudge of a durable channel (sql.hpp's pgiplock_publish_many
+// writes the same text).
+inline constexpr std::string_view nudge_prefix = "pgiplock#";
 inline constexpr std::size_t max_payload = 7999;                    // the server rejects 8000 bytes
 inline constexpr std::size_t max_durable_payload = (1u << 30) - 1024;  // a text value is at most 1 GiB
 inline constexpr std::string_view default_schema = "pgip_lock";

@@ -399,14 +399,16 @@ inline constexpr std::string_view notify_many =
 // an open publisher. The journal is list-partitioned into time slots that
 // are truncated whole once every row in them is acknowledged (or older than
 // the retention): no per-message DELETE on the hot path, and the disk space
-// comes back at once. A nudge is "<id>:<payload>" when it fits in a
-// notification, else "<id>" (the payload is read from the journal).
+// comes back at once. A nudge is "pgiplock#<id>:<payload>" when it fits in
+// a notification, else "pgiplock#<id>" (the payload is read from the
+// journal): the prefix (names.hpp nudge_prefix) keeps a plain notification
+// on the channel, say a number, from passing for one.
 inline constexpr std::string_view journal_setting = "pgiplock.journal_schema";
 inline constexpr std::string_view journal_version_setting = "pgiplock.journal_version";
 inline constexpr int journal_slots = 8;
 // The functions carry the version of their bodies as a comment: a schema
 // made by an older pgiplock gets the current ones (CREATE OR REPLACE).
-inline constexpr std::string_view journal_version = "pgiplock journal 1";
+inline constexpr std::string_view journal_version = "pgiplock journal 2";
 inline constexpr std::string_view journal_present =
     "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL AND to_regclass($3) IS NOT NULL "
     "AND to_regprocedure($4) IS NOT NULL AND to_regprocedure($5) IS NOT NULL AND to_regprocedure($6) IS NOT NULL "
@@ -460,8 +462,8 @@ EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_publish_many(chs text
     j AS (INSERT INTO %1$I.pgiplock_journal (slot, channel, id, payload)
           SELECT %1$I.pgiplock_slot(), numbered.c, numbered.id, coalesce(numbered.p, '') FROM numbered)
     SELECT array_agg(numbered.id ORDER BY numbered.o), array_agg(numbered.c ORDER BY numbered.o),
-           array_agg(CASE WHEN octet_length(numbered.p) <= 7900 THEN numbered.id || ':' || numbered.p
-                          ELSE numbered.id::text END ORDER BY numbered.o)
+           array_agg(CASE WHEN octet_length(numbered.p) <= 7900 THEN 'pgiplock#' || numbered.id || ':' || numbered.p
+                          ELSE 'pgiplock#' || numbered.id END ORDER BY numbered.o)
       INTO ids, names, nudges FROM numbered;
     PERFORM pg_notify(x.c, x.n) FROM unnest(names, nudges) AS x(c, n);
     RETURN QUERY SELECT unnest(ids);
@@ -500,12 +502,15 @@ EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_prune(keep interval)
       BEGIN
         PERFORM set_config('lock_timeout', '20', true);
         EXECUTE format('LOCK TABLE %%s IN ACCESS EXCLUSIVE MODE', part);
-        EXECUTE format('SELECT EXISTS (SELECT 1 FROM %%s j LEFT JOIN %%I.pgiplock_cursor c ON c.channel = j.channel '
-                       'WHERE j.id > coalesce(c.acked, 0) AND j.published > now() - $1)', part, %2$L)
+        -- Per channel, an index probe from its cursor: no scan of the acknowledged rows.
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM %%I.pgiplock_channel n LEFT JOIN %%I.pgiplock_cursor c '
+                       'ON c.channel = n.channel WHERE EXISTS (SELECT 1 FROM %%s j WHERE j.channel = n.channel '
+                       'AND j.id > coalesce(c.acked, 0) AND j.published > now() - $1))', %2$L, %2$L, part)
           USING keep INTO busy;
         IF busy THEN
-          EXECUTE format('DELETE FROM %%s j USING %%I.pgiplock_cursor c WHERE c.channel = j.channel '
-                         'AND j.id <= c.acked', part, %2$L);
+          EXECUTE format('DELETE FROM %%s j WHERE j.published <= now() - $1 OR EXISTS (SELECT 1 FROM '
+                         '%%I.pgiplock_cursor c WHERE c.channel = j.channel AND j.id <= c.acked)', part, %2$L)
+            USING keep;
         ELSE
           EXECUTE format('TRUNCATE %%s', part);
           cut := cut + 1;
@@ -557,8 +562,8 @@ inline constexpr std::string_view cursor_ack =
     "acked_at = EXCLUDED.acked_at WHERE c.token <= EXCLUDED.token RETURNING c.channel) "
     "SELECT x.ch, EXISTS (SELECT 1 FROM a WHERE a.channel = x.ch), "
     "(SELECT n.last_id FROM @schema@.pgiplock_channel n WHERE n.channel = x.ch), "
-    "(SELECT (extract(epoch FROM now() - min(j.published)) * 1000)::bigint FROM @schema@.pgiplock_journal j "
-    "WHERE j.channel = x.ch AND j.id > x.id) FROM unnest($1::text[], $2::bigint[]) AS x(ch, id)";
+    "(SELECT (extract(epoch FROM now() - j.published) * 1000)::bigint FROM @schema@.pgiplock_journal j "
+    "WHERE j.channel = x.ch AND j.id > x.id ORDER BY j.id LIMIT 1) FROM unnest($1::text[], $2::bigint[]) AS x(ch, id)";
 // The journal began again: the cursor follows it, under this tenure only.
 inline constexpr std::string_view cursor_reset =
     "UPDATE @schema@.pgiplock_cursor SET acked = 0, acked_at = now() WHERE channel = $1 AND token = $2::bigint";
