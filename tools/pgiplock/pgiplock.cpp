@@ -309,8 +309,10 @@ task<int> run_listen(event_loop& loop, command_line cl) {
   ps.on_reconnect([](std::size_t retries) {
     std::cerr << "pgiplock: reconnected after " << retries << " attempt(s)\n";
   });
+  // on_close, not on_end: a lost link (the primary failed over) is followed
+  // by reconnect attempts; on_close comes only when they gave up.
   bool ended = false;
-  ps.on_end([&ended] { ended = true; });
+  ps.on_close([&ended] { ended = true; });
 
   co_await ps.connect();
   for (const auto& ch : cl.args) {
