@@ -86,6 +86,15 @@ stdout_has '^CHANNEL +STATE +PID +APPLICATION +SESSION SINCE$'
 stdout_has "^$ch +alive +[1-9][0-9]* +pgiplock:[0-9a-f-]{36} +[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:]{8}Z \\([0-9]+s ago\\)$"
 expect 0 status --json
 stdout_has "\\{\"channel\":\"$ch\",\"alive\":true,\"pid\":[1-9][0-9]*,\"app\":\"pgiplock:[0-9a-f-]{36}\",\"since\":\"[0-9T:Z-]{20}\"\\}"
+# The server's NOTIFY queue, in the JSON and the text.
+stdout_has '"queue_usage":(0|1|0\.[0-9]+)\}$'
+expect 0 status
+stdout_has '^NOTIFY queue: [0-9.]+ used'
+# --watch: the same, again and again, the screen redrawn each time.
+timeout 3 "$cli" status --watch >"$work/watch" 2>&1 || true
+(( $(grep -c '^pgiplock status, every 1 s, ' "$work/watch") >= 2 )) \
+    || fail "status --watch did not refresh: $(cat -v "$work/watch" | head -20)"
+grep -q "^$ch " "$work/watch" || fail "status --watch does not show $ch: $(cat -v "$work/watch" | head -20)"
 holder "$ch"
 holder_app="$held_app" holder_pid="$held_pid"
 

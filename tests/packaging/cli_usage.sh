@@ -38,6 +38,10 @@ expect 2 status --bogus
 stderr_has "unknown option '--bogus'"
 expect 2 status extra
 stderr_has "status: unexpected argument 'extra'"
+expect 2 status --watch=0
+stderr_has -- '--watch=N: N is seconds, 1 to 3600'
+expect 2 listen --watch ch
+stderr_has -- '--watch applies to .status. only'
 expect 2 notify --single ch payload
 stderr_has -- '--single applies to .listen. only'
 expect 2 listen --json ch

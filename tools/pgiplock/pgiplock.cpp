@@ -18,6 +18,7 @@
 #include <time.h>
 
 #include <algorithm>
+#include <ctime>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -64,7 +65,8 @@ constexpr const char* usage_text =
     "                           standard input) on channel CH. --durable: append it\n"
     "                           to the channel's journal (up to 1 GiB) and nudge\n"
     "                           the channel, in one transaction.\n"
-    "  status [--json]          list the channel locks: channel, alive or stale, the\n"
+    "  status [--json] [--watch[=N]]\n"
+    "                           list the channel locks: channel, alive or stale, the\n"
     "                           holder's backend pid and application_name, and since\n"
     "                           when its session exists (the lock table records no\n"
     "                           time of its own); then the fleet members (processes\n"
@@ -78,7 +80,10 @@ constexpr const char* usage_text =
     "                           and the age of the oldest unacknowledged message.\n"
     "                           --json prints one JSON object,\n"
     "                           {\"channels\":[...],\"members\":[...]}, with a third\n"
-    "                           list, \"durable\":[...].\n"
+    "                           list, \"durable\":[...], and \"queue_usage\" (the\n"
+    "                           server's NOTIFY queue, 0 to 1). --watch[=N]: again\n"
+    "                           every N seconds (default 1), redrawing the screen;\n"
+    "                           with --json, one object every N seconds.\n"
     "\n"
     "Options:\n"
     "  --dsn DSN      libpq connection string or postgresql:// URI. Default:\n"
@@ -104,6 +109,7 @@ struct command_line {
   bool single = false;
   bool durable = false;
   bool json = false;
+  int watch_s = 0;  // status --watch[=N]: refresh every N seconds
   bool help = false;
   bool version = false;
   std::vector<std::string> args;
@@ -127,6 +133,13 @@ command_line parse(int argc, char** argv) {
         cl.durable = true;
       } else if (a == "--json") {
         cl.json = true;
+      } else if (a == "--watch" || a.substr(0, 8) == "--watch=") {
+        cl.watch_s = 1;
+        if (a.size() > 8) {
+          auto n = std::strtol(std::string(a.substr(8)).c_str(), nullptr, 10);
+          if (n < 1 || n > 3600) throw usage_error{"--watch=N: N is seconds, 1 to 3600"};
+          cl.watch_s = static_cast<int>(n);
+        }
       } else if (a == "--dsn") {
         if (i + 1 >= argc) throw usage_error{"option --dsn needs a value"};
         cl.dsn = argv[++i];
@@ -158,6 +171,7 @@ command_line parse(int argc, char** argv) {
   }
   if (cl.durable && cl.command == "listen") cl.single = true;  // a durable channel is delivered by its holder
   if (cl.json && cl.command != "status") throw usage_error{"--json applies to 'status' only"};
+  if (cl.watch_s && cl.command != "status") throw usage_error{"--watch applies to 'status' only"};
   if (cl.command == "listen" && cl.args.empty()) throw usage_error{"listen: give at least one channel"};
   if (cl.command == "notify" && cl.args.size() != 2) {
     throw usage_error{"notify: give a channel and a payload, e.g. pgiplock notify orders '{\"id\":1}'"};
@@ -376,6 +390,7 @@ struct status_report {
   std::vector<lock_row> channels;
   std::vector<member_row> members;
   std::vector<durable_row> durable;
+  std::string queue_usage;  // pg_notification_queue_usage(), 0..1
 };
 
 std::string format_age(long secs) {
@@ -452,6 +467,7 @@ void print_text(const status_report& s) {
     std::cout << '\n';
     print_columns(cells);
   }
+  std::cout << "\nNOTIFY queue: " << s.queue_usage << " used (pg_notification_queue_usage())\n";
   if (s.durable.empty()) return;
   std::vector<std::vector<std::string>> cells;
   cells.push_back({"DURABLE CHANNEL", "PUBLISHED", "ACKNOWLEDGED", "BACKLOG", "OLDEST UNACKNOWLEDGED"});
@@ -485,7 +501,7 @@ void print_json(const status_report& s) {
               << ",\"acknowledged\":" << d.acked << ",\"backlog\":" << d.backlog
               << ",\"oldest_age_s\":" << (d.oldest_age.empty() ? "null" : d.oldest_age) << '}';
   }
-  std::cout << "]}\n";
+  std::cout << "],\n \"queue_usage\":" << (s.queue_usage.empty() ? "null" : s.queue_usage) << "}\n";
 }
 
 task<bool> table_exists(std::shared_ptr<pgiplock::connection> conn, std::string table) {
@@ -584,12 +600,7 @@ task<std::vector<durable_row>> read_durable(std::shared_ptr<pgiplock::connection
   co_return rows;
 }
 
-// Reads only: status never creates the lock schema.
-task<int> run_status(event_loop& loop, command_line cl) {
-  pgiplock::connect_options copt;
-  copt.application_name = "pgiplock-status";
-  copt.logger = stderr_logger();
-  auto conn = co_await pgiplock::connection::connect(loop, cl.dsn, std::move(copt));
+task<status_report> read_status(std::shared_ptr<pgiplock::connection> conn) {
   status_report s;
   s.schema = pgiplock::ip_lock::schema_name();
   const std::string schema = conn->quote_identifier(s.schema);
@@ -599,13 +610,36 @@ task<int> run_status(event_loop& loop, command_line cl) {
     s.members = co_await read_members(conn, schema, s.lock_table);
   }
   s.durable = co_await read_durable(conn, schema);
-  co_await conn->close();
-  if (cl.json) {
-    print_json(s);
-  } else {
-    print_text(s);
+  auto q = co_await conn->query("SELECT round(pg_notification_queue_usage()::numeric, 6)");
+  s.queue_usage = q.get(0, 0);
+  co_return s;
+}
+
+// Reads only: status never creates the lock schema. --watch redraws the
+// screen every N seconds, as top does, until interrupted.
+task<int> run_status(event_loop& loop, command_line cl) {
+  pgiplock::connect_options copt;
+  copt.application_name = "pgiplock-status";
+  copt.logger = stderr_logger();
+  auto conn = co_await pgiplock::connection::connect(loop, cl.dsn, std::move(copt));
+  for (;;) {
+    auto s = co_await read_status(conn);
+    if (cl.watch_s && !cl.json) {
+      std::time_t now = std::time(nullptr);
+      char stamp[32];
+      std::strftime(stamp, sizeof stamp, "%Y-%m-%d %H:%M:%S", std::localtime(&now));
+      std::cout << "\x1b[H\x1b[2J" << "pgiplock status, every " << cl.watch_s << " s, " << stamp << "\n\n";
+    }
+    if (cl.json) {
+      print_json(s);
+    } else {
+      print_text(s);
+    }
+    std::cout.flush();
+    if (!cl.watch_s || !std::cout) break;
+    co_await loop.sleep(std::chrono::seconds(cl.watch_s));
   }
-  std::cout.flush();
+  co_await conn->close();
   co_return std::cout ? exit_ok : exit_failure;
 }
 
