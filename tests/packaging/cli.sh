@@ -91,8 +91,8 @@ stdout_has '"queue_usage":(0|1|0\.[0-9]+)\}$'
 expect 0 status
 stdout_has '^NOTIFY queue: [0-9.]+ used'
 # --watch: the same, again and again, the screen redrawn each time.
-timeout 3 "$cli" status --watch >"$work/watch" 2>&1 || true
-(( $(grep -c '^pgiplock status, every 1 s, ' "$work/watch") >= 2 )) \
+timeout 3.5 "$cli" status --watch >"$work/watch" 2>&1 || true
+(( $(grep -c 'pgiplock status, every 1 s, ' "$work/watch") >= 2 )) \
     || fail "status --watch did not refresh: $(cat -v "$work/watch" | head -20)"
 grep -q "^$ch " "$work/watch" || fail "status --watch does not show $ch: $(cat -v "$work/watch" | head -20)"
 holder "$ch"
