@@ -4586,8 +4586,9 @@ inline void journal::wake_reader() {
   reader_wake_.cancel();
 }
 
+// With a transaction handler the transactions move the cursor; the
+// acknowledgement statement then only checks (and reads the lag).
 inline void journal::wake_acker() {
-  if (tx_handler_) return;  // the transactions move the cursor
   ack_requested_ = true;
   acker_wake_.cancel();
 }
@@ -4864,10 +4865,10 @@ inline task<void> journal::ack(std::vector<std::string> only) {
   std::vector<ack_sent> sent;
   for (auto& [ch, s] : streams_) {
     bool moves = s.delivered > s.acked && !tx_handler_;
-    if (!moves && !s.check) continue;
+    if (!moves && !s.check && !tx_handler_) continue;
     if (!only.empty() && std::find(only.begin(), only.end(), ch) == only.end()) continue;
     chs.add(ch);
-    ids.add(std::to_string(moves ? s.delivered : 0));
+    ids.add(std::to_string(moves ? s.delivered : s.acked));  // s.acked: no move, the lag read from there
     toks.add(std::to_string(s.token));
     sent.push_back(ack_sent{ch, s.token, s.next - 1});
     if (moves) s.acked = s.delivered;  // optimistic: a failure puts it back below
@@ -4971,6 +4972,8 @@ inline task<void> journal::transaction_loop() {
     auto d = tx_queue_.front();
     bool done = co_await run_transaction(d);
     if (done) {
+      auto it = streams_.find(d.channel);  // committed: where the lag is counted from
+      if (it != streams_.end() && it->second.token == d.token) it->second.acked = std::max(it->second.acked, d.id);
       if (!tx_queue_.empty() && tx_queue_.front().id == d.id && tx_queue_.front().channel == d.channel) {
         tx_queue_.pop_front();
       }
@@ -6213,7 +6216,10 @@ inline task<void> pubsub::notify(std::string_view channel_view, std::string_view
   } else {
     detail::validate_payload(payload);
   }
-  if (!connected()) throw connection_error("pgiplock: notify: not connected");
+  if (!connected()) {
+    ++notify_failed_;
+    throw connection_error("pgiplock: notify: not connected");
+  }
   detail::validate_encoding(payload, client_->client_encoding());
   for (int attempt = 0;; ++attempt) {
     auto b = batcher_.join(client_, ch, payload);

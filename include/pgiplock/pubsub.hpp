@@ -386,7 +386,10 @@ inline task<void> pubsub::notify(std::string_view channel_view, std::string_view
   } else {
     detail::validate_payload(payload);
   }
-  if (!connected()) throw connection_error("pgiplock: notify: not connected");
+  if (!connected()) {
+    ++notify_failed_;
+    throw connection_error("pgiplock: notify: not connected");
+  }
   detail::validate_encoding(payload, client_->client_encoding());
   for (int attempt = 0;; ++attempt) {
     auto b = batcher_.join(client_, ch, payload);
