@@ -21,6 +21,7 @@ struct delivery {
   int member;
   long n;
   long long t;
+  long long id = 0;  // durable members (--durable): the journal's id; 0 otherwise
 };
 
 // Members, what they said, and a publisher.
@@ -35,7 +36,11 @@ struct fleet {
   std::vector<delivery> deliveries;
   std::vector<bool> alive;
   long sent = 0;
+  // publish_durable: per message number, when its notify() returned, or 0
+  // when it threw (in doubt: a commit whose reply was lost counts too).
+  std::vector<long long> confirmed_at;
   bool publishing = false;
+  int publishers = 0;  // publish_durable loops still running
   int readers = 0;
 
   fleet(event_loop& l, std::string ch) : loop(l), channel(std::move(ch)) {}
@@ -80,6 +85,7 @@ struct fleet {
       if (kind == "MSG") {
         delivery d{i, 0, 0};
         in >> d.n >> d.t;
+        if (long long id = 0; in >> id) d.id = id;
         deliveries.push_back(d);
       }
     }
@@ -121,6 +127,83 @@ struct fleet {
       }
       co_await f.loop.sleep(1ms);
     }
+  }
+
+  // For durable channels: every attempt gets a number of its own, so a
+  // message whose notify() threw (the server restarting) is never sent
+  // again under the same number; `sent` counts the attempts.
+  static task<void> publish_durable(fleet& f, pubsub& pub) {
+    f.publishing = true;
+    ++f.publishers;
+    while (f.publishing) {
+      long n = f.sent++;
+      f.confirmed_at.push_back(0);
+      try {
+        co_await pub.notify(f.channel, std::to_string(n));
+        f.confirmed_at[static_cast<std::size_t>(n)] = now_ns();
+      } catch (const std::exception&) {
+        // in doubt: may or may not be in the journal
+      }
+      co_await f.loop.sleep(1ms);
+    }
+    --f.publishers;
+  }
+
+  // The last message whose notify() returned, or -1.
+  long last_confirmed() const {
+    for (long n = static_cast<long>(confirmed_at.size()) - 1; n >= 0; --n) {
+      if (confirmed_at[static_cast<std::size_t>(n)]) return n;
+    }
+    return -1;
+  }
+
+  // Every confirmed message up to `upto` delivered by someone.
+  bool all_confirmed_delivered(long upto) const {
+    std::vector<bool> seen(confirmed_at.size());
+    for (auto& d : deliveries) {
+      if (d.n >= 0 && d.n < static_cast<long>(seen.size())) seen[static_cast<std::size_t>(d.n)] = true;
+    }
+    for (long n = 0; n <= upto && n < static_cast<long>(seen.size()); ++n) {
+      if (confirmed_at[static_cast<std::size_t>(n)] && !seen[static_cast<std::size_t>(n)]) return false;
+    }
+    return true;
+  }
+
+  // What durable delivery promises, counted: every confirmed message
+  // delivered (at least once), every delivery of a message under one id,
+  // no id for two messages.
+  struct durable_tally {
+    long confirmed = 0, in_doubt = 0;
+    long lost = 0;          // confirmed, never delivered
+    long redelivered = 0;   // messages delivered more than once
+    long extra = 0;         // deliveries beyond the first
+    long id_mismatch = 0;   // a message under two ids, an id for two messages, or id 0
+  };
+  durable_tally count_durable() const {
+    std::map<long, std::vector<long long>> ids;  // message -> the id of each delivery
+    std::map<long long, long> owner;             // id -> message
+    durable_tally out;
+    for (auto& d : deliveries) {
+      ids[d.n].push_back(d.id);
+      auto [it, fresh] = owner.emplace(d.id, d.n);
+      if (d.id <= 0 || (!fresh && it->second != d.n)) ++out.id_mismatch;
+    }
+    for (auto& [n, v] : ids) {
+      if (v.size() > 1) {
+        ++out.redelivered;
+        out.extra += static_cast<long>(v.size()) - 1;
+      }
+      for (auto id : v) out.id_mismatch += id != v.front();
+    }
+    for (std::size_t n = 0; n < confirmed_at.size(); ++n) {
+      if (!confirmed_at[n]) {
+        ++out.in_doubt;
+        continue;
+      }
+      ++out.confirmed;
+      if (!ids.count(static_cast<long>(n))) ++out.lost;
+    }
+    return out;
   }
 
   // First delivery after `t` by a member other than `victim`.
@@ -181,6 +264,18 @@ struct fleet {
     co_await wait_until(loop, [&] { return readers == 0; }, 5s);
   }
 };
+
+// Restarts the test server the way a crash would (immediate mode); blocks
+// the caller's loop meanwhile (the members run on). False without
+// PGIPLOCK_TEST_PGDATA/PGBIN (a server given by DSN) or when pg_ctl fails.
+inline bool restart_server() {
+  std::string bin = env_or("PGIPLOCK_TEST_PGBIN"), data = env_or("PGIPLOCK_TEST_PGDATA");
+  if (bin.empty() || data.empty()) return false;
+  std::string log = env_or("PGIPLOCK_TEST_LOG"), as = env_or("PGIPLOCK_TEST_PGRUNAS");
+  std::string cmd = "'" + bin + "/pg_ctl' -D '" + data + "' -l '" + log + "' -m immediate -w -t 60 restart >/dev/null";
+  if (!as.empty()) cmd = "runuser -u " + as + " -- " + cmd;
+  return std::system(cmd.c_str()) == 0;
+}
 
 struct stats {
   std::vector<double> values;

@@ -7,10 +7,18 @@
 //   ERROR <t> <what>         on_error fired
 //   WARN <t> <what>          the library logged a warning
 // <t> is test::now_ns() (tests/clock.hpp), the clock the test reads too.
+// With --durable the channel is durable (pubsub_options::durable) and the
+// deliveries come from on_delivery, with the message's journal id last:
+//   MSG <payload> <t> <id>
+// With --exactly-once TABLE (implies --durable) every delivery also runs
+// on_delivery_in_transaction, which inserts (channel, id, payload) into
+// TABLE in the transaction that acknowledges the message; the test counts
+// the rows (TABLE is the test's, created before the members start).
 // With --channels N it listens to CHANNEL.0 .. CHANNEL.<N-1> (one listen()
 // call) and says which: HOLD <t> <channel>, MSG <payload> <t> <channel>.
 // Usage: member DSN CHANNEL [--graceful] [--interval MS] [--liveness MS] [--retry MS] [--watch-active]
 //                           [--no-fast-failover] [--channels N] [--balance]
+//                           [--durable] [--exactly-once TABLE]
 //        member DSN --probe  connects once; prints PROBE OK, or PROBE FAIL <why>
 //                            and exits 1 (can this network reach the server?)
 // pubsub has no event for "stopped delivering" (a lock demoted by its
@@ -64,6 +72,17 @@ pgiplock::task<void> flush_every(pgiplock::event_loop& loop) {
   }
 }
 
+// The exactly-once effect: a named coroutine function (a capturing lambda
+// coroutine trips GCC 12), writing on the connection it is given, inside
+// the transaction that also moves the channel's cursor.
+std::string effects_table;
+pgiplock::task<void> record_effect(const pgiplock::delivery& d, pgiplock::connection& c) {
+  std::string channel(d.channel), payload(d.payload);
+  std::int64_t id = d.id;
+  co_await c.query("INSERT INTO " + effects_table + " (channel, id, payload) VALUES ($1, $2, $3)", channel, id,
+                   payload);
+}
+
 int probe(const char* conninfo) {
   pgiplock::event_loop loop;
   pgiplock::connect_options co;
@@ -96,7 +115,8 @@ int main(int argc, char** argv) {
   if (argc < 3) {
     std::fprintf(stderr,
                  "usage: member DSN CHANNEL [--graceful] [--interval MS] [--liveness MS] [--retry MS] "
-                 "[--watch-active] [--no-fast-failover]\n       member DSN --probe\n");
+                 "[--watch-active] [--no-fast-failover] [--channels N] [--balance] [--durable] "
+                 "[--exactly-once TABLE]\n       member DSN --probe\n");
     return 2;
   }
   if (std::strcmp(argv[2], "--probe") == 0) return probe(argv[1]);
@@ -116,6 +136,11 @@ int main(int argc, char** argv) {
     else if (a == "--no-fast-failover") o.fast_failover = false;
     else if (a == "--channels" && i + 1 < argc) many = std::atol(argv[++i]);
     else if (a == "--balance") o.balance = true;
+    else if (a == "--durable") o.durable = true;
+    else if (a == "--exactly-once" && i + 1 < argc) {
+      o.durable = true;
+      effects_table = argv[++i];
+    }
   }
   bool trace = std::getenv("PGIPLOCK_MEMBER_TRACE") != nullptr;
   o.logger = [trace](pgiplock::log_level level, std::string_view m) {
@@ -140,15 +165,24 @@ int main(int argc, char** argv) {
     std::printf("HOLD %lld\n", now_ns());
     std::fflush(stdout);
   });
-  ps.on_message([many](std::string_view ch, std::string_view payload) {
-    if (many > 0) {
-      std::printf("MSG %.*s %lld %.*s\n", static_cast<int>(payload.size()), payload.data(), now_ns(),
-                  static_cast<int>(ch.size()), ch.data());
-      return;
-    }
-    std::printf("MSG %.*s %lld\n", static_cast<int>(payload.size()), payload.data(), now_ns());
-    std::fflush(stdout);
-  });
+  if (o.durable) {  // one channel (no --channels): the id follows the time
+    ps.on_delivery([](const pgiplock::delivery& d) {
+      std::printf("MSG %.*s %lld %lld\n", static_cast<int>(d.payload.size()), d.payload.data(), now_ns(),
+                  static_cast<long long>(d.id));
+      std::fflush(stdout);
+    });
+    if (!effects_table.empty()) ps.on_delivery_in_transaction(record_effect);
+  } else {
+    ps.on_message([many](std::string_view ch, std::string_view payload) {
+      if (many > 0) {
+        std::printf("MSG %.*s %lld %.*s\n", static_cast<int>(payload.size()), payload.data(), now_ns(),
+                    static_cast<int>(ch.size()), ch.data());
+        return;
+      }
+      std::printf("MSG %.*s %lld\n", static_cast<int>(payload.size()), payload.data(), now_ns());
+      std::fflush(stdout);
+    });
+  }
   ps.on_error([](const std::exception& e) {
     std::string what = e.what();
     std::replace(what.begin(), what.end(), '\n', ' ');  // one line each

@@ -195,15 +195,6 @@ struct restart_result {
   bool restarted = false;
 };
 
-// Restarts the test server the way a crash would (immediate mode).
-bool restart_server() {
-  std::string bin = env_or("PGIPLOCK_TEST_PGBIN"), data = env_or("PGIPLOCK_TEST_PGDATA");
-  std::string log = env_or("PGIPLOCK_TEST_LOG"), as = env_or("PGIPLOCK_TEST_PGRUNAS");
-  std::string cmd = "'" + bin + "/pg_ctl' -D '" + data + "' -l '" + log + "' -m immediate -w -t 60 restart >/dev/null";
-  if (!as.empty()) cmd = "runuser -u " + as + " -- " + cmd;
-  return std::system(cmd.c_str()) == 0;
-}
-
 task<restart_result> restart_run(event_loop& loop) {
   restart_result out;
   fleet fl(loop, fresh_channel("restart"));
