@@ -102,6 +102,7 @@ class journal {
   void drain_backlog(const std::string& channel, std::uint64_t read_no, bool complete);
   void fence(const std::string& channel, std::int64_t token);
   task<void> reader_loop();
+  task<void> warm_up();
   task<bool> resume_all();
   task<bool> read_once();
   void take_rows(const result& r, const read_round& round, std::uint64_t read_no);
@@ -396,6 +397,7 @@ inline void journal::fence(const std::string& channel, std::int64_t token) {
 }
 
 inline task<void> journal::reader_loop() {
+  co_await warm_up();
   for (;;) {
     if (!read_requested_) {
       if (!co_await client_->loop().sleep(std::chrono::hours(24), &reader_wake_)) reader_wake_.reset();
@@ -416,6 +418,18 @@ inline task<void> journal::reader_loop() {
   }
 }
 
+// A standby's session has never touched the journal: its first takeover
+// would pay for opening the partitions and planning the statements (5-10 ms
+// measured). Both are prepared and run once, on nothing, beforehand.
+inline task<void> journal::warm_up() {
+  try {
+    co_await client_->query_prepared(take_sql_, "{}", "{}");
+    co_await client_->query_prepared(read_sql_, "{}", "{}", journal_page, journal_page_bytes);
+  } catch (const std::exception& e) {
+    note(log_level::debug, std::string("warming up failed: ") + e.what());
+  }
+}
+
 // Fences the cursor of every new tenure and reads where it stands, in one
 // statement; false after a failure (reported; retried).
 inline task<bool> journal::resume_all() {
@@ -433,7 +447,7 @@ inline task<bool> journal::resume_all() {
   }
   result r;
   try {
-    r = co_await client_->query(take_sql_, chs.literal(), toks.literal());
+    r = co_await client_->query_prepared(take_sql_, chs.literal(), toks.literal());
   } catch (const std::exception& e) {
     failed("reading durable cursors", e);
     co_return false;
@@ -472,7 +486,7 @@ inline task<bool> journal::read_once() {
   result r;
   bool read_failed = false;
   try {
-    r = co_await client_->query(read_sql_, chs.literal(), from.literal(), journal_page, journal_page_bytes);
+    r = co_await client_->query_prepared(read_sql_, chs.literal(), from.literal(), journal_page, journal_page_bytes);
   } catch (const std::exception& e) {
     read_failed = true;
     failed("reading the journal", e);

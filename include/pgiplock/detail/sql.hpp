@@ -573,11 +573,12 @@ inline constexpr std::string_view prune = "SELECT @schema@.pgiplock_prune($1::in
 inline constexpr std::string_view rollback = "ROLLBACK";
 inline constexpr std::string_view commit = "COMMIT";
 // Per durable channel: published, acknowledged, backlog, age of the oldest
-// unacknowledged message (for pgiplock status).
+// unacknowledged message, and the token of the tenure that holds its cursor
+// (for pgiplock status; a plain channel's token lives only in its holder).
 inline constexpr std::string_view durable_status =
     "SELECT n.channel, n.last_id, coalesce(c.acked, 0), n.last_id - coalesce(c.acked, 0), "
     "extract(epoch FROM now() - (SELECT min(j.published) FROM @schema@.pgiplock_journal j "
-    "WHERE j.channel = n.channel AND j.id > coalesce(c.acked, 0))) "
+    "WHERE j.channel = n.channel AND j.id > coalesce(c.acked, 0))), c.token "
     "FROM @schema@.pgiplock_channel n LEFT JOIN @schema@.pgiplock_cursor c ON c.channel = n.channel "
     "ORDER BY n.channel";
 
