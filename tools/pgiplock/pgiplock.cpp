@@ -77,7 +77,8 @@ constexpr const char* usage_text =
     "                           channels it holds; then, once a durable channel was\n"
     "                           used, each durable channel: messages published,\n"
     "                           acknowledged, the backlog (published - acknowledged)\n"
-    "                           and the age of the oldest unacknowledged message.\n"
+    "                           the age of the oldest unacknowledged message and the\n"
+    "                           fencing token of the tenure that holds its cursor.\n"
     "                           --json prints one JSON object,\n"
     "                           {\"channels\":[...],\"members\":[...]}, with a third\n"
     "                           list, \"durable\":[...], and \"queue_usage\" (the\n"
@@ -381,7 +382,7 @@ struct member_row {
 // A durable channel (docs/durable.md): its counter row, its cursor, and the
 // oldest message of the journal above the cursor (empty: none there).
 struct durable_row {
-  std::string channel, published, acked, backlog, oldest_age;
+  std::string channel, published, acked, backlog, oldest_age, token;
 };
 
 struct status_report {
@@ -470,9 +471,9 @@ void print_text(const status_report& s) {
   std::cout << "\nNOTIFY queue: " << s.queue_usage << " used (pg_notification_queue_usage())\n";
   if (s.durable.empty()) return;
   std::vector<std::vector<std::string>> cells;
-  cells.push_back({"DURABLE CHANNEL", "PUBLISHED", "ACKNOWLEDGED", "BACKLOG", "OLDEST UNACKNOWLEDGED"});
+  cells.push_back({"DURABLE CHANNEL", "PUBLISHED", "ACKNOWLEDGED", "BACKLOG", "OLDEST UNACKNOWLEDGED", "TOKEN"});
   for (const auto& d : s.durable) {
-    cells.push_back({d.channel, d.published, d.acked, d.backlog, age_cell(d.oldest_age)});
+    cells.push_back({d.channel, d.published, d.acked, d.backlog, age_cell(d.oldest_age), d.token.empty() ? "-" : d.token});
   }
   std::cout << '\n';
   print_columns(cells);
@@ -499,7 +500,8 @@ void print_json(const status_report& s) {
     const auto& d = s.durable[i];
     std::cout << (i ? ",\n " : "") << "{\"channel\":" << json_string(d.channel) << ",\"published\":" << d.published
               << ",\"acknowledged\":" << d.acked << ",\"backlog\":" << d.backlog
-              << ",\"oldest_age_s\":" << (d.oldest_age.empty() ? "null" : d.oldest_age) << '}';
+              << ",\"oldest_age_s\":" << (d.oldest_age.empty() ? "null" : d.oldest_age)
+              << ",\"token\":" << (d.token.empty() ? "null" : d.token) << '}';
   }
   std::cout << "],\n \"queue_usage\":" << (s.queue_usage.empty() ? "null" : s.queue_usage) << "}\n";
 }
@@ -595,6 +597,7 @@ task<std::vector<durable_row>> read_durable(std::shared_ptr<pgiplock::connection
     row.acked = r.get(i, 2);
     row.backlog = r.get(i, 3);
     row.oldest_age = r.is_null(i, 4) ? std::string() : std::string(r.get(i, 4));
+    row.token = r.is_null(i, 5) ? std::string() : std::string(r.get(i, 5));
     rows.push_back(std::move(row));
   }
   co_return rows;
