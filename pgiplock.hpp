@@ -1689,6 +1689,8 @@ inline constexpr std::string_view bootstrap_races[] = {
 inline bool is_bootstrap_race(std::string_view code) {
   return std::find(std::begin(bootstrap_races), std::end(bootstrap_races), code) != std::end(bootstrap_races);
 }
+// The journal's tables or functions are gone (dropped under us).
+inline bool journal_missing(std::string_view code) { return code == undefined_table || code == undefined_function; }
 inline bool ends_session(std::string_view code) {
   return code.substr(0, 2) == connection_exception_class || code.substr(0, 4) == operator_intervention_prefix;
 }
@@ -4376,7 +4378,6 @@ class journal {
   void on_nudge(const notification& n);
   // From now on the cursor moves only with the handler's transaction.
   void set_transaction_handler(transaction_handler fn);
-  [[nodiscard]] bool live(std::string_view channel) const;
   // A held channel as of its last acknowledgement: published minus
   // acknowledged, and the age of the oldest unacknowledged message.
   struct lag {
@@ -4417,7 +4418,11 @@ class journal {
   void complain(const std::string& message) const;
   void failed(const std::string& what, const std::exception& e);
   task<bool> rebuild();
-  static std::optional<nudge> parse(std::string_view payload);
+  struct nudge_text {
+    std::int64_t id = 0;
+    std::optional<std::string_view> payload;  // none: read it from the journal
+  };
+  static std::optional<nudge_text> parse(std::string_view payload);
   void wake_reader();
   void wake_acker();
   bool deliver(const std::string& channel, stream& s, std::int64_t id, std::string_view payload);
@@ -4523,7 +4528,7 @@ inline void journal::complain(const std::string& message) const { hooks_.report(
 inline void journal::failed(const std::string& what, const std::exception& e) {
   if (!client_->is_open()) return;
   auto* s = dynamic_cast<const sql_error*>(&e);
-  if (s && s->sqlstate() == sqlstate::undefined_table) {
+  if (s && sqlstate::journal_missing(s->sqlstate())) {
     if (!std::exchange(rebuild_needed_, true)) {
       complain("the durable journal's tables are gone (dropped?): re-creating them; what they held is lost");
     }
@@ -4571,11 +4576,6 @@ inline std::optional<journal::lag> journal::lag_of(std::string_view channel) con
   return it->second.behind;
 }
 
-inline bool journal::live(std::string_view channel) const {
-  auto it = streams_.find(channel);
-  return it != streams_.end() && it->second.state == phase::live;
-}
-
 inline void journal::set_transaction_handler(transaction_handler fn) {
   tx_handler_ = std::move(fn);
   if (tx_task_.valid()) return;
@@ -4596,19 +4596,16 @@ inline void journal::wake_acker() {
 }
 
 // "<id>:<payload>" or "<id>", after nudge_prefix; anything else is not a
-// nudge of the journal.
-inline std::optional<journal::nudge> journal::parse(std::string_view payload) {
+// nudge of the journal. Views into the notification: nothing is copied.
+inline std::optional<journal::nudge_text> journal::parse(std::string_view payload) {
   if (!payload.starts_with(nudge_prefix)) return std::nullopt;
   payload.remove_prefix(nudge_prefix.size());
-  nudge n;
+  nudge_text n;
   auto colon = payload.find(':');
   auto digits = payload.substr(0, colon);
   auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), n.id);
   if (ec != std::errc{} || end != digits.data() + digits.size() || digits.empty() || n.id <= 0) return std::nullopt;
-  if (colon != std::string_view::npos) {
-    n.has_payload = true;
-    n.payload.assign(payload.substr(colon + 1));
-  }
+  if (colon != std::string_view::npos) n.payload = payload.substr(colon + 1);
   return n;
 }
 
@@ -4618,31 +4615,23 @@ inline void journal::on_nudge(const notification& n) {
   auto it = streams_.find(n.channel);
   if (it == streams_.end() || it->second.state == phase::stopped) return;
   auto& s = it->second;
-  if (s.state == phase::live && n.payload.starts_with(nudge_prefix)) {
-    auto body = n.payload.substr(nudge_prefix.size());
-    auto colon = body.find(':');
-    std::int64_t id = 0;
-    auto digits = body.substr(0, colon);
-    auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), id);
-    if (ec == std::errc{} && end == digits.data() + digits.size() && id < s.next && id > 0) {
-      s.check = true;  // seen: a late nudge of a replayed message, or a journal that began again
-      ack_requested_ = true;
-      acker_wake_.cancel();
-      return;
-    }
-    if (ec == std::errc{} && id == s.next && colon != std::string_view::npos && end == body.data() + colon) {
-      deliver(it->first, s, id, body.substr(colon + 1));
-      return;
-    }
-  }
   auto parsed = parse(n.payload);
   if (!parsed) {
     note(log_level::debug, "ignored a notification on durable channel " + std::string(n.channel) +
                                " that is not a journal nudge: " + std::string(n.payload.substr(0, 64)));
     return;
   }
-  parsed->seen_at_read = reads_;
-  s.backlog.push_back(std::move(*parsed));
+  if (s.state == phase::live && parsed->id < s.next) {
+    s.check = true;  // seen: a late nudge of a replayed message, or a journal that began again
+    ack_requested_ = true;
+    acker_wake_.cancel();
+    return;
+  }
+  if (s.state == phase::live && parsed->id == s.next && parsed->payload) {
+    deliver(it->first, s, parsed->id, *parsed->payload);
+    return;
+  }
+  s.backlog.push_back(nudge{parsed->id, parsed->payload.has_value(), std::string(parsed->payload.value_or("")), reads_});
   if (s.state == phase::live) {
     s.state = phase::catching_up;
     wake_reader();
@@ -6566,7 +6555,7 @@ inline bool pubsub::journal_gone(const std::exception_ptr& failure) {
   try {
     std::rethrow_exception(failure);
   } catch (const sql_error& e) {
-    return e.sqlstate() == detail::sqlstate::undefined_table || e.sqlstate() == detail::sqlstate::undefined_function;
+    return detail::sqlstate::journal_missing(e.sqlstate());
   } catch (...) {
     return false;
   }

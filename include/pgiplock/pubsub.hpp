@@ -721,7 +721,7 @@ inline bool pubsub::journal_gone(const std::exception_ptr& failure) {
   try {
     std::rethrow_exception(failure);
   } catch (const sql_error& e) {
-    return e.sqlstate() == detail::sqlstate::undefined_table || e.sqlstate() == detail::sqlstate::undefined_function;
+    return detail::sqlstate::journal_missing(e.sqlstate());
   } catch (...) {
     return false;
   }

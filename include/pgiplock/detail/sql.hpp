@@ -39,6 +39,8 @@ inline constexpr std::string_view bootstrap_races[] = {
 inline bool is_bootstrap_race(std::string_view code) {
   return std::find(std::begin(bootstrap_races), std::end(bootstrap_races), code) != std::end(bootstrap_races);
 }
+// The journal's tables or functions are gone (dropped under us).
+inline bool journal_missing(std::string_view code) { return code == undefined_table || code == undefined_function; }
 inline bool ends_session(std::string_view code) {
   return code.substr(0, 2) == connection_exception_class || code.substr(0, 4) == operator_intervention_prefix;
 }
