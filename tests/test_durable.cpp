@@ -3,8 +3,9 @@
 // bytes, the outbox function, retention. Against the real server.
 #include "support.hpp"
 
+#include <charconv>
 #include <map>
-#include <regex>
+#include <optional>
 #include <set>
 
 extern const bool test_needs_database = true;
@@ -924,6 +925,23 @@ task<void> unheard_flow(event_loop& loop, std::string quiet, std::string busy, s
 
 // ==== 9. the journal truncated under a running listener ====
 
+// "... messages A..B ..." in an on_error text: the range it reports lost.
+// (Not std::regex: GCC 12's <regex> trips -Wmaybe-uninitialized under the
+// sanitizers.)
+std::optional<std::pair<std::int64_t, std::int64_t>> reported_range(std::string_view e) {
+  constexpr std::string_view word = "messages ";
+  for (auto at = e.find(word); at != std::string_view::npos; at = e.find(word, at + 1)) {
+    const char* p = e.data() + at + word.size();
+    const char* end = e.data() + e.size();
+    std::int64_t a = 0, b = 0;
+    auto [p1, ec1] = std::from_chars(p, end, a);
+    if (ec1 != std::errc{} || end - p1 < 2 || p1[0] != '.' || p1[1] != '.') continue;
+    auto [p2, ec2] = std::from_chars(p1 + 2, end, b);
+    if (ec2 == std::errc{}) return std::pair{a, b};
+  }
+  return std::nullopt;
+}
+
 struct truncate_report {
   std::vector<got_msg> got;
   std::vector<std::string> errors;
@@ -1329,11 +1347,9 @@ TEST_CASE("durable: the journal truncated under a running listener: it keeps del
   loop.run(truncate_flow(loop, ch, rep));
   // Reported ranges.
   std::vector<std::pair<std::int64_t, std::int64_t>> gaps;
-  std::regex range("messages ([0-9]+)\\.\\.([0-9]+)");
   for (auto& e : rep.errors) {
     UNSCOPED_INFO("on_error: " << e);
-    std::smatch m;
-    if (std::regex_search(e, m, range)) gaps.emplace_back(std::stoll(m[1]), std::stoll(m[2]));
+    if (auto gap = reported_range(e)) gaps.push_back(*gap);
   }
   std::set<std::int64_t> ids;
   std::size_t twice = 0, out_of_order = 0;

@@ -13,7 +13,6 @@
 
 #include <cmath>
 #include <map>
-#include <regex>
 #include <set>
 
 extern const bool test_needs_database = true;
@@ -178,9 +177,56 @@ bool valid_utf8(std::string_view s) {
   return true;
 }
 
-const std::regex name_re("^pgiplock_[a-z_]+$");
-const std::regex label_name_re("^[a-zA-Z_][a-zA-Z0-9_]*$");
-const std::regex number_re(R"(^[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?$|^(NaN|[-+]Inf)$)");
+// Hand-written matchers, not std::regex: GCC 12's <regex> trips
+// -Wmaybe-uninitialized under the sanitizers' -O1 (CI's ASan build).
+bool is_lower_or_underscore(char c) { return (c >= 'a' && c <= 'z') || c == '_'; }
+bool is_label_start(char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_'; }
+bool is_digit(char c) { return c >= '0' && c <= '9'; }
+
+// ^pgiplock_[a-z_]+$
+bool metric_name_ok(std::string_view n) {
+  constexpr std::string_view prefix = "pgiplock_";
+  if (n.size() <= prefix.size() || n.substr(0, prefix.size()) != prefix) return false;
+  for (char c : n.substr(prefix.size())) {
+    if (!is_lower_or_underscore(c)) return false;
+  }
+  return true;
+}
+
+// ^[a-zA-Z_][a-zA-Z0-9_]*$
+bool label_name_ok(std::string_view n) {
+  if (n.empty() || !is_label_start(n[0])) return false;
+  for (char c : n) {
+    if (!is_label_start(c) && !is_digit(c)) return false;
+  }
+  return true;
+}
+
+// The exposition format's float: [-+]? (digits [. digits?] | . digits)
+// ([eE] [-+]? digits)?, or NaN, +Inf, -Inf.
+bool sample_value_ok(std::string_view v) {
+  if (v == "NaN" || v == "+Inf" || v == "-Inf") return true;
+  std::size_t i = 0;
+  auto digits = [&] {
+    std::size_t from = i;
+    while (i < v.size() && is_digit(v[i])) ++i;
+    return i > from;
+  };
+  if (i < v.size() && (v[i] == '-' || v[i] == '+')) ++i;
+  bool whole = digits();
+  bool fraction = false;
+  if (i < v.size() && v[i] == '.') {
+    ++i;
+    fraction = digits();
+  }
+  if (!whole && !fraction) return false;
+  if (i < v.size() && (v[i] == 'e' || v[i] == 'E')) {
+    ++i;
+    if (i < v.size() && (v[i] == '-' || v[i] == '+')) ++i;
+    if (!digits()) return false;
+  }
+  return i == v.size();
+}
 
 // The label set of a sample line from `i` (just past '{') to '}'; the
 // first problem, or empty. `i` ends past the '}'.
@@ -190,7 +236,7 @@ std::string parse_labels(std::string_view line, std::size_t& i, sample& s) {
     auto eq = line.find('=', i);
     if (eq == std::string_view::npos) return "a label without '='";
     std::string key(line.substr(i, eq - i));
-    if (!std::regex_match(key, label_name_re)) return "a bad label name '" + key + "'";
+    if (!label_name_ok(key)) return "a bad label name '" + key + "'";
     if (!s.label(key).empty()) return "the label " + key + " twice";
     i = eq + 1;
     if (i >= line.size() || line[i] != '"') return "label " + key + ": no opening quote";
@@ -228,7 +274,7 @@ std::string parse_labels(std::string_view line, std::size_t& i, sample& s) {
 }
 
 std::string naming_problem(const std::string& name, const std::string& type) {
-  if (!std::regex_match(name, name_re) || name.find("__") != std::string::npos || name.back() == '_') {
+  if (!metric_name_ok(name) || name.find("__") != std::string::npos || name.back() == '_') {
     return "the name " + name + " is not ^pgiplock_[a-z_]+$ (words joined by single '_')";
   }
   if (type == "counter") return ends_with(name, "_total") ? "" : "the counter " + name + " does not end in _total";
@@ -306,7 +352,7 @@ exposition parse_exposition(const std::string& text) {
       continue;
     }
     std::string value(line.substr(i + 1));
-    if (!std::regex_match(value, number_re)) {
+    if (!sample_value_ok(value)) {
       out.problems.push_back(where + "the value '" + value + "' is not a number (or has a timestamp)");
       continue;
     }
