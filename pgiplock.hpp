@@ -49,6 +49,31 @@
 #define PGIPLOCK_DEFAULT_CONNECT_TIMEOUT_MS 10000
 #endif
 
+// Separate compilation, optional. By default every function of the library
+// is inline, and each file that includes the header compiles its own copy:
+// what one header costs, about 30 s of g++ -O2 per file (and 150 s under the
+// sanitizers). Define PGIPLOCK_SEPARATE_COMPILATION for the whole program
+// (every file: on the command line), and PGIPLOCK_IMPLEMENTATION besides in
+// exactly one .cpp that includes the header: the library is compiled once,
+// there, and every other file sees its declarations and templates only.
+#if defined(PGIPLOCK_SEPARATE_COMPILATION)
+#define PGIPLOCK_INLINE
+#if defined(PGIPLOCK_IMPLEMENTATION)
+#define PGIPLOCK_DEFINITIONS 1
+// GCC flags the coroutine frame of an out-of-line coroutine defined in a
+// header when a local type (a scope guard) lives across a co_await; that
+// frame is private to this one file, so nothing can clash with it.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wsubobject-linkage"
+#endif
+#else
+#define PGIPLOCK_DEFINITIONS 0
+#endif
+#else
+#define PGIPLOCK_INLINE inline
+#define PGIPLOCK_DEFINITIONS 1
+#endif
+
 // Debian puts libpq's header under postgresql/; pkg-config adds that to the
 // include path, a plain `g++ -lpq` does not.
 #if __has_include(<libpq-fe.h>)
@@ -129,11 +154,19 @@ using log_handler = std::function<void(log_level, std::string_view)>;
 
 inline constexpr std::size_t unlimited = std::numeric_limits<std::size_t>::max();
 
+namespace detail {
+// To the user's logger; warnings and errors to stderr when there is none.
+PGIPLOCK_INLINE void log(const log_handler& logger, log_level level, std::string_view message);
+PGIPLOCK_INLINE std::string trim_message(std::string m);
+PGIPLOCK_INLINE std::string without_prefix(std::string m);
+}  // namespace detail
+
 // ---- implementation ---------------------------------------------------------
 
 namespace detail {
 
-inline const char* level_name(log_level level) {
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE const char* level_name(log_level level) {
   switch (level) {
     case log_level::debug: return "debug";
     case log_level::info: return "info";
@@ -145,7 +178,7 @@ inline const char* level_name(log_level level) {
 
 // Without a user logger, warnings and errors still reach stderr: a library
 // that silently swallows a lost link is worse than a noisy one.
-inline void log(const log_handler& logger, log_level level, std::string_view message) {
+PGIPLOCK_INLINE void log(const log_handler& logger, log_level level, std::string_view message) {
   if (logger) {
     logger(level, message);
   } else if (level >= log_level::warn) {
@@ -155,17 +188,18 @@ inline void log(const log_handler& logger, log_level level, std::string_view mes
 }
 
 // libpq ends its messages with a newline; ours are one line each.
-inline std::string trim_message(std::string m) {
+PGIPLOCK_INLINE std::string trim_message(std::string m) {
   while (!m.empty() && (m.back() == '\n' || m.back() == ' ')) m.pop_back();
   return m;
 }
 
 // For a message quoted inside another of ours.
-inline std::string without_prefix(std::string m) {
+PGIPLOCK_INLINE std::string without_prefix(std::string m) {
   static constexpr std::string_view prefix = "pgiplock: ";
   if (m.compare(0, prefix.size(), prefix) == 0) m.erase(0, prefix.size());
   return m;
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 }  // namespace detail
 }  // namespace pgiplock
@@ -303,9 +337,11 @@ template <class T>
 task<T> task_promise<T>::get_return_object() noexcept {
   return task<T>{std::coroutine_handle<task_promise<T>>::from_promise(*this)};
 }
-inline task<void> task_promise<void>::get_return_object() noexcept {
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE task<void> task_promise<void>::get_return_object() noexcept {
   return task<void>{std::coroutine_handle<task_promise<void>>::from_promise(*this)};
 }
+#endif  // PGIPLOCK_DEFINITIONS
 }  // namespace detail
 
 }  // namespace pgiplock
@@ -856,7 +892,8 @@ class uring_backend final : public backend {
 namespace pgiplock {
 namespace detail {
 
-inline std::unique_ptr<backend> make_backend(const event_loop_options& opt) {
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE std::unique_ptr<backend> make_backend(const event_loop_options& opt) {
   backend_kind kind = opt.backend;
   if (kind == backend_kind::automatic) {
     if (auto v = env_value("PGIPLOCK_BACKEND")) {
@@ -875,6 +912,7 @@ inline std::unique_ptr<backend> make_backend(const event_loop_options& opt) {
     return std::make_unique<epoll_backend>();
   }
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 // A detached coroutine owned by the loop: runs a spawned task to the end and
 // reports what escapes it, so one failing task never ends the process.
@@ -895,7 +933,8 @@ struct spawned_promise {
   void unhandled_exception() const noexcept {}
 };
 
-inline spawned drive(task<void> t, const log_handler& logger) {
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE spawned drive(task<void> t, const log_handler& logger) {
   try {
     co_await std::move(t);
   } catch (const std::exception& e) {
@@ -905,24 +944,27 @@ inline spawned drive(task<void> t, const log_handler& logger) {
   }
 }
 
-inline std::uint64_t make_op_id(std::uint32_t index, std::uint32_t gen) {
+PGIPLOCK_INLINE std::uint64_t make_op_id(std::uint32_t index, std::uint32_t gen) {
   return (static_cast<std::uint64_t>(gen) << 32) | index;
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 }  // namespace detail
 
-inline event_loop::event_loop() : event_loop(event_loop_options{}) {}
-inline event_loop::event_loop(event_loop_options opt)
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE event_loop::event_loop() : event_loop(event_loop_options{}) {}
+PGIPLOCK_INLINE event_loop::event_loop(event_loop_options opt)
     : logger_(opt.logger), backend_(detail::make_backend(opt)), serial_(next_serial()) {}
 
-inline event_loop::~event_loop() {
+PGIPLOCK_INLINE event_loop::~event_loop() {
   // Spawned frames may still be suspended; destroying them abandons their
   // operations, which only touches this loop's tables.
   while (!spawned_.empty()) spawned_.begin()->second.destroy();  // erases itself
   if (current_ref() == this) current_ref() = nullptr;
 }
 
-inline const char* event_loop::backend_name() const noexcept { return backend_->name(); }
+PGIPLOCK_INLINE const char* event_loop::backend_name() const noexcept { return backend_->name(); }
+#endif  // PGIPLOCK_DEFINITIONS
 
 template <class T>
 T event_loop::run(task<T> t) {
@@ -934,12 +976,13 @@ T event_loop::run(task<T> t) {
   return t.h_.promise().take();
 }
 
-inline void event_loop::run() {
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE void event_loop::run() {
   stopped_ = false;
   while (!stopped_) tick();
 }
 
-inline void event_loop::spawn(task<void> t) {
+PGIPLOCK_INLINE void event_loop::spawn(task<void> t) {
   if (!t.valid()) return;
   auto s = detail::drive(std::move(t), logger_);
   std::uint64_t key = ++spawn_seq_;
@@ -949,33 +992,33 @@ inline void event_loop::spawn(task<void> t) {
   post(s.h);
 }
 
-inline void event_loop::start(task<void>& t) {
+PGIPLOCK_INLINE void event_loop::start(task<void>& t) {
   if (t.valid() && !t.done()) post_task(t.h_);
 }
 
-inline void event_loop::complete(std::uint64_t id, int result) {
+PGIPLOCK_INLINE void event_loop::complete(std::uint64_t id, int result) {
   op* o = find(id);
   if (!o || o->state != op_state::waiting) return;
   o->result = result;
   make_ready(*o, id);
 }
 
-inline bool event_loop::alive(std::uint64_t id) const {
+PGIPLOCK_INLINE bool event_loop::alive(std::uint64_t id) const {
   const op* o = const_cast<event_loop*>(this)->find(id);
   return o && o->state != op_state::abandoned;
 }
 
-inline std::uint64_t event_loop::next_serial() noexcept {
+PGIPLOCK_INLINE std::uint64_t event_loop::next_serial() noexcept {
   static std::uint64_t n = 0;
   return ++n;
 }
 
-inline event_loop*& event_loop::current_ref() noexcept {
+PGIPLOCK_INLINE event_loop*& event_loop::current_ref() noexcept {
   thread_local event_loop* loop = nullptr;
   return loop;
 }
 
-inline event_loop::op* event_loop::find(std::uint64_t id) {
+PGIPLOCK_INLINE event_loop::op* event_loop::find(std::uint64_t id) {
   auto index = static_cast<std::uint32_t>(id & 0xffffffffu);
   auto gen = static_cast<std::uint32_t>(id >> 32);
   if (index >= ops_.size()) return nullptr;
@@ -984,7 +1027,7 @@ inline event_loop::op* event_loop::find(std::uint64_t id) {
   return &o;
 }
 
-inline std::uint64_t event_loop::open_op(std::coroutine_handle<> h, cancel_source* cancel) {
+PGIPLOCK_INLINE std::uint64_t event_loop::open_op(std::coroutine_handle<> h, cancel_source* cancel) {
   std::uint32_t index;
   if (!free_.empty()) {
     index = free_.back();
@@ -1008,7 +1051,7 @@ inline std::uint64_t event_loop::open_op(std::coroutine_handle<> h, cancel_sourc
   return id;
 }
 
-inline void event_loop::release_slot(op& o) {
+PGIPLOCK_INLINE void event_loop::release_slot(op& o) {
   auto index = static_cast<std::uint32_t>(&o - ops_.data());
   if (o.cancel) {
     auto& v = o.cancel->ops_;
@@ -1026,7 +1069,7 @@ inline void event_loop::release_slot(op& o) {
   free_.push_back(index);
 }
 
-inline int event_loop::close_op(std::uint64_t id) {
+PGIPLOCK_INLINE int event_loop::close_op(std::uint64_t id) {
   op* o = find(id);
   if (!o) return -ECANCELED;
   int r = o->result;
@@ -1036,7 +1079,7 @@ inline int event_loop::close_op(std::uint64_t id) {
 
 // The frame is gone: forget the waiter, but keep the slot until the kernel
 // has reported the poll, so its completion cannot hit a reused id.
-inline void event_loop::abandon(std::uint64_t id) {
+PGIPLOCK_INLINE void event_loop::abandon(std::uint64_t id) {
   op* o = find(id);
   if (!o) return;
   o->timer_armed = false;
@@ -1049,19 +1092,20 @@ inline void event_loop::abandon(std::uint64_t id) {
   }
 }
 
-inline void event_loop::make_ready(op& o, std::uint64_t id) {
+PGIPLOCK_INLINE void event_loop::make_ready(op& o, std::uint64_t id) {
   o.state = op_state::ready;
   o.timer_armed = false;
   ready_.push_back(id);
 }
 
-inline std::uint64_t event_loop::post(std::coroutine_handle<> h) {
+PGIPLOCK_INLINE std::uint64_t event_loop::post(std::coroutine_handle<> h) {
   std::uint64_t id = open_op(h, nullptr);
   op* o = find(id);
   o->unowned = true;
   make_ready(*o, id);
   return id;
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 // A task's owner may destroy it before it starts: the promise remembers the
 // start so task::reset() can take it back.
@@ -1072,9 +1116,10 @@ void event_loop::post_task(std::coroutine_handle<P> h) {
   p.start_op = post(h);
 }
 
+#if PGIPLOCK_DEFINITIONS
 // Opens the awaiter's operation; nullptr when its cancel_source has fired
 // already (the operation is then ready, as cancelled).
-inline event_loop::op* event_loop::open_unless_cancelled(op_awaiter& a, std::coroutine_handle<> h) {
+PGIPLOCK_INLINE event_loop::op* event_loop::open_unless_cancelled(op_awaiter& a, std::coroutine_handle<> h) {
   a.id = open_op(h, a.cancel);
   op* o = find(a.id);
   if (!a.cancel || !a.cancel->cancelled_) return o;
@@ -1083,7 +1128,7 @@ inline event_loop::op* event_loop::open_unless_cancelled(op_awaiter& a, std::cor
   return nullptr;
 }
 
-inline bool event_loop::start_poll(op_awaiter& a, std::coroutine_handle<> h, int fd, unsigned events,
+PGIPLOCK_INLINE bool event_loop::start_poll(op_awaiter& a, std::coroutine_handle<> h, int fd, unsigned events,
                                    std::optional<clock::time_point> deadline) {
   op* o = open_unless_cancelled(a, h);
   if (!o) return true;
@@ -1094,14 +1139,14 @@ inline bool event_loop::start_poll(op_awaiter& a, std::coroutine_handle<> h, int
   return true;
 }
 
-inline bool event_loop::start_timer(op_awaiter& a, std::coroutine_handle<> h, clock::time_point when) {
+PGIPLOCK_INLINE bool event_loop::start_timer(op_awaiter& a, std::coroutine_handle<> h, clock::time_point when) {
   op* o = open_unless_cancelled(a, h);
   if (!o) return true;
   arm_timer(*o, a.id, when);
   return true;
 }
 
-inline void event_loop::arm_timer(op& o, std::uint64_t id, clock::time_point when) {
+PGIPLOCK_INLINE void event_loop::arm_timer(op& o, std::uint64_t id, clock::time_point when) {
   o.timer_armed = true;
   timers_.push(timer_entry{when, ++timer_seq_, id});
 }
@@ -1109,7 +1154,7 @@ inline void event_loop::arm_timer(op& o, std::uint64_t id, clock::time_point whe
 // Ends a waiting operation early with `result` (timeout or cancel). A poll
 // still in the kernel is cancelled first and the waiter resumes only once
 // the kernel has answered, so no completion outlives its awaiter.
-inline void event_loop::interrupt(std::uint64_t id, int result) {
+PGIPLOCK_INLINE void event_loop::interrupt(std::uint64_t id, int result) {
   op* o = find(id);
   if (!o || o->state != op_state::waiting) return;
   o->timer_armed = false;
@@ -1124,7 +1169,7 @@ inline void event_loop::interrupt(std::uint64_t id, int result) {
   }
 }
 
-inline void event_loop::on_completion(const detail::completion& c) {
+PGIPLOCK_INLINE void event_loop::on_completion(const detail::completion& c) {
   op* o = find(c.id);
   if (!o || !o->poll_armed) return;
   o->poll_armed = false;
@@ -1139,7 +1184,7 @@ inline void event_loop::on_completion(const detail::completion& c) {
   make_ready(*o, c.id);
 }
 
-inline void event_loop::fire_timers(clock::time_point now) {
+PGIPLOCK_INLINE void event_loop::fire_timers(clock::time_point now) {
   while (!timers_.empty() && timers_.top().when <= now) {
     std::uint64_t id = timers_.top().id;
     timers_.pop();
@@ -1148,7 +1193,7 @@ inline void event_loop::fire_timers(clock::time_point now) {
   }
 }
 
-inline std::chrono::nanoseconds event_loop::next_timeout() {
+PGIPLOCK_INLINE std::chrono::nanoseconds event_loop::next_timeout() {
   if (!ready_.empty()) return std::chrono::nanoseconds(0);
   while (!timers_.empty()) {  // drop timers of operations that ended otherwise
     op* o = find(timers_.top().id);
@@ -1160,7 +1205,7 @@ inline std::chrono::nanoseconds event_loop::next_timeout() {
   return d.count() < 0 ? std::chrono::nanoseconds(0) : std::chrono::duration_cast<std::chrono::nanoseconds>(d);
 }
 
-inline void event_loop::run_ready() {
+PGIPLOCK_INLINE void event_loop::run_ready() {
   batch_.swap(ready_);
   for (std::size_t i = 0; i < batch_.size() && !stopped_; ++i) {
     op* o = find(batch_[i]);
@@ -1178,7 +1223,7 @@ inline void event_loop::run_ready() {
 // Gathers what the kernel has finished, then resumes what is ready; the
 // caller checks its exit condition between ticks, so the last resumed
 // coroutine is never followed by a blocking wait.
-inline void event_loop::tick() {
+PGIPLOCK_INLINE void event_loop::tick() {
   current_ref() = this;
   completions_.clear();
   backend_->wait(next_timeout(), completions_);
@@ -1187,9 +1232,9 @@ inline void event_loop::tick() {
   run_ready();
 }
 
-inline void detail::abandon_start(event_loop* loop, std::uint64_t op) noexcept { loop->abandon(op); }
+PGIPLOCK_INLINE void detail::abandon_start(event_loop* loop, std::uint64_t op) noexcept { loop->abandon(op); }
 
-inline cancel_source::~cancel_source() {
+PGIPLOCK_INLINE cancel_source::~cancel_source() {
   // Operations still waiting with this source keep a pointer to it.
   if (loop_) {
     for (auto id : ops_) {
@@ -1198,35 +1243,38 @@ inline cancel_source::~cancel_source() {
   }
 }
 
-inline void cancel_source::cancel() {
+PGIPLOCK_INLINE void cancel_source::cancel() {
   cancelled_ = true;
   if (!loop_) return;
   auto ids = ops_;  // interrupting may release slots, which edits ops_
   for (auto id : ids) loop_->interrupt(id, -ECANCELED);
 }
 
-inline void async_event::set() {
+PGIPLOCK_INLINE void async_event::set() {
   set_ = true;
   auto ids = std::move(waiters_);
   waiters_.clear();
   for (auto id : ids) loop_->complete(id, 0);
 }
 
-inline task<bool> async_event::wait(cancel_source* cancel) {
+PGIPLOCK_INLINE task<bool> async_event::wait(cancel_source* cancel) {
   if (set_) co_return true;
   waiters_.push_back(0);
   int r = co_await loop_->wait_for_completion(&waiters_.back(), cancel);
   co_return r == 0;
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 namespace detail {
 
+#if PGIPLOCK_DEFINITIONS
 // Cancels `cancel` after `d`. Shared ownership, so a waiter that finishes
 // first may go away.
-inline task<void> cancel_after(event_loop& loop, std::shared_ptr<cancel_source> cancel, std::chrono::milliseconds d) {
+PGIPLOCK_INLINE task<void> cancel_after(event_loop& loop, std::shared_ptr<cancel_source> cancel, std::chrono::milliseconds d) {
   co_await loop.sleep(d);
   cancel->cancel();
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 template <class T>
 struct within_state {
@@ -1260,11 +1308,13 @@ task<std::optional<T>> within(event_loop& loop, task<T> t, std::chrono::millisec
 
 }  // namespace detail
 
-inline task<bool> async_event::wait_for(std::chrono::milliseconds limit) {
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE task<bool> async_event::wait_for(std::chrono::milliseconds limit) {
   auto deadline = std::make_shared<cancel_source>();
   loop_->spawn(detail::cancel_after(*loop_, deadline, limit));
   co_return co_await wait(deadline.get());
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 }  // namespace pgiplock
 
@@ -1373,6 +1423,52 @@ inline std::string setting_hint(const std::string& server_said) {
     return " (the server's lock table is full: raise max_locks_per_transaction)";
   }
   return {};
+}
+
+// One conninfo per host of a list, in order. libpq's non-blocking connect
+// leaves connect_timeout to the application, and one deadline for the list
+// would let a host that takes the TCP connection and never answers (a hung
+// server, a dead machine behind a balancer) use it all up while the primary
+// waits further down: the connect gives each host its own.
+inline std::vector<conninfo_params> per_host(const conninfo_params& p) {
+  if (p.hosts <= 1) return {p};
+  auto list = [&](const char* key) {
+    std::vector<std::string> out;
+    auto it = std::find(p.keys.begin(), p.keys.end(), key);
+    if (it == p.keys.end()) return out;
+    std::string_view v = p.values[static_cast<std::size_t>(it - p.keys.begin())];
+    for (std::size_t from = 0;;) {
+      auto comma = v.find(',', from);
+      out.emplace_back(v.substr(from, comma == std::string_view::npos ? comma : comma - from));
+      if (comma == std::string_view::npos) return out;
+      from = comma + 1;
+    }
+  };
+  std::map<std::string, std::vector<std::string>, std::less<>> lists;
+  for (const char* key : {"host", "hostaddr", "port"}) {
+    auto v = list(key);
+    if (v.size() == 1 && std::string_view(key) == "port") v.assign(p.hosts, v[0]);  // one port for all
+    if (!v.empty() && v.size() != p.hosts) {
+      throw std::invalid_argument("pgiplock: the conninfo lists " + std::to_string(p.hosts) + " hosts and " +
+                                  std::to_string(v.size()) + " " + key + " values; give one " + key +
+                                  " per host" + (std::string_view(key) == "port" ? " (or one for all)" : ""));
+    }
+    if (!v.empty()) lists[key] = std::move(v);
+  }
+  std::vector<conninfo_params> out;
+  for (std::size_t i = 0; i < p.hosts; ++i) {
+    conninfo_params one = p;
+    for (auto& [key, v] : lists) one.set(key, v[i]);
+    one.hosts = 1;
+    auto given = [&](const char* key) {
+      auto it = lists.find(key);
+      return it == lists.end() ? std::string() : it->second[i];
+    };
+    one.target = given("host").empty() ? given("hostaddr") : given("host");
+    if (!given("port").empty()) one.target += ":" + given("port");
+    out.push_back(std::move(one));
+  }
+  return out;
 }
 
 inline conninfo_params parse_conninfo(const std::string& conninfo) {
@@ -1737,11 +1833,17 @@ inline constexpr std::string_view lock_schema_present =
     "AND to_regprocedure($2) IS NOT NULL AND to_regprocedure($3) IS NOT NULL "
     "AND to_regprocedure($4) IS NOT NULL AND to_regclass($5) IS NOT NULL AND to_regprocedure($6) IS NOT NULL "
     "AND to_regclass($7) IS NOT NULL AND to_regprocedure($8) IS NOT NULL AND to_regprocedure($9) IS NOT NULL "
-    "AND to_regprocedure($10) IS NOT NULL";
+    "AND to_regprocedure($10) IS NOT NULL AND obj_description(to_regprocedure($9), 'pg_proc') = $11";
 // The DO block below reads the schema name from here (it cannot take a
 // parameter); a separate setting per block, as both may run at once.
 inline constexpr std::string_view set_bootstrap_schema = "SELECT set_config($1, $2, false)";
 inline constexpr std::string_view lock_schema_setting = "pgiplock.lock_schema";
+// pgiplock_claim carries the version of its body as a comment, like the
+// journal's functions: a schema made by an older pgiplock gets the current
+// one (CREATE OR REPLACE). 2: its sweep skips the rows another claim has
+// locked, so that members reconnecting at once cannot deadlock on them.
+inline constexpr std::string_view lock_version_setting = "pgiplock.lock_version";
+inline constexpr std::string_view lock_version = "pgiplock lock 2";
 // The Node package's DDL, made idempotent (it never drops) and serialised
 // between our processes by a transaction-level advisory lock, plus what the
 // fast failover needs: the tenure sequence, the bounded waiter and the
@@ -1852,8 +1954,9 @@ END IF;
 -- most that many channels that nobody alive holds are taken, picked at
 -- random so that members short of their share do not all reach for the
 -- same ones. Yields the won channels, then who holds the others.
-IF to_regprocedure(format('%I.pgiplock_claim(text,text[],text,text,text,boolean,integer)', s)) IS NULL THEN
-  EXECUTE format($q$CREATE FUNCTION %1$I.pgiplock_claim(me text, want text[], fleet text, prefix text, gone text,
+IF obj_description(to_regprocedure(format('%I.pgiplock_claim(text,text[],text,text,text,boolean,integer)', s)),
+                   'pg_proc') IS DISTINCT FROM current_setting('pgiplock.lock_version') THEN
+  EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_claim(me text, want text[], fleet text, prefix text, gone text,
                                                         sweep boolean, quota integer)
   RETURNS TABLE (ch text, tok bigint, is_fresh boolean, held_by text, by_member boolean)
   LANGUAGE plpgsql AS $f$
@@ -1899,8 +2002,13 @@ IF to_regprocedure(format('%I.pgiplock_claim(text,text[],text,text,text,boolean,
       PERFORM pg_notify(fleet, 'listening:' || x.w) FROM unnest(won, released) AS x(w, f) WHERE x.f;
     END IF;
     IF sweep AND cardinality(dead) > 0 THEN
-      DELETE FROM %1$I.pgiplock_member m WHERE m.app = ANY (dead);
-      DELETE FROM %1$I.lock l WHERE l.app = ANY (dead);
+      -- Members that reconnect at once (a failover) sweep the same dead
+      -- rows in different orders: a row another sweep holds is its to
+      -- delete, so none waits for another and none deadlocks.
+      DELETE FROM %1$I.pgiplock_member m WHERE m.app IN (
+        SELECT d.app FROM %1$I.pgiplock_member d WHERE d.app = ANY (dead) FOR UPDATE SKIP LOCKED);
+      DELETE FROM %1$I.lock l WHERE l.channel IN (
+        SELECT d.channel FROM %1$I.lock d WHERE d.app = ANY (dead) FOR UPDATE SKIP LOCKED);
       GET DIAGNOSTICS freed = ROW_COUNT;
       -- Only when others may want them: a 'free' wakes every member.
       IF freed > 0 THEN PERFORM pg_notify(fleet, 'free'); END IF;
@@ -1911,6 +2019,8 @@ IF to_regprocedure(format('%I.pgiplock_claim(text,text[],text,text,text,boolean,
       EXISTS (SELECT 1 FROM %1$I.pgiplock_member m WHERE m.app = l.app)
       FROM %1$I.lock l WHERE l.channel IN (SELECT prefix || w FROM unnest(asked) AS w) AND l.app <> me;
   END; $f$$q$, s, format('%I.pgiplock_tenure', s));
+  EXECUTE format('COMMENT ON FUNCTION %I.pgiplock_claim(text,text[],text,text,text,boolean,integer) IS %L', s,
+                 current_setting('pgiplock.lock_version'));
 END IF;
 -- LISTEN and UNLISTEN many channels in one round trip.
 IF to_regprocedure(format('%I.pgiplock_listen_many(text[],text[])', s)) IS NULL THEN
@@ -2321,19 +2431,13 @@ struct pubsub_stats {
 // pgiplock_ namespace with their unit, labels member and channel.
 [[nodiscard]] std::string prometheus_text(const pubsub_stats& stats);
 
-// ---- implementation ---------------------------------------------------------
-
 namespace detail {
 
 // The wall clock, read once per batch of notifications a connection
 // dispatches (the vDSO's CLOCK_REALTIME_COARSE, no system call), so that
 // counting a delivery is an increment and a copy, not a clock read.
 inline thread_local std::int64_t dispatch_ms = 0;
-inline void note_dispatch_time() noexcept {
-  timespec ts{};
-  ::clock_gettime(CLOCK_REALTIME_COARSE, &ts);
-  dispatch_ms = static_cast<std::int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
-}
+PGIPLOCK_INLINE void note_dispatch_time() noexcept;
 
 // Per channel, on the delivery path.
 struct delivery_count {
@@ -2345,7 +2449,20 @@ struct delivery_count {
   }
 };
 
-inline std::string prometheus_label(std::string_view value) {
+}  // namespace detail
+
+// ---- implementation ---------------------------------------------------------
+
+#if PGIPLOCK_DEFINITIONS
+namespace detail {
+
+PGIPLOCK_INLINE void note_dispatch_time() noexcept {
+  timespec ts{};
+  ::clock_gettime(CLOCK_REALTIME_COARSE, &ts);
+  dispatch_ms = static_cast<std::int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
+}
+
+PGIPLOCK_INLINE std::string prometheus_label(std::string_view value) {
   std::string out;
   for (char c : value) {
     if (c == '\\' || c == '"') {
@@ -2360,13 +2477,13 @@ inline std::string prometheus_label(std::string_view value) {
   return out;
 }
 
-inline std::string prometheus_number(double v) {
+PGIPLOCK_INLINE std::string prometheus_number(double v) {
   char buf[64];
   std::snprintf(buf, sizeof buf, "%.17g", v);
   return buf;
 }
 
-inline double unix_seconds(std::chrono::system_clock::time_point t) {
+PGIPLOCK_INLINE double unix_seconds(std::chrono::system_clock::time_point t) {
   return std::chrono::duration<double>(t.time_since_epoch()).count();
 }
 
@@ -2384,7 +2501,7 @@ struct prometheus_family {
 
 namespace detail {
 
-inline void prometheus_member(std::string& out, const pubsub_stats& s, const std::string& m) {
+PGIPLOCK_INLINE void prometheus_member(std::string& out, const pubsub_stats& s, const std::string& m) {
   auto metric = [&](const char* name, const char* type, const char* help, double v) {
     prometheus_family f{out, name};
     f.head(type, help);
@@ -2411,9 +2528,9 @@ struct channel_column {
   bool durable_only;
 };
 
-inline double seconds(std::chrono::microseconds d) { return std::chrono::duration<double>(d).count(); }
+PGIPLOCK_INLINE double seconds(std::chrono::microseconds d) { return std::chrono::duration<double>(d).count(); }
 
-inline const std::vector<channel_column>& channel_columns() {
+PGIPLOCK_INLINE const std::vector<channel_column>& channel_columns() {
   using c_t = const channel_stats&;
   static const std::vector<channel_column> columns{
       {"pgiplock_channel_holder", "gauge", "1 while this member delivers the channel (holder, or plain mode).",
@@ -2445,7 +2562,7 @@ inline const std::vector<channel_column>& channel_columns() {
 
 }  // namespace detail
 
-inline std::string prometheus_text(const pubsub_stats& s) {
+PGIPLOCK_INLINE std::string prometheus_text(const pubsub_stats& s) {
   std::string out;
   std::string m = "member=\"" + detail::prometheus_label(s.member) + "\"";
   detail::prometheus_member(out, s, m);
@@ -2460,6 +2577,7 @@ inline std::string prometheus_text(const pubsub_stats& s) {
   }
   return out;
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 }  // namespace pgiplock
 
@@ -2639,6 +2757,7 @@ class connection : public std::enable_shared_from_this<connection> {
   static task<std::shared_ptr<connection>> connect_impl(event_loop& loop, std::string conninfo,
                                                         connect_options options);
   task<void> establish(detail::conninfo_params params, std::chrono::milliseconds limit);
+  task<std::string> establish_one(const detail::conninfo_params& host, std::chrono::milliseconds limit);
   task<void> prove_usable(connect_options options);
   connection_error cannot_connect(const detail::conninfo_params& params, const std::string& why) const;
   template <class... Args>
@@ -2804,24 +2923,25 @@ inline task<probe_outcome> check_notify_works(std::shared_ptr<connection> c, con
 
 namespace pgiplock {
 
-inline task<std::shared_ptr<connection>> connection::connect(event_loop& loop, std::string conninfo,
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE task<std::shared_ptr<connection>> connection::connect(event_loop& loop, std::string conninfo,
                                                             connect_options options) {
   return connect_impl(loop, std::move(conninfo), std::move(options));
 }
 
-inline task<std::shared_ptr<connection>> connection::connect(event_loop& loop, std::string conninfo) {
+PGIPLOCK_INLINE task<std::shared_ptr<connection>> connection::connect(event_loop& loop, std::string conninfo) {
   return connect_impl(loop, std::move(conninfo), connect_options());
 }
 
-inline connection::connection(private_tag, event_loop& loop, std::string conninfo, std::string app,
+PGIPLOCK_INLINE connection::connection(private_tag, event_loop& loop, std::string conninfo, std::string app,
                               log_handler logger)
     : loop_(&loop), conninfo_(std::move(conninfo)), app_(std::move(app)), logger_(std::move(logger)),
       pump_done_(loop) {}
 
 // The pump goes first (its poll abandoned), then the socket (conn_).
-inline connection::~connection() { pump_ = task<void>{}; }
+PGIPLOCK_INLINE connection::~connection() { pump_ = task<void>{}; }
 
-inline task<std::shared_ptr<connection>> connection::connect_impl(event_loop& loop, std::string conninfo,
+PGIPLOCK_INLINE task<std::shared_ptr<connection>> connection::connect_impl(event_loop& loop, std::string conninfo,
                                                                   connect_options options) {
   auto params = detail::parse_conninfo(conninfo);
   std::string app = options.application_name.empty() ? std::string(detail::app_prefix) + detail::random_uuid()
@@ -2835,8 +2955,35 @@ inline task<std::shared_ptr<connection>> connection::connect_impl(event_loop& lo
   co_return conn;
 }
 
-// libpq's non-blocking connect, driven by the loop, within `limit`.
-inline task<void> connection::establish(detail::conninfo_params params, std::chrono::milliseconds limit) {
+// Each host of the list in turn, within one deadline for the list (the
+// conninfo's connect_timeout, or the connect's timeout): each host gets an
+// equal share of what is left, so one that never answers cannot keep the
+// primary behind it from being reached, and one that refuses at once leaves
+// its share to the others.
+PGIPLOCK_INLINE task<void> connection::establish(detail::conninfo_params params, std::chrono::milliseconds limit) {
+  auto hosts = detail::per_host(params);
+  if (hosts.size() == 1) {
+    auto why = co_await establish_one(params, limit);
+    if (why.empty()) co_return;
+    throw cannot_connect(params, why);
+  }
+  auto deadline = event_loop::clock::now() + limit;
+  std::string failures;
+  for (std::size_t i = 0; i < hosts.size(); ++i) {
+    auto& host = hosts[i];
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - event_loop::clock::now());
+    auto share = std::max(left / static_cast<long>(hosts.size() - i), std::chrono::milliseconds(1));
+    auto why = co_await establish_one(host, share);
+    if (why.empty()) co_return;
+    failures += (failures.empty() ? "" : "; ") + host.target + ": " + why;
+  }
+  throw cannot_connect(params, failures);
+}
+
+// libpq's non-blocking connect to one host, driven by the loop, within
+// `limit`: empty when connected, else why not.
+PGIPLOCK_INLINE task<std::string> connection::establish_one(const detail::conninfo_params& params,
+                                                            std::chrono::milliseconds limit) {
   auto deadline = event_loop::clock::now() + limit;
   std::vector<const char*> keys, values;
   for (std::size_t i = 0; i < params.keys.size(); ++i) {
@@ -2848,26 +2995,27 @@ inline task<void> connection::establish(detail::conninfo_params params, std::chr
   conn_.reset(PQconnectStartParams(keys.data(), values.data(), 0));
   if (!conn_) throw std::bad_alloc();
   auto libpq_error = [this] { return detail::trim_message(PQerrorMessage(conn_.get())); };
-  if (PQstatus(conn_.get()) == CONNECTION_BAD) throw cannot_connect(params, libpq_error());
+  if (PQstatus(conn_.get()) == CONNECTION_BAD) co_return libpq_error();
   PostgresPollingStatusType st = PGRES_POLLING_WRITING;
   while (st != PGRES_POLLING_OK) {
-    if (st == PGRES_POLLING_FAILED) throw cannot_connect(params, libpq_error());
-    // libpq may open a new socket per host or address it tries: read it anew.
+    if (st == PGRES_POLLING_FAILED) co_return libpq_error();
+    // libpq may open a new socket per address it tries: read it anew.
     int fd = PQsocket(conn_.get());
-    if (fd < 0) throw cannot_connect(params, "libpq has no socket");
+    if (fd < 0) co_return "libpq has no socket";
     auto r = co_await loop_->poll(fd, st == PGRES_POLLING_READING ? POLLIN : POLLOUT, deadline);
     if (r.timed_out) {
-      throw cannot_connect(params, "no answer within " + std::to_string(limit.count()) +
-                                       " ms (server down, address unreachable, or not a PostgreSQL server)");
+      co_return "no answer within " + std::to_string(limit.count()) +
+          " ms (server down, address unreachable, or not a PostgreSQL server)";
     }
     st = PQconnectPoll(conn_.get());
   }
   finish_setup();
+  co_return std::string();
 }
 
 // The server's side of dead-link detection, then proof that LISTEN/NOTIFY
 // works on this session (see connect_options::notify_probe_timeout).
-inline task<void> connection::prove_usable(connect_options options) {
+PGIPLOCK_INLINE task<void> connection::prove_usable(connect_options options) {
   co_await refuse_standby();
   auto live = options.liveness_timeout;
   if (live.count() > 0) co_await detail::apply_server_liveness(*this, live);
@@ -2886,7 +3034,7 @@ inline task<void> connection::prove_usable(connect_options options) {
 // A hot standby takes connections but refuses LISTEN's effect, NOTIFY and
 // every write: say so at connect (a single host, a stale DNS name) rather
 // than fail later. PostgreSQL 14 on reports it at startup; older ones are asked.
-inline task<void> connection::refuse_standby() {
+PGIPLOCK_INLINE task<void> connection::refuse_standby() {
   const char* reported = PQparameterStatus(conn_.get(), "in_hot_standby");
   bool standby = reported && std::string_view(reported) == "on";
   if (!reported) {
@@ -2902,7 +3050,7 @@ inline task<void> connection::refuse_standby() {
   throw error;
 }
 
-inline connection_error connection::cannot_connect(const detail::conninfo_params& params,
+PGIPLOCK_INLINE connection_error connection::cannot_connect(const detail::conninfo_params& params,
                                                    const std::string& why) const {
   // With several hosts libpq's message names each one it tried; ours names the list.
   std::string target = conn_ && params.hosts == 1 ? detail::describe_target(conn_.get()) : std::string();
@@ -2910,9 +3058,9 @@ inline connection_error connection::cannot_connect(const detail::conninfo_params
   return connection_error("pgiplock: cannot connect to " + target + ": " + why + detail::setting_hint(why));
 }
 
-inline task<void> connection::close_quietly(std::shared_ptr<connection> c) { co_await c->close(); }
+PGIPLOCK_INLINE task<void> connection::close_quietly(std::shared_ptr<connection> c) { co_await c->close(); }
 
-inline task<void> connection::close() {
+PGIPLOCK_INLINE task<void> connection::close() {
   auto self = shared_from_this();
   if (closing_) {
     co_await pump_done_.wait();
@@ -2924,6 +3072,7 @@ inline task<void> connection::close() {
   lose("the connection was closed by the application");
   conn_.reset();
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 template <class... Args>
 task<result> connection::query(std::string sql, Args&&... args) {
@@ -2935,13 +3084,15 @@ task<result> connection::query_prepared(std::string sql, Args&&... args) {
   return run(std::move(sql), params_of(std::forward<Args>(args)...), true);
 }
 
-inline task<void> connection::listen(std::string_view channel) {
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE task<void> connection::listen(std::string_view channel) {
   co_await query(std::string(detail::sql::listen) + quote_identifier(channel));
 }
 
-inline task<void> connection::unlisten(std::string_view channel) {
+PGIPLOCK_INLINE task<void> connection::unlisten(std::string_view channel) {
   co_await query(std::string(detail::sql::unlisten) + quote_identifier(channel));
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 template <class... Args>
 std::vector<detail::param> connection::params_of(Args&&... args) {
@@ -2951,7 +3102,8 @@ std::vector<detail::param> connection::params_of(Args&&... args) {
   return params;
 }
 
-inline task<result> connection::run(std::string sql, std::vector<detail::param> params, bool prepare) {
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE task<result> connection::run(std::string sql, std::vector<detail::param> params, bool prepare) {
   auto self = shared_from_this();
   if (!is_open()) throw connection_error(closed_message());
   int discard = 0;
@@ -2981,7 +3133,7 @@ inline task<result> connection::run(std::string sql, std::vector<detail::param> 
 // Queues the statement. A new prepared statement is prepared in the same
 // pipeline segment as its first execution: one round trip, and a failed
 // PREPARE fails this query (`discard` counts the PREPARE's result).
-inline bool connection::send(const std::string& sql, const std::vector<detail::param>& params, bool prepare,
+PGIPLOCK_INLINE bool connection::send(const std::string& sql, const std::vector<detail::param>& params, bool prepare,
                              int& discard) {
   std::vector<const char*> values(params.size());
   std::vector<int> lengths(params.size()), formats(params.size(), 0);
@@ -3007,33 +3159,33 @@ inline bool connection::send(const std::string& sql, const std::vector<detail::p
   return PQsendQueryPrepared(c, name.c_str(), n, values.data(), lengths.data(), formats.data(), 0);
 }
 
-inline std::uint64_t connection::subscribe(std::string channel, notification_handler fn) {
+PGIPLOCK_INLINE std::uint64_t connection::subscribe(std::string channel, notification_handler fn) {
   std::uint64_t id = ++next_sub_;
   subs_.push_back(subscriber{id, std::move(channel), std::move(fn)});
   return id;
 }
 
-inline void connection::unsubscribe(std::uint64_t id) noexcept {
+PGIPLOCK_INLINE void connection::unsubscribe(std::uint64_t id) noexcept {
   for (auto& s : subs_) {
     if (s.id == id) s.fn = nullptr;
   }
   prune_subscribers();
 }
 
-inline std::uint64_t connection::on_lost(lost_handler fn) {
+PGIPLOCK_INLINE std::uint64_t connection::on_lost(lost_handler fn) {
   std::uint64_t id = ++next_sub_;
   lost_handlers_.emplace_back(id, std::move(fn));
   return id;
 }
 
-inline void connection::remove_on_lost(std::uint64_t id) noexcept {
+PGIPLOCK_INLINE void connection::remove_on_lost(std::uint64_t id) noexcept {
   for (auto& h : lost_handlers_) {
     if (h.first == id) h.second = nullptr;
   }
 }
 
 // libpq's escaping needs the connection (its encoding).
-inline std::string connection::quote_identifier(std::string_view name) const {
+PGIPLOCK_INLINE std::string connection::quote_identifier(std::string_view name) const {
   if (!conn_) throw connection_error(closed_message());
   char* q = PQescapeIdentifier(conn_.get(), name.data(), name.size());
   if (!q) {
@@ -3045,11 +3197,11 @@ inline std::string connection::quote_identifier(std::string_view name) const {
   return out;
 }
 
-inline std::string connection::closed_message() const {
+PGIPLOCK_INLINE std::string connection::closed_message() const {
   return lost_reason_.empty() ? std::string("pgiplock: the connection is closed") : lost_reason_;
 }
 
-inline void connection::finish_setup() {
+PGIPLOCK_INLINE void connection::finish_setup() {
   // Installed before any statement, so no server notice goes to stderr.
   PQsetNoticeReceiver(conn_.get(), &connection::on_notice, this);
   if (PQsetnonblocking(conn_.get(), 1) != 0 || PQenterPipelineMode(conn_.get()) != 1) {
@@ -3062,14 +3214,14 @@ inline void connection::finish_setup() {
   loop_->start(pump_);
 }
 
-inline void connection::on_notice(void* arg, const PGresult* r) {
+PGIPLOCK_INLINE void connection::on_notice(void* arg, const PGresult* r) {
   auto* self = static_cast<connection*>(arg);
   detail::log(self->logger_, log_level::info, "server notice: " + detail::trim_message(PQresultErrorMessage(r)));
 }
 
 // Sends what libpq has buffered; if the socket is full, the pump waits for
 // POLLOUT as well (its current poll is cancelled so it re-arms with it).
-inline void connection::flush_output() {
+PGIPLOCK_INLINE void connection::flush_output() {
   if (!conn_ || lost_) return;
   int rc = PQflush(conn_.get());
   if (rc < 0) {
@@ -3082,7 +3234,7 @@ inline void connection::flush_output() {
   }
 }
 
-inline task<void> connection::pump() {
+PGIPLOCK_INLINE task<void> connection::pump() {
   while (!closing_ && !lost_) {
     unsigned ev = POLLIN | (want_write_ ? POLLOUT : 0u);
     auto r = co_await loop_->poll(fd_, ev, std::nullopt, &pump_cancel_);
@@ -3113,7 +3265,7 @@ inline task<void> connection::pump() {
 // In pipeline mode each query yields its results, a NULL, then the
 // PGRES_PIPELINE_SYNC of its own sync: that marks it complete. Returns
 // whether any query completed.
-inline bool connection::collect_results() {
+PGIPLOCK_INLINE bool connection::collect_results() {
   bool completed = false;
   while (!pending_.empty() && !PQisBusy(conn_.get())) {
     PGresult* r = PQgetResult(conn_.get());
@@ -3133,7 +3285,7 @@ inline bool connection::collect_results() {
 
 // One result of the query at the head of the pipeline: its value, its
 // error, or the result of the PREPARE sent ahead of it.
-inline void connection::take_result(pending_query& q, PGresult* r) {
+PGIPLOCK_INLINE void connection::take_result(pending_query& q, PGresult* r) {
   result owned(r);
   bool alive = loop_->alive(q.op);
   switch (PQresultStatus(r)) {
@@ -3159,7 +3311,7 @@ inline void connection::take_result(pending_query& q, PGresult* r) {
   }
 }
 
-inline std::exception_ptr connection::to_error(const PGresult* r) const {
+PGIPLOCK_INLINE std::exception_ptr connection::to_error(const PGresult* r) const {
   const char* state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
   std::string code = state ? state : "";
   std::string msg = detail::trim_message(PQresultErrorMessage(r));
@@ -3171,7 +3323,7 @@ inline std::exception_ptr connection::to_error(const PGresult* r) const {
       sql_error("pgiplock: " + msg + (code.empty() ? "" : " (SQLSTATE " + code + ")") + detail::setting_hint(msg), code));
 }
 
-inline void connection::dispatch_notifications() {
+PGIPLOCK_INLINE void connection::dispatch_notifications() {
   bool timed = false;
   while (PGnotify* n = PQnotifies(conn_.get())) {
     if (!std::exchange(timed, true)) detail::note_dispatch_time();
@@ -3191,13 +3343,13 @@ inline void connection::dispatch_notifications() {
   }
 }
 
-inline void connection::prune_subscribers() {
+PGIPLOCK_INLINE void connection::prune_subscribers() {
   if (dispatching_) return;
   subs_.erase(std::remove_if(subs_.begin(), subs_.end(), [](const subscriber& s) { return !s.fn; }), subs_.end());
 }
 
 // The link is gone: every waiter learns it now, with the reason.
-inline void connection::lose(const std::string& why) {
+PGIPLOCK_INLINE void connection::lose(const std::string& why) {
   if (lost_) return;
   lost_ = true;
   lost_reason_ = closing_ ? "pgiplock: the connection was closed" : "pgiplock: connection lost: " + why;
@@ -3216,6 +3368,7 @@ inline void connection::lose(const std::string& why) {
     if (h.second) h.second(err);
   }
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 }  // namespace pgiplock
 
@@ -3284,8 +3437,9 @@ inline task<void> ensure_lock_schema(std::shared_ptr<connection> client, std::st
                                         s + ".pgiplock_tenure", s + ".pgiplock_listen(text,text)",
                                         s + ".pgiplock_member", s + ".pgiplock_watch(text,integer,integer)",
                                         s + ".pgiplock_claim(text,text[],text,text,text,boolean,integer)",
-                                        s + ".pgiplock_listen_many(text[],text[])");
+                                        s + ".pgiplock_listen_many(text[],text[])", sql::lock_version);
   if (present.get(0, 0) == "t") co_return;
+  co_await client->query(std::string(sql::set_bootstrap_schema), sql::lock_version_setting, sql::lock_version);
   co_await run_bootstrap(client, sql::lock_schema_setting, std::move(schema), sql::lock_schema_ddl, "the lock schema");
 }
 
@@ -3551,7 +3705,8 @@ class ip_lock {
 
 namespace detail {
 
-inline const char* state_name(lock_state s) {
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE const char* state_name(lock_state s) {
   switch (s) {
     case lock_state::created: return "created";
     case lock_state::standby: return "standby";
@@ -3564,11 +3719,11 @@ inline const char* state_name(lock_state s) {
 }
 
 // Holding the channel, or handing it over.
-inline bool tenured(lock_state s) {
+PGIPLOCK_INLINE bool tenured(lock_state s) {
   return s == lock_state::holding || s == lock_state::draining || s == lock_state::releasing;
 }
 
-inline bool allowed(lock_state from, lock_state to) {
+PGIPLOCK_INLINE bool allowed(lock_state from, lock_state to) {
   using enum lock_state;
   switch (to) {
     case standby: return from != destroyed;  // from created: init(); else lost, demoted or released
@@ -3580,10 +3735,12 @@ inline bool allowed(lock_state from, lock_state to) {
   }
   return false;
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 }  // namespace detail
 
-inline ip_lock::ip_lock(std::string channel, ip_lock_options options)
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE ip_lock::ip_lock(std::string channel, ip_lock_options options)
     : channel_(std::move(channel)), options_(std::move(options)) {
   detail::validate_channel(channel_, detail::channel_use::locked);
   if (!options_.client) throw std::invalid_argument("pgiplock: ip_lock needs options.client");
@@ -3596,7 +3753,7 @@ inline ip_lock::ip_lock(std::string channel, ip_lock_options options)
   registry().push_back(this);
 }
 
-inline ip_lock::~ip_lock() {
+PGIPLOCK_INLINE ip_lock::~ip_lock() {
   registry_remove(this);
   stop_background();
   detach_from_client();
@@ -3612,7 +3769,7 @@ inline ip_lock::~ip_lock() {
 }
 
 // The one place the state changes; see the diagram at the top.
-inline void ip_lock::enter(lock_state next, std::string_view why) {
+PGIPLOCK_INLINE void ip_lock::enter(lock_state next, std::string_view why) {
   lock_state was = state_;
   if (was == next) return;
   if (!detail::allowed(was, next)) {
@@ -3633,23 +3790,23 @@ inline void ip_lock::enter(lock_state next, std::string_view why) {
   }
 }
 
-inline bool ip_lock::is_acquired() const noexcept {
+PGIPLOCK_INLINE bool ip_lock::is_acquired() const noexcept {
   return state_ == lock_state::holding && options_.client->is_open();
 }
 
-inline bool ip_lock::is_draining() const noexcept {
+PGIPLOCK_INLINE bool ip_lock::is_draining() const noexcept {
   return state_ == lock_state::draining && options_.client->is_open();
 }
 
-inline bool ip_lock::listens_on_acquire() const noexcept {
+PGIPLOCK_INLINE bool ip_lock::listens_on_acquire() const noexcept {
   return detail::tenured(state_) && !options_.listen_on_acquire.empty();
 }
 
-inline bool ip_lock::past_handover_cut() const noexcept { return !cut_.fresh_tenure || cut_.own_announcement_seen; }
+PGIPLOCK_INLINE bool ip_lock::past_handover_cut() const noexcept { return !cut_.fresh_tenure || cut_.own_announcement_seen; }
 
-inline std::int64_t ip_lock::token() const noexcept { return is_acquired() && token_ ? *token_ : 0; }
+PGIPLOCK_INLINE std::int64_t ip_lock::token() const noexcept { return is_acquired() && token_ ? *token_ : 0; }
 
-inline channel_stats ip_lock::stats() const {
+PGIPLOCK_INLINE channel_stats ip_lock::stats() const {
   channel_stats s = wins_;
   s.channel = channel_;
   s.token = token();
@@ -3658,7 +3815,7 @@ inline channel_stats ip_lock::stats() const {
   return s;
 }
 
-inline void ip_lock::count_win(bool fresh, event_loop::clock::duration took) {
+PGIPLOCK_INLINE void ip_lock::count_win(bool fresh, event_loop::clock::duration took) {
   auto us = std::chrono::duration_cast<std::chrono::microseconds>(took);
   wins_.tenure_since = std::chrono::system_clock::now();
   if (fresh) {
@@ -3670,12 +3827,12 @@ inline void ip_lock::count_win(bool fresh, event_loop::clock::duration took) {
   }
 }
 
-inline void ip_lock::on_release(channel_handler fn) {
+PGIPLOCK_INLINE void ip_lock::on_release(channel_handler fn) {
   if (on_release_) throw std::logic_error("pgiplock: ip_lock '" + channel_ + "' already has an on_release handler");
   on_release_ = std::move(fn);
 }
 
-inline task<void> ip_lock::init() {
+PGIPLOCK_INLINE task<void> ip_lock::init() {
   if (state_ != lock_state::created) co_return;
   auto client = options_.client;
   co_await detail::ensure_lock_schema(client, schema_name());
@@ -3697,12 +3854,12 @@ inline task<void> ip_lock::init() {
   start_background();
 }
 
-inline task<bool> ip_lock::acquire() {
+PGIPLOCK_INLINE task<bool> ip_lock::acquire() {
   auto o = co_await take();
   co_return o.won;
 }
 
-inline task<void> ip_lock::release() {
+PGIPLOCK_INLINE task<void> ip_lock::release() {
   auto client = options_.client;
   bool was = state_ == lock_state::holding;
   demotion_reason_.clear();
@@ -3733,7 +3890,7 @@ inline task<void> ip_lock::release() {
 }
 
 // A drain: deliver until the successor announces, or handover_timeout.
-inline task<void> ip_lock::wait_for_successor() {
+PGIPLOCK_INLINE task<void> ip_lock::wait_for_successor() {
   if (options_.handover_timeout.count() <= 0) co_return;
   auto announced = std::make_shared<async_event>(options_.client->loop());
   announced_ = announced;
@@ -3741,7 +3898,7 @@ inline task<void> ip_lock::wait_for_successor() {
   announced_.reset();
 }
 
-inline task<void> ip_lock::destroy() {
+PGIPLOCK_INLINE task<void> ip_lock::destroy() {
   if (destroy_requested_ || state_ == lock_state::destroyed) co_return;
   destroy_requested_ = true;
   registry_remove(this);
@@ -3763,7 +3920,7 @@ inline task<void> ip_lock::destroy() {
   enter(lock_state::destroyed, "destroyed");
 }
 
-inline task<void> ip_lock::destroy_all() {
+PGIPLOCK_INLINE task<void> ip_lock::destroy_all() {
   event_loop* here = event_loop::current();
   for (;;) {
     auto& all = registry();
@@ -3781,43 +3938,43 @@ inline task<void> ip_lock::destroy_all() {
   }
 }
 
-inline std::vector<ip_lock*>& ip_lock::registry() {
+PGIPLOCK_INLINE std::vector<ip_lock*>& ip_lock::registry() {
   static std::vector<ip_lock*> all;
   return all;
 }
 
-inline void ip_lock::registry_remove(ip_lock* l) {
+PGIPLOCK_INLINE void ip_lock::registry_remove(ip_lock* l) {
   auto& r = registry();
   r.erase(std::remove(r.begin(), r.end(), l), r.end());
 }
 
-inline const log_handler& ip_lock::logger() const {
+PGIPLOCK_INLINE const log_handler& ip_lock::logger() const {
   return options_.logger ? options_.logger : options_.client->logger();
 }
 
-inline void ip_lock::note(log_level level, std::string_view message) const {
+PGIPLOCK_INLINE void ip_lock::note(log_level level, std::string_view message) const {
   if (level == log_level::debug && !logger()) return;  // nobody reads it: skip building the line
   detail::log(logger(), level, "ip_lock " + channel_ + ": " + std::string(message));
 }
 
-inline const detail::lock_statements& ip_lock::statements() {
+PGIPLOCK_INLINE const detail::lock_statements& ip_lock::statements() {
   if (!sql_) sql_ = detail::lock_statements::for_schema(options_.client->quote_identifier(schema_name()));
   return *sql_;
 }
 
-inline void ip_lock::detach_from_client() {
+PGIPLOCK_INLINE void ip_lock::detach_from_client() {
   if (notify_sub_) options_.client->unsubscribe(notify_sub_);
   if (lost_sub_) options_.client->remove_on_lost(lost_sub_);
   notify_sub_ = lost_sub_ = 0;
 }
 
-inline void ip_lock::stop_background() {
+PGIPLOCK_INLINE void ip_lock::stop_background() {
   background_ = task<void>{};
   waiter_task_ = task<void>{};
   heartbeat_ = task<void>{};
 }
 
-inline void ip_lock::start_background() {
+PGIPLOCK_INLINE void ip_lock::start_background() {
   auto& loop = options_.client->loop();
   background_ = retry_loop();
   loop.start(background_);
@@ -3832,7 +3989,7 @@ inline void ip_lock::start_background() {
 // acquire(), with what the waiter needs to know: whether the advisory lock
 // was free. One attempt at a time per lock: the statement takes the session
 // advisory lock, which counts re-entries.
-inline task<ip_lock::outcome> ip_lock::take() {
+PGIPLOCK_INLINE task<ip_lock::outcome> ip_lock::take() {
   if (state_ == lock_state::created) {
     throw std::logic_error("pgiplock: ip_lock '" + channel_ + "': acquire() before init() completed");
   }
@@ -3865,7 +4022,7 @@ inline task<ip_lock::outcome> ip_lock::take() {
   }
 }
 
-inline task<ip_lock::outcome> ip_lock::attempt(std::shared_ptr<connection> client) {
+PGIPLOCK_INLINE task<ip_lock::outcome> ip_lock::attempt(std::shared_ptr<connection> client) {
   // Our announcement can be dispatched before this result is processed
   // (both arrive in one read): forget earlier ones before sending.
   cut_.own_announcement_seen = false;
@@ -3893,13 +4050,13 @@ inline task<ip_lock::outcome> ip_lock::attempt(std::shared_ptr<connection> clien
   co_return out;
 }
 
-inline task<bool> ip_lock::holds_row(std::shared_ptr<connection> client) {
+PGIPLOCK_INLINE task<bool> ip_lock::holds_row(std::shared_ptr<connection> client) {
   auto r = co_await client->query_prepared(statements().holds_row, lock_channel_, client->app_name());
   co_return r.get(0, 0) == "t";
 }
 
 // Stops holding at once; frees the advisory lock so a standby can win.
-inline task<void> ip_lock::demote(std::string why) {
+PGIPLOCK_INLINE task<void> ip_lock::demote(std::string why) {
   if (state_ != lock_state::holding) co_return;
   note(log_level::warn, "giving up the lock: " + why);
   demotion_reason_ = why;
@@ -3915,7 +4072,7 @@ inline task<void> ip_lock::demote(std::string why) {
   }
 }
 
-inline task<void> ip_lock::release_in_background(std::shared_ptr<connection> client, detail::lock_statements sql,
+PGIPLOCK_INLINE task<void> ip_lock::release_in_background(std::shared_ptr<connection> client, detail::lock_statements sql,
                                                  std::string lock_channel, std::int64_t key, bool advisory_held) {
   try {
     (void)co_await detail::release_row(client, std::move(sql), std::move(lock_channel), key, advisory_held);
@@ -3925,7 +4082,7 @@ inline task<void> ip_lock::release_in_background(std::shared_ptr<connection> cli
 }
 
 // Stops listening for release events and leaves the presence group.
-inline task<void> ip_lock::leave_quietly(std::shared_ptr<connection> client, std::string lock_channel, bool present,
+PGIPLOCK_INLINE task<void> ip_lock::leave_quietly(std::shared_ptr<connection> client, std::string lock_channel, bool present,
                                          std::pair<std::int32_t, std::int32_t> presence) {
   try {
     co_await client->unlisten(lock_channel);
@@ -3935,7 +4092,7 @@ inline task<void> ip_lock::leave_quietly(std::shared_ptr<connection> client, std
   }
 }
 
-inline void ip_lock::on_lock_channel(const notification& n) {
+PGIPLOCK_INLINE void ip_lock::on_lock_channel(const notification& n) {
   if (n.sender_pid == options_.client->backend_pid()) {  // our own release or announcement
     if (n.payload == detail::announce_payload) cut_.own_announcement_seen = true;
     return;
@@ -3957,7 +4114,7 @@ inline void ip_lock::on_lock_channel(const notification& n) {
 // Release events and the periodic retry. While the advisory waiter knows a
 // live holder holds the advisory lock, the periodic attempt is skipped: an
 // idle standby then sends one statement per wait slice, nothing more.
-inline task<void> ip_lock::retry_loop() {
+PGIPLOCK_INLINE task<void> ip_lock::retry_loop() {
   auto& loop = options_.client->loop();
   for (;;) {
     bool elapsed = co_await loop.sleep(options_.acquire_interval, &wake_);
@@ -3977,7 +4134,7 @@ inline task<void> ip_lock::retry_loop() {
 }
 
 // The holder's liveness check, every liveness_timeout / 4.
-inline task<void> ip_lock::heartbeat_loop() {
+PGIPLOCK_INLINE task<void> ip_lock::heartbeat_loop() {
   auto& loop = options_.client->loop();
   auto every = std::max<std::chrono::milliseconds>(std::chrono::milliseconds(10), options_.liveness_timeout / 4);
   auto limit = std::max<std::chrono::milliseconds>(std::chrono::milliseconds(10), options_.liveness_timeout / 2);
@@ -3993,7 +4150,7 @@ inline task<void> ip_lock::heartbeat_loop() {
 
 // What is wrong with our tenure, if anything: the row must still be there
 // (a DELETE or TRUNCATE fires no release event), answered in time.
-inline task<std::string> ip_lock::check_liveness(std::chrono::milliseconds limit) {
+PGIPLOCK_INLINE task<std::string> ip_lock::check_liveness(std::chrono::milliseconds limit) {
   std::optional<bool> held;
   std::string failure;  // co_await is not allowed inside a handler
   try {
@@ -4009,7 +4166,7 @@ inline task<std::string> ip_lock::check_liveness(std::chrono::milliseconds limit
 
 // The fast path of a standby: wait, server-side and in bounded slices, for
 // the holder's advisory lock; when it comes free, take over.
-inline task<void> ip_lock::waiter_loop() {
+PGIPLOCK_INLINE task<void> ip_lock::waiter_loop() {
   for (;;) {
     // Re-checked after every await: the connect and the wait take time, in
     // which this lock may win, or release and turn passive.
@@ -4026,14 +4183,14 @@ inline task<void> ip_lock::waiter_loop() {
   }
 }
 
-inline bool ip_lock::waiter_idle() const {
+PGIPLOCK_INLINE bool ip_lock::waiter_idle() const {
   return state_ != lock_state::standby || !options_.client->is_open() ||
          event_loop::clock::now() < passive_until_;
 }
 
 // Nothing to wait for: a holder gives its waiting connection back; a lock
 // that just released stays passive until passive_until_.
-inline task<void> ip_lock::rest_waiter() {
+PGIPLOCK_INLINE task<void> ip_lock::rest_waiter() {
   waiter_sees_holder_ = false;
   if (detail::tenured(state_) && waiter_) {
     auto w = std::move(waiter_);
@@ -4044,7 +4201,7 @@ inline task<void> ip_lock::rest_waiter() {
   if (!co_await options_.client->loop().sleep_until(until, &standby_wake_)) standby_wake_.reset();
 }
 
-inline task<void> ip_lock::open_waiter() {
+PGIPLOCK_INLINE task<void> ip_lock::open_waiter() {
   auto client = options_.client;
   auto opts = detail::derived_options(client->logger(), options_.liveness_timeout, false);
   try {
@@ -4061,7 +4218,7 @@ inline task<void> ip_lock::open_waiter() {
 
 // One bounded server-side wait for the advisory lock: whether it came free;
 // nothing when the wait itself failed (then after a short pause).
-inline task<std::optional<bool>> ip_lock::wait_one_slice() {
+PGIPLOCK_INLINE task<std::optional<bool>> ip_lock::wait_one_slice() {
   auto slice = options_.wait_slice.count() > 0 ? options_.wait_slice : options_.acquire_interval;
   auto w = waiter_;
   std::optional<bool> free;
@@ -4079,7 +4236,7 @@ inline task<std::optional<bool>> ip_lock::wait_one_slice() {
 // The holder's advisory lock came free: take over, retrying briefly (the
 // dead holder's application_name can stay visible in pg_stat_activity for a
 // moment after its lock is freed).
-inline task<void> ip_lock::take_over() {
+PGIPLOCK_INLINE task<void> ip_lock::take_over() {
   note(log_level::debug, "the holder's advisory lock is free");
   auto client = options_.client;
   bool won = false;
@@ -4102,6 +4259,7 @@ inline task<void> ip_lock::take_over() {
     co_await client->loop().sleep(options_.acquire_interval, &wake_);
   }
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 }  // namespace pgiplock
 
@@ -4260,7 +4418,8 @@ class echo_probe {
 
 // ---- implementation ---------------------------------------------------------
 
-inline echo_probe::echo_probe(std::shared_ptr<connection> c, options o, hooks h)
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE echo_probe::echo_probe(std::shared_ptr<connection> c, options o, hooks h)
     : c_(std::move(c)), options_(o), hooks_(std::move(h)), channel_("pgiplock-echo-" + random_uuid()) {
   heard_ = std::make_shared<cancel_source>();
   auto heard = heard_;  // the handler may outlive this probe
@@ -4269,12 +4428,12 @@ inline echo_probe::echo_probe(std::shared_ptr<connection> c, options o, hooks h)
   c_->loop().start(task_);
 }
 
-inline echo_probe::~echo_probe() {
+PGIPLOCK_INLINE echo_probe::~echo_probe() {
   task_ = task<void>{};
   c_->unsubscribe(sub_);
 }
 
-inline task<void> echo_probe::run() {
+PGIPLOCK_INLINE task<void> echo_probe::run() {
   try {
     co_await c_->listen(channel_);
   } catch (const std::exception& e) {
@@ -4289,7 +4448,7 @@ inline task<void> echo_probe::run() {
 }
 
 // One probe; false when the echo did not come back (the hook said so).
-inline task<bool> echo_probe::once() {
+PGIPLOCK_INLINE task<bool> echo_probe::once() {
   heard_->reset();
   auto t0 = event_loop::clock::now();
   double usage = -1;
@@ -4314,7 +4473,7 @@ inline task<bool> echo_probe::once() {
 }
 
 // Said once per crossing upwards, not once per probe while it stays high.
-inline void echo_probe::note_usage(double usage) {
+PGIPLOCK_INLINE void echo_probe::note_usage(double usage) {
   if (usage < 0) return;
   usage_ = usage;
   if (usage >= options_.queue_threshold && !above_) {
@@ -4324,6 +4483,7 @@ inline void echo_probe::note_usage(double usage) {
     above_ = false;
   }
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 }  // namespace pgiplock::detail
 
@@ -4470,7 +4630,8 @@ class journal {
 
 // ---- implementation ---------------------------------------------------------
 
-inline task<void> ensure_journal(std::shared_ptr<connection> client) {
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE task<void> ensure_journal(std::shared_ptr<connection> client) {
   co_await ensure_lock_schema(client, lock_schema_name());
   std::string s = client->quote_identifier(lock_schema_name());
   auto present = co_await client->query(std::string(sql::journal_present), s + ".pgiplock_channel",
@@ -4482,6 +4643,7 @@ inline task<void> ensure_journal(std::shared_ptr<connection> client) {
   co_await client->query(std::string(sql::set_bootstrap_schema), sql::journal_version_setting, sql::journal_version);
   co_await run_bootstrap(client, sql::journal_setting, lock_schema_name(), sql::journal_ddl, "the journal");
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 inline constexpr int journal_page = 256;  // rows per channel per read
 inline constexpr long long journal_page_bytes = 16ll << 20;  // and payload bytes, past the first row
@@ -4491,7 +4653,8 @@ inline constexpr std::chrono::milliseconds prune_idle_every{30000};  // what pas
 // this much more, and the cursor row is not rewritten per message.
 inline constexpr std::chrono::milliseconds ack_pace{5};
 
-inline journal::journal(std::shared_ptr<connection> client, journal_options options, hooks h)
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE journal::journal(std::shared_ptr<connection> client, journal_options options, hooks h)
     : client_(std::move(client)), options_(std::move(options)), hooks_(std::move(h)) {
   auto schema = client_->quote_identifier(lock_schema_name());
   read_sql_ = sql::in_schema(sql::journal_read, schema);
@@ -4507,7 +4670,7 @@ inline journal::journal(std::shared_ptr<connection> client, journal_options opti
   loop.start(acker_task_);
 }
 
-inline journal::~journal() {
+PGIPLOCK_INLINE journal::~journal() {
   tx_task_ = task<void>{};
   acker_task_ = task<void>{};
   reader_task_ = task<void>{};
@@ -4516,16 +4679,16 @@ inline journal::~journal() {
   // holder: at-least-once.
 }
 
-inline void journal::note(log_level level, const std::string& message) const {
+PGIPLOCK_INLINE void journal::note(log_level level, const std::string& message) const {
   if (level == log_level::debug && !options_.logger) return;
   log(options_.logger, level, "journal: " + message);
 }
 
-inline void journal::complain(const std::string& message) const { hooks_.report(error("pgiplock: " + message)); }
+PGIPLOCK_INLINE void journal::complain(const std::string& message) const { hooks_.report(error("pgiplock: " + message)); }
 
 // A failed statement of the journal: said (once per kind while it lasts),
 // and a journal whose tables are gone is rebuilt by the reader.
-inline void journal::failed(const std::string& what, const std::exception& e) {
+PGIPLOCK_INLINE void journal::failed(const std::string& what, const std::exception& e) {
   if (!client_->is_open()) return;
   auto* s = dynamic_cast<const sql_error*>(&e);
   if (s && sqlstate::journal_missing(s->sqlstate())) {
@@ -4540,7 +4703,7 @@ inline void journal::failed(const std::string& what, const std::exception& e) {
 
 // The tables are back (empty): every stream starts again from its cursor,
 // which is where this holder stands (its acknowledgement puts it back).
-inline task<bool> journal::rebuild() {
+PGIPLOCK_INLINE task<bool> journal::rebuild() {
   try {
     co_await ensure_journal(client_);
   } catch (const std::exception& e) {
@@ -4556,7 +4719,7 @@ inline task<bool> journal::rebuild() {
   co_return true;
 }
 
-inline void journal::begin_tenure(const std::string& channel, std::int64_t token, delivery_count* count) {
+PGIPLOCK_INLINE void journal::begin_tenure(const std::string& channel, std::int64_t token, delivery_count* count) {
   stream s;
   s.token = token;
   s.count = count;
@@ -4564,40 +4727,40 @@ inline void journal::begin_tenure(const std::string& channel, std::int64_t token
   wake_reader();
 }
 
-inline void journal::end_tenure(const std::string& channel) {
+PGIPLOCK_INLINE void journal::end_tenure(const std::string& channel) {
   auto it = streams_.find(channel);
   if (it != streams_.end()) streams_.erase(it);
   std::erase_if(tx_queue_, [&](const owned_delivery& d) { return d.channel == channel; });
 }
 
-inline std::optional<journal::lag> journal::lag_of(std::string_view channel) const {
+PGIPLOCK_INLINE std::optional<journal::lag> journal::lag_of(std::string_view channel) const {
   auto it = streams_.find(channel);
   if (it == streams_.end()) return std::nullopt;
   return it->second.behind;
 }
 
-inline void journal::set_transaction_handler(transaction_handler fn) {
+PGIPLOCK_INLINE void journal::set_transaction_handler(transaction_handler fn) {
   tx_handler_ = std::move(fn);
   if (tx_task_.valid()) return;
   tx_task_ = transaction_loop();
   client_->loop().start(tx_task_);
 }
 
-inline void journal::wake_reader() {
+PGIPLOCK_INLINE void journal::wake_reader() {
   read_requested_ = true;
   reader_wake_.cancel();
 }
 
 // With a transaction handler the transactions move the cursor; the
 // acknowledgement statement then only checks (and reads the lag).
-inline void journal::wake_acker() {
+PGIPLOCK_INLINE void journal::wake_acker() {
   ack_requested_ = true;
   acker_wake_.cancel();
 }
 
 // "<id>:<payload>" or "<id>", after nudge_prefix; anything else is not a
 // nudge of the journal. Views into the notification: nothing is copied.
-inline std::optional<journal::nudge_text> journal::parse(std::string_view payload) {
+PGIPLOCK_INLINE std::optional<journal::nudge_text> journal::parse(std::string_view payload) {
   if (!payload.starts_with(nudge_prefix)) return std::nullopt;
   payload.remove_prefix(nudge_prefix.size());
   nudge_text n;
@@ -4611,7 +4774,7 @@ inline std::optional<journal::nudge_text> journal::parse(std::string_view payloa
 
 // The hot path of a durable channel: the next id with its payload inline
 // is delivered at once; anything else waits for the journal.
-inline void journal::on_nudge(const notification& n) {
+PGIPLOCK_INLINE void journal::on_nudge(const notification& n) {
   auto it = streams_.find(n.channel);
   if (it == streams_.end() || it->second.state == phase::stopped) return;
   auto& s = it->second;
@@ -4639,7 +4802,7 @@ inline void journal::on_nudge(const notification& n) {
 }
 
 // Delivers one message; false when a handler ended the tenure meanwhile.
-inline bool journal::deliver(const std::string& channel, stream& s, std::int64_t id, std::string_view payload) {
+PGIPLOCK_INLINE bool journal::deliver(const std::string& channel, stream& s, std::int64_t id, std::string_view payload) {
   auto token = s.token;
   s.next = id + 1;
   s.delivered = id;
@@ -4663,7 +4826,7 @@ inline bool journal::deliver(const std::string& channel, stream& s, std::int64_t
 // After a read of the journal: what arrived meanwhile, in order. A nudge
 // the read should have covered (it arrived before the read was sent) but
 // did not is gone from the journal: said, and skipped.
-inline void journal::drain_backlog(const std::string& channel, std::uint64_t read_no, bool complete) {
+PGIPLOCK_INLINE void journal::drain_backlog(const std::string& channel, std::uint64_t read_no, bool complete) {
   for (;;) {
     auto it = streams_.find(channel);
     if (it == streams_.end() || it->second.state != phase::catching_up) return;
@@ -4697,7 +4860,7 @@ inline void journal::drain_backlog(const std::string& channel, std::uint64_t rea
 }
 
 // Another tenure took the cursor: this member must not deliver the channel.
-inline void journal::fence(const std::string& channel, std::int64_t token) {
+PGIPLOCK_INLINE void journal::fence(const std::string& channel, std::int64_t token) {
   auto it = streams_.find(channel);
   if (it == streams_.end() || it->second.token != token || it->second.fenced) return;
   it->second.fenced = true;
@@ -4707,7 +4870,7 @@ inline void journal::fence(const std::string& channel, std::int64_t token) {
            " was replaced by a newer one; stopped delivering it");
 }
 
-inline task<void> journal::reader_loop() {
+PGIPLOCK_INLINE task<void> journal::reader_loop() {
   co_await warm_up();
   for (;;) {
     if (!read_requested_) {
@@ -4732,7 +4895,7 @@ inline task<void> journal::reader_loop() {
 // A standby's session has never touched the journal: its first takeover
 // would pay for opening the partitions and planning the statements (5-10 ms
 // measured). Both are prepared and run once, on nothing, beforehand.
-inline task<void> journal::warm_up() {
+PGIPLOCK_INLINE task<void> journal::warm_up() {
   try {
     co_await client_->query_prepared(take_sql_, "{}", "{}");
     co_await client_->query_prepared(read_sql_, "{}", "{}", journal_page, journal_page_bytes);
@@ -4743,7 +4906,7 @@ inline task<void> journal::warm_up() {
 
 // Fences the cursor of every new tenure and reads where it stands, in one
 // statement; false after a failure (reported; retried).
-inline task<bool> journal::resume_all() {
+PGIPLOCK_INLINE task<bool> journal::resume_all() {
   read_round round;
   for (auto& [ch, s] : streams_) {
     if (s.state != phase::resuming) continue;
@@ -4782,7 +4945,7 @@ inline task<bool> journal::resume_all() {
 
 // One page of the journal for every catching-up stream; true while some
 // stream needs another.
-inline task<bool> journal::read_once() {
+PGIPLOCK_INLINE task<bool> journal::read_once() {
   read_round round;
   text_array chs, from;
   for (auto& [ch, s] : streams_) {
@@ -4813,7 +4976,7 @@ inline task<bool> journal::read_once() {
 
 // Rows come ordered by channel, then id; a row without its payload says
 // that the channel has more than this page.
-inline void journal::take_rows(const result& r, const read_round& round, std::uint64_t read_no) {
+PGIPLOCK_INLINE void journal::take_rows(const result& r, const read_round& round, std::uint64_t read_no) {
   note_dispatch_time();  // the deliveries below are not a connection's notifications
   std::set<std::string, std::less<>> more;
   for (int i = 0; i < r.rows(); ++i) {
@@ -4842,7 +5005,7 @@ inline void journal::take_rows(const result& r, const read_round& round, std::ui
 
 // One acknowledgement statement in flight; requests made meanwhile go in
 // the next. Retention runs from here too.
-inline task<void> journal::acker_loop() {
+PGIPLOCK_INLINE task<void> journal::acker_loop() {
   auto last_prune = event_loop::clock::now();
   for (;;) {
     if (!ack_requested_) {
@@ -4864,7 +5027,7 @@ inline task<void> journal::acker_loop() {
 // Acknowledges what was delivered (on `only`, when given), and checks the
 // channels that saw an id they had delivered already: each under its own
 // token; a refused one is fenced.
-inline task<void> journal::ack(std::vector<std::string> only) {
+PGIPLOCK_INLINE task<void> journal::ack(std::vector<std::string> only) {
   text_array chs, ids, toks;
   std::vector<ack_sent> sent;
   for (auto& [ch, s] : streams_) {
@@ -4897,7 +5060,7 @@ inline task<void> journal::ack(std::vector<std::string> only) {
 
 // A last id below what was delivered when the statement went means the
 // journal began again (a delivery since then is no sign of it).
-inline task<void> journal::take_acks(const result& r, std::vector<ack_sent> sent) {
+PGIPLOCK_INLINE task<void> journal::take_acks(const result& r, std::vector<ack_sent> sent) {
   std::map<std::string, int, std::less<>> row_of;
   for (int i = 0; i < r.rows(); ++i) row_of[std::string(r.get(i, 0))] = i;
   std::vector<ack_sent> restarted;
@@ -4922,7 +5085,7 @@ inline task<void> journal::take_acks(const result& r, std::vector<ack_sent> sent
 
 // The channel's ids went back (its journal was dropped and made again):
 // what this holder skipped as seen is new. Deliver the new journal from 1.
-inline task<void> journal::restart(std::string channel, std::int64_t token) {
+PGIPLOCK_INLINE task<void> journal::restart(std::string channel, std::int64_t token) {
   complain("durable channel " + channel + ": its journal began again (dropped and re-created?): delivering the "
            "new one from its first message");
   try {
@@ -4942,7 +5105,7 @@ inline task<void> journal::restart(std::string channel, std::int64_t token) {
 
 // Idle members prune too, so a channel nobody listens to still loses what
 // is past the retention.
-inline task<void> journal::prune() {
+PGIPLOCK_INLINE task<void> journal::prune() {
   try {
     auto keep = std::to_string(options_.retention.count()) + " milliseconds";
     co_await client_->query_prepared(prune_sql_, keep);
@@ -4956,7 +5119,7 @@ inline task<void> journal::prune() {
   }
 }
 
-inline task<void> journal::settle(std::vector<std::string> channels) {
+PGIPLOCK_INLINE task<void> journal::settle(std::vector<std::string> channels) {
   for (auto& ch : channels) {
     auto it = streams_.find(ch);
     if (it != streams_.end()) it->second.state = phase::stopped;
@@ -4967,7 +5130,7 @@ inline task<void> journal::settle(std::vector<std::string> channels) {
 // Exactly-once effects: one transaction per message on a connection of its
 // own, in delivery order: the handler's writes, then the cursor, which a
 // replaced tenure cannot move (the whole transaction rolls back then).
-inline task<void> journal::transaction_loop() {
+PGIPLOCK_INLINE task<void> journal::transaction_loop() {
   for (;;) {
     if (tx_queue_.empty()) {
       if (!co_await client_->loop().sleep(std::chrono::hours(24), &tx_wake_)) tx_wake_.reset();
@@ -4988,7 +5151,7 @@ inline task<void> journal::transaction_loop() {
 }
 
 // True when the message is settled (committed, or its tenure is over).
-inline task<bool> journal::run_transaction(const owned_delivery& d) {
+PGIPLOCK_INLINE task<bool> journal::run_transaction(const owned_delivery& d) {
   std::exception_ptr failure;
   try {
     co_await ensure_tx_connection();
@@ -5022,18 +5185,19 @@ inline task<bool> journal::run_transaction(const owned_delivery& d) {
   co_return false;
 }
 
-inline task<void> journal::transact(std::shared_ptr<connection> c, const owned_delivery& d) {
+PGIPLOCK_INLINE task<void> journal::transact(std::shared_ptr<connection> c, const owned_delivery& d) {
   co_await c->query(std::string(sql::begin));
   co_await tx_handler_(delivery{d.channel, d.payload, d.id, d.token}, *c);
   co_await c->query(ack_one_sql_, d.channel, d.id, d.token);
   co_await c->query(std::string(sql::commit));
 }
 
-inline task<void> journal::ensure_tx_connection() {
+PGIPLOCK_INLINE task<void> journal::ensure_tx_connection() {
   if (tx_conn_ && tx_conn_->is_open()) co_return;
   auto opts = derived_options(client_->logger(), options_.liveness_timeout, false);
   tx_conn_ = co_await connection::connect(client_->loop(), client_->conninfo(), opts);
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 }  // namespace pgiplock::detail
 
@@ -5209,7 +5373,8 @@ class member final : public lock_holder {
 
 // ---- implementation ---------------------------------------------------------
 
-inline member::member(std::shared_ptr<connection> client, member_options options, hooks h)
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE member::member(std::shared_ptr<connection> client, member_options options, hooks h)
     : client_(std::move(client)), options_(std::move(options)), hooks_(std::move(h)), app_(client_->app_name()) {
   key_ = advisory_key(app_);
   auto schema = lock_schema_name();
@@ -5223,7 +5388,7 @@ inline member::member(std::shared_ptr<connection> client, member_options options
   listen_many_sql_ = sql::in_schema(sql::listen_many, schema_);
 }
 
-inline member::~member() {
+PGIPLOCK_INLINE member::~member() {
   forget_lock_holder(this);
   stop_loops();
   if (lost_sub_) client_->remove_on_lost(lost_sub_);
@@ -5236,12 +5401,12 @@ inline member::~member() {
                                         std::string(sql::member_unlock), key_, registered_));
 }
 
-inline void member::note(log_level level, std::string_view message) const {
+PGIPLOCK_INLINE void member::note(log_level level, std::string_view message) const {
   if (level == log_level::debug && !options_.logger) return;
   log(options_.logger, level, "member " + app_ + ": " + std::string(message));
 }
 
-inline task<void> member::start() {
+PGIPLOCK_INLINE task<void> member::start() {
   co_await ensure_lock_schema(client_, lock_schema_name());
   lock_holders().push_back(this);
   lost_sub_ = client_->on_lost([this](const connection_error&) {
@@ -5269,16 +5434,16 @@ inline task<void> member::start() {
   }
 }
 
-inline task<void> member::want(std::vector<std::string> channels) {
+PGIPLOCK_INLINE task<void> member::want(std::vector<std::string> channels) {
   for (auto& ch : channels) tenures_.try_emplace(ch);
   co_await claim_now();
 }
 
-inline task<void> member::release(std::vector<std::string> channels) {
+PGIPLOCK_INLINE task<void> member::release(std::vector<std::string> channels) {
   co_await release_impl(std::move(channels), false);
 }
 
-inline task<void> member::leave() {
+PGIPLOCK_INLINE task<void> member::leave() {
   if (left_) co_return;
   left_ = true;
   forget_lock_holder(this);
@@ -5295,7 +5460,7 @@ inline task<void> member::leave() {
   registered_ = false;
 }
 
-inline bool member::delivering(std::string_view ch) const {
+PGIPLOCK_INLINE bool member::delivering(std::string_view ch) const {
   auto it = tenures_.find(ch);
   return it != tenures_.end() && (it->second.state == lock_state::holding || it->second.state == lock_state::draining);
 }
@@ -5304,7 +5469,7 @@ inline bool member::delivering(std::string_view ch) const {
 // fresh tenure leaves what precedes its own announcement to the draining
 // predecessor (see ip_lock::past_handover_cut); a draining one delivers
 // until its successor's announcement.
-inline delivery_count* member::deliverable(std::string_view ch) {
+PGIPLOCK_INLINE delivery_count* member::deliverable(std::string_view ch) {
   auto it = tenures_.find(ch);
   if (it == tenures_.end()) return nullptr;
   auto& t = it->second;
@@ -5313,24 +5478,24 @@ inline delivery_count* member::deliverable(std::string_view ch) {
   return t.count ? t.count : &uncounted_;
 }
 
-inline std::chrono::system_clock::time_point member::since(std::string_view ch) const {
+PGIPLOCK_INLINE std::chrono::system_clock::time_point member::since(std::string_view ch) const {
   auto it = tenures_.find(ch);
   return (it != tenures_.end() && it->second.state == lock_state::holding) ? it->second.since
                                                                             : std::chrono::system_clock::time_point{};
 }
 
-inline std::int64_t member::token(std::string_view ch) const {
+PGIPLOCK_INLINE std::int64_t member::token(std::string_view ch) const {
   auto it = tenures_.find(ch);
   return (it != tenures_.end() && it->second.state == lock_state::holding) ? it->second.token : 0;
 }
 
-inline std::size_t member::held() const {
+PGIPLOCK_INLINE std::size_t member::held() const {
   return static_cast<std::size_t>(std::count_if(tenures_.begin(), tenures_.end(), [](const auto& t) {
     return t.second.state == lock_state::holding;
   }));
 }
 
-inline std::vector<std::string> member::lacking() const {
+PGIPLOCK_INLINE std::vector<std::string> member::lacking() const {
   std::vector<std::string> out;
   for (auto& [ch, t] : tenures_) {
     if (t.state == lock_state::standby) out.push_back(ch);
@@ -5340,19 +5505,19 @@ inline std::vector<std::string> member::lacking() const {
 
 // The retry timer is for what the ring cannot see: channels a non-member
 // holds, and every crash when this member does not watch.
-inline bool member::needs_timer() const {
+PGIPLOCK_INLINE bool member::needs_timer() const {
   return std::any_of(tenures_.begin(), tenures_.end(), [this](const auto& t) {
     return t.second.state == lock_state::standby && (t.second.lock_listened || !options_.fast_failover);
   });
 }
 
-inline void member::schedule_claim() {
+PGIPLOCK_INLINE void member::schedule_claim() {
   claim_requested_ = true;
   claim_wake_.cancel();
 }
 
 // Waits for a claim round that starts after this call.
-inline task<void> member::claim_now() {
+PGIPLOCK_INLINE task<void> member::claim_now() {
   if (!next_claim_done_) co_return;  // not started
   auto done = next_claim_done_;
   schedule_claim();
@@ -5360,7 +5525,7 @@ inline task<void> member::claim_now() {
 }
 
 // One claim round at a time; requests made meanwhile coalesce into one more.
-inline task<void> member::claim_loop() {
+PGIPLOCK_INLINE task<void> member::claim_loop() {
   for (;;) {
     if (!claim_requested_) {
       if (!co_await client_->loop().sleep(std::chrono::hours(24), &claim_wake_)) claim_wake_.reset();
@@ -5374,13 +5539,15 @@ inline task<void> member::claim_loop() {
     done->set();
   }
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 // At most this many channels per statement: the chunks go out pipelined,
 // so the first channels of a large takeover deliver while the rest are
 // still being claimed.
 inline constexpr std::size_t claim_chunk_size = 256;
 
-inline task<void> member::claim_once() {
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE task<void> member::claim_once() {
   auto want = lacking();
   auto gone = std::exchange(gone_, std::nullopt);
   std::optional<std::size_t> quota;
@@ -5418,7 +5585,7 @@ inline task<void> member::claim_once() {
 
 // This member's fair share of its channels: even over the members, the
 // first (count mod members) of them in app order holding one more.
-inline task<std::optional<std::size_t>> member::fair_share() {
+PGIPLOCK_INLINE task<std::optional<std::size_t>> member::fair_share() {
   try {
     auto r = co_await client_->query_prepared(sql::in_schema(sql::member_census, schema_), app_);
     auto members = static_cast<std::size_t>(std::strtoull(std::string(r.get(0, 0)).c_str(), nullptr, 10));
@@ -5434,7 +5601,7 @@ inline task<std::optional<std::size_t>> member::fair_share() {
 
 // What is held beyond the share: the last channels in name order, so the
 // choice is stable.
-inline std::vector<std::string> member::excess(std::size_t share) const {
+PGIPLOCK_INLINE std::vector<std::string> member::excess(std::size_t share) const {
   std::vector<std::string> held_now;
   for (auto& [ch, t] : tenures_) {
     if (t.state == lock_state::holding) held_now.push_back(ch);
@@ -5443,7 +5610,7 @@ inline std::vector<std::string> member::excess(std::size_t share) const {
   return std::vector<std::string>(held_now.begin() + static_cast<std::ptrdiff_t>(share), held_now.end());
 }
 
-inline task<void> member::claim_chunk(std::vector<std::string> channels, std::optional<std::string> gone, bool sweep,
+PGIPLOCK_INLINE task<void> member::claim_chunk(std::vector<std::string> channels, std::optional<std::string> gone, bool sweep,
                                       std::optional<std::size_t> quota, std::shared_ptr<int> left,
                                       std::shared_ptr<async_event> done) {
   struct settle {
@@ -5490,7 +5657,7 @@ inline task<void> member::claim_chunk(std::vector<std::string> channels, std::op
 // Reads a claim's rows into the tenures: won channels (a token each), and
 // for the others whether a non-member holds them (then its lock channel is
 // LISTENed, for the Node trigger's release event).
-inline member::claim_result member::take_claim(const result& r) {
+PGIPLOCK_INLINE member::claim_result member::take_claim(const result& r) {
   claim_result out;
   for (int i = 0; i < r.rows(); ++i) {
     std::string ch(r.get(i, 0));
@@ -5518,7 +5685,7 @@ inline member::claim_result member::take_claim(const result& r) {
   return out;
 }
 
-inline task<void> member::listen_many(std::vector<std::string> listen, std::vector<std::string> unlisten) {
+PGIPLOCK_INLINE task<void> member::listen_many(std::vector<std::string> listen, std::vector<std::string> unlisten) {
   text_array on, off;
   for (auto& c : listen) on.add(c);
   for (auto& c : unlisten) off.add(c);
@@ -5529,7 +5696,7 @@ inline task<void> member::listen_many(std::vector<std::string> listen, std::vect
   }
 }
 
-inline task<void> member::release_impl(std::vector<std::string> channels, bool leaving, bool keep) {
+PGIPLOCK_INLINE task<void> member::release_impl(std::vector<std::string> channels, bool leaving, bool keep) {
   text_array held;
   std::vector<std::string> data, locks;
   for (auto& ch : channels) {
@@ -5571,7 +5738,7 @@ inline task<void> member::release_impl(std::vector<std::string> channels, bool l
 
 // A drain: deliver until every released channel's successor announced, or
 // handover_timeout. Nobody can announce when no other member exists.
-inline task<void> member::wait_for_successors(long others) {
+PGIPLOCK_INLINE task<void> member::wait_for_successors(long others) {
   auto draining = [this] {
     return std::any_of(tenures_.begin(), tenures_.end(),
                        [](const auto& t) { return t.second.state == lock_state::draining; });
@@ -5583,7 +5750,7 @@ inline task<void> member::wait_for_successors(long others) {
   drained_.reset();
 }
 
-inline task<void> member::release_quietly(std::shared_ptr<connection> c, std::string sql, std::string app,
+PGIPLOCK_INLINE task<void> member::release_quietly(std::shared_ptr<connection> c, std::string sql, std::string app,
                                           std::string channels, std::string fleet, std::string unlock,
                                           std::int64_t key, bool registered) {
   try {
@@ -5595,7 +5762,7 @@ inline task<void> member::release_quietly(std::shared_ptr<connection> c, std::st
 }
 
 // Stops delivering at once (the lost link, a failed heartbeat, rows gone).
-inline void member::demote(const std::vector<std::string>& channels, const std::string& why) {
+PGIPLOCK_INLINE void member::demote(const std::vector<std::string>& channels, const std::string& why) {
   for (auto& ch : channels) {
     auto it = tenures_.find(ch);
     if (it == tenures_.end()) continue;
@@ -5607,7 +5774,7 @@ inline void member::demote(const std::vector<std::string>& channels, const std::
 
 // Rows gone under us: stop delivering those, stop listening, and say
 // 'free' so the others claim them now rather than at their timer.
-inline task<void> member::demote_and_free(std::vector<std::string> channels, std::string why) {
+PGIPLOCK_INLINE task<void> member::demote_and_free(std::vector<std::string> channels, std::string why) {
   note(log_level::warn, "giving up " + std::to_string(channels.size()) + " channel(s): " + why);
   demote(channels, why);
   if (!client_->is_open()) co_return;
@@ -5620,7 +5787,7 @@ inline task<void> member::demote_and_free(std::vector<std::string> channels, std
   }
 }
 
-inline void member::on_internal(const notification& n) {
+PGIPLOCK_INLINE void member::on_internal(const notification& n) {
   if (n.channel == fleet_) {
     on_fleet_event(n);
     return;
@@ -5630,7 +5797,7 @@ inline void member::on_internal(const notification& n) {
   if (it != tenures_.end() && it->second.state == lock_state::standby) schedule_claim();
 }
 
-inline void member::on_fleet_event(const notification& n) {
+PGIPLOCK_INLINE void member::on_fleet_event(const notification& n) {
   static constexpr std::string_view listening = "listening:";
   if (n.payload == "free") {
     if (!lacking().empty()) schedule_claim();
@@ -5658,7 +5825,7 @@ inline void member::on_fleet_event(const notification& n) {
 
 // The ring: wait for the next member's lock, one bounded slice per
 // statement; a member found dead is swept at once by a claim.
-inline task<void> member::watch_loop() {
+PGIPLOCK_INLINE task<void> member::watch_loop() {
   auto slice = options_.acquire_interval;
   auto step = std::min<std::chrono::milliseconds>(slice, std::chrono::seconds(1));
   for (;;) {
@@ -5688,7 +5855,7 @@ inline task<void> member::watch_loop() {
 
 // Said once when the watching connection cannot be had, and once when it
 // can again; meanwhile one attempt per acquire_interval.
-inline task<void> member::open_watcher() {
+PGIPLOCK_INLINE task<void> member::open_watcher() {
   auto opts = derived_options(client_->logger(), options_.liveness_timeout, false);
   try {
     watcher_ = co_await connection::connect(client_->loop(), client_->conninfo(), opts);
@@ -5705,7 +5872,7 @@ inline task<void> member::open_watcher() {
 }
 
 // The holder's liveness check, for all its channels, every liveness / 4.
-inline task<void> member::heartbeat_loop() {
+PGIPLOCK_INLINE task<void> member::heartbeat_loop() {
   auto& loop = client_->loop();
   auto live = options_.liveness_timeout;
   auto every = std::max<std::chrono::milliseconds>(std::chrono::milliseconds(10), live / 4);
@@ -5716,7 +5883,7 @@ inline task<void> member::heartbeat_loop() {
   }
 }
 
-inline task<void> member::check_rows(std::chrono::milliseconds limit) {
+PGIPLOCK_INLINE task<void> member::check_rows(std::chrono::milliseconds limit) {
   std::optional<result> r;
   std::string failure;
   try {
@@ -5748,19 +5915,20 @@ inline task<void> member::check_rows(std::chrono::milliseconds limit) {
   if (!gone.empty()) co_await demote_and_free(std::move(gone), "its lock row was deleted");
 }
 
-inline task<void> member::retry_loop() {
+PGIPLOCK_INLINE task<void> member::retry_loop() {
   for (;;) {
     co_await client_->loop().sleep(options_.acquire_interval);
     if (client_->is_open() && needs_timer()) co_await claim_now();
   }
 }
 
-inline void member::stop_loops() {
+PGIPLOCK_INLINE void member::stop_loops() {
   claim_task_ = task<void>{};
   watch_task_ = task<void>{};
   heartbeat_task_ = task<void>{};
   retry_task_ = task<void>{};
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 }  // namespace pgiplock::detail
 
@@ -6056,18 +6224,19 @@ class pubsub {
 
 // ---- implementation ---------------------------------------------------------
 
-inline void channel_emitter::off(std::string_view channel) {
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE void channel_emitter::off(std::string_view channel) {
   auto it = handlers_.find(channel);
   if (it != handlers_.end()) handlers_.erase(it);
 }
 
-inline void channel_emitter::emit(std::string_view channel, std::string_view payload) const {
+PGIPLOCK_INLINE void channel_emitter::emit(std::string_view channel, std::string_view payload) const {
   auto it = handlers_.find(channel);
   if (it == handlers_.end()) return;
   for (std::size_t i = 0; i < it->second.size(); ++i) it->second[i](payload);
 }
 
-inline pubsub::pubsub(event_loop& loop, pubsub_options options)
+PGIPLOCK_INLINE pubsub::pubsub(event_loop& loop, pubsub_options options)
     : loop_(&loop),
       options_(std::move(options)),
       batcher_(loop),
@@ -6084,7 +6253,7 @@ inline pubsub::pubsub(event_loop& loop, pubsub_options options)
   if (options_.handle_signals) enable_graceful_shutdown(loop);
 }
 
-inline void pubsub::validate(const pubsub_options& o) {
+PGIPLOCK_INLINE void pubsub::validate(const pubsub_options& o) {
   if (o.retry_delay.count() < 0) throw std::invalid_argument("pgiplock: retry_delay is negative");
   if (o.durable && o.filtered) {
     // A durable channel delivers every message of its journal, whoever sent it.
@@ -6107,7 +6276,7 @@ inline void pubsub::validate(const pubsub_options& o) {
   }
 }
 
-inline pubsub::~pubsub() {
+PGIPLOCK_INLINE pubsub::~pubsub() {
   reconnector_ = task<void>{};
   member_.reset();
   journal_.reset();
@@ -6115,7 +6284,7 @@ inline pubsub::~pubsub() {
   detach();
 }
 
-inline task<void> pubsub::connect() {
+PGIPLOCK_INLINE task<void> pubsub::connect() {
   closing_ = false;
   auto opts = main_options();
   auto c = co_await connection::connect(*loop_, options_.conninfo, opts);
@@ -6125,7 +6294,7 @@ inline task<void> pubsub::connect() {
 
 // On every (re)connect: the claim table, on_connect, then every channel
 // given to listen() so far.
-inline task<void> pubsub::after_connect() {
+PGIPLOCK_INLINE task<void> pubsub::after_connect() {
   if (options_.execution_lock) co_await claims_.prepare(client_);
   if (options_.durable) {
     co_await detail::ensure_journal(client_);
@@ -6137,7 +6306,7 @@ inline task<void> pubsub::after_connect() {
   co_await subscribe_all();
 }
 
-inline task<void> pubsub::close() {
+PGIPLOCK_INLINE task<void> pubsub::close() {
   if (closing_ && !client_) co_return;
   closing_ = true;
   reconnector_ = task<void>{};
@@ -6152,7 +6321,7 @@ inline task<void> pubsub::close() {
   fire(on_close_);
 }
 
-inline task<void> pubsub::destroy() {
+PGIPLOCK_INLINE task<void> pubsub::destroy() {
   if (connected()) {
     try {
       co_await unlisten_all();
@@ -6163,12 +6332,12 @@ inline task<void> pubsub::destroy() {
   co_await close();
 }
 
-inline task<void> pubsub::listen(std::string_view channel) {
+PGIPLOCK_INLINE task<void> pubsub::listen(std::string_view channel) {
   std::vector<std::string> one{std::string(channel)};
   co_await listen(std::move(one));
 }
 
-inline task<void> pubsub::listen(std::vector<std::string> channels) {
+PGIPLOCK_INLINE task<void> pubsub::listen(std::vector<std::string> channels) {
   if (options_.durable && !locked()) {
     throw std::invalid_argument("pgiplock: durable channels are delivered by their holder: listen() needs "
                                 "single_listener = true and execution_lock = false");
@@ -6187,7 +6356,7 @@ inline task<void> pubsub::listen(std::vector<std::string> channels) {
   if (member_) co_await member_->want(std::move(channels));  // a win LISTENs in the same statement (on_won)
 }
 
-inline task<void> pubsub::unlisten(std::string_view channel_view) {
+PGIPLOCK_INLINE task<void> pubsub::unlisten(std::string_view channel_view) {
   std::string ch(channel_view);
   if (channels_.find(ch) == channels_.end()) co_return;
   // The lock goes first: while it drains, this instance still delivers.
@@ -6204,7 +6373,7 @@ inline task<void> pubsub::unlisten(std::string_view channel_view) {
   fire(on_unlisten_, chs);
 }
 
-inline task<void> pubsub::unlisten_all() {
+PGIPLOCK_INLINE task<void> pubsub::unlisten_all() {
   std::vector<std::string> chs = all_channels();
   if (member_) co_await member_->release(chs);  // the locks first: they drain while they hand over
   channels_.clear();
@@ -6212,7 +6381,7 @@ inline task<void> pubsub::unlisten_all() {
   fire(on_unlisten_, chs);
 }
 
-inline task<void> pubsub::notify(std::string_view channel_view, std::string_view payload_view) {
+PGIPLOCK_INLINE task<void> pubsub::notify(std::string_view channel_view, std::string_view payload_view) {
   std::string ch(channel_view), payload(payload_view);
   detail::validate_channel(ch, detail::channel_use::plain);
   if (options_.durable) {
@@ -6242,7 +6411,7 @@ inline task<void> pubsub::notify(std::string_view channel_view, std::string_view
   fire(on_notify_, std::string_view(ch), std::string_view(payload));
 }
 
-inline std::vector<std::string> pubsub::channels_where(bool want_active) const {
+PGIPLOCK_INLINE std::vector<std::string> pubsub::channels_where(bool want_active) const {
   std::vector<std::string> out;
   for (auto& [name, st] : channels_) {
     if (active(name, st) == want_active) out.push_back(name);
@@ -6250,37 +6419,38 @@ inline std::vector<std::string> pubsub::channels_where(bool want_active) const {
   return out;
 }
 
-inline std::vector<std::string> pubsub::all_channels() const {
+PGIPLOCK_INLINE std::vector<std::string> pubsub::all_channels() const {
   std::vector<std::string> out;
   for (auto& [name, st] : channels_) out.push_back(name);
   return out;
 }
-inline std::vector<std::string> pubsub::active_channels() const { return channels_where(true); }
-inline std::vector<std::string> pubsub::inactive_channels() const { return channels_where(false); }
+PGIPLOCK_INLINE std::vector<std::string> pubsub::active_channels() const { return channels_where(true); }
+PGIPLOCK_INLINE std::vector<std::string> pubsub::inactive_channels() const { return channels_where(false); }
 
-inline bool pubsub::is_active(std::string_view ch) const {
+PGIPLOCK_INLINE bool pubsub::is_active(std::string_view ch) const {
   auto it = channels_.find(ch);
   return it != channels_.end() && active(it->first, it->second);
 }
 
-inline bool pubsub::is_active() const {
+PGIPLOCK_INLINE bool pubsub::is_active() const {
   return std::any_of(channels_.begin(), channels_.end(), [this](const auto& c) { return active(c.first, c.second); });
 }
 
-inline std::int64_t pubsub::token(std::string_view ch) const { return member_ ? member_->token(ch) : 0; }
+PGIPLOCK_INLINE std::int64_t pubsub::token(std::string_view ch) const { return member_ ? member_->token(ch) : 0; }
 
-inline bool pubsub::active(std::string_view ch, const channel_state& st) const {
+PGIPLOCK_INLINE bool pubsub::active(std::string_view ch, const channel_state& st) const {
   if (!st.listening || !connected()) return false;
   return !locked() || (member_ && member_->delivering(ch));
 }
 
-inline void pubsub::report(const std::exception& e) {
+PGIPLOCK_INLINE void pubsub::report(const std::exception& e) {
   if (on_error_.empty()) {
     detail::log(options_.logger, log_level::error, e.what());
     return;
   }
   fire(on_error_, e);
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 // By index: a handler may add handlers.
 template <class Handlers, class... Args>
@@ -6288,14 +6458,15 @@ void pubsub::fire(const Handlers& handlers, const Args&... args) {
   for (std::size_t i = 0; i < handlers.size(); ++i) handlers[i](args...);
 }
 
-inline void pubsub::attach(std::shared_ptr<connection> c) {
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE void pubsub::attach(std::shared_ptr<connection> c) {
   client_ = std::move(c);
   notify_sub_ = client_->subscribe("", [this](const notification& n) { on_notification(n); });
   lost_sub_ = client_->on_lost([this](const connection_error& e) { on_link_lost(e); });
   ensure_probe();
 }
 
-inline void pubsub::detach() {
+PGIPLOCK_INLINE void pubsub::detach() {
   probe_.reset();
   if (!client_) return;
   client_->unsubscribe(notify_sub_);
@@ -6305,14 +6476,14 @@ inline void pubsub::detach() {
 
 // The listening connection; in single-listener mode its application_name
 // is the member's identity in the fleet.
-inline connect_options pubsub::main_options() const {
+PGIPLOCK_INLINE connect_options pubsub::main_options() const {
   auto o = detail::derived_options(options_.logger, options_.liveness_timeout, true);
   if (locked()) o.application_name = std::string(detail::member_prefix) + detail::random_uuid();
   return o;
 }
 
 // Starts the member once per connection; concurrent callers wait for it.
-inline task<void> pubsub::ensure_member() {
+PGIPLOCK_INLINE task<void> pubsub::ensure_member() {
   if (member_started_) {
     auto started = member_started_;
     co_await started->wait();
@@ -6329,7 +6500,7 @@ inline task<void> pubsub::ensure_member() {
   if (member_started_ == started) member_ = std::move(m);
 }
 
-inline std::unique_ptr<detail::member> pubsub::make_member() {
+PGIPLOCK_INLINE std::unique_ptr<detail::member> pubsub::make_member() {
   detail::member_options mo;
   mo.acquire_interval = options_.acquire_interval;
   mo.fast_failover = options_.fast_failover;
@@ -6354,7 +6525,7 @@ inline std::unique_ptr<detail::member> pubsub::make_member() {
 
 // After a (re)connect: every channel given to listen() so far, in one claim
 // in single-listener mode.
-inline task<void> pubsub::subscribe_all() {
+PGIPLOCK_INLINE task<void> pubsub::subscribe_all() {
   if (!locked()) {
     for (auto& ch : all_channels()) co_await start_listening(ch);
     co_return;
@@ -6365,7 +6536,7 @@ inline task<void> pubsub::subscribe_all() {
 }
 
 // LISTEN once per connection; concurrent callers wait for the first.
-inline task<void> pubsub::start_listening(std::string ch) {
+PGIPLOCK_INLINE task<void> pubsub::start_listening(std::string ch) {
   auto it = channels_.find(ch);
   if (it == channels_.end() || !client_) co_return;
   if (it->second.listen_started) {
@@ -6395,7 +6566,7 @@ inline task<void> pubsub::start_listening(std::string ch) {
 
 // The winning statement also LISTENed: deliver from now on. Synchronous,
 // since notifications may follow in the very read that brought the win.
-inline void pubsub::on_won(const std::string& ch) {
+PGIPLOCK_INLINE void pubsub::on_won(const std::string& ch) {
   auto it = channels_.find(ch);
   if (it == channels_.end()) return;
   it->second.listen_started = it->second.listening = true;
@@ -6404,7 +6575,7 @@ inline void pubsub::on_won(const std::string& ch) {
 
 // The member has UNLISTENed (or the session is gone). A demotion is a fault
 // the application should hear of; a release is not.
-inline void pubsub::on_lost(const std::string& ch, const std::string& reason) {
+PGIPLOCK_INLINE void pubsub::on_lost(const std::string& ch, const std::string& reason) {
   auto it = channels_.find(ch);
   if (it == channels_.end()) return;
   bool was = std::exchange(it->second.listening, false);
@@ -6413,7 +6584,7 @@ inline void pubsub::on_lost(const std::string& ch, const std::string& reason) {
 }
 
 // The hot path: one map lookup per notification in every mode.
-inline void pubsub::on_notification(const notification& n) {
+PGIPLOCK_INLINE void pubsub::on_notification(const notification& n) {
   if (detail::is_internal_channel(n.channel)) {
     if (member_) member_->on_internal(n);
     return;
@@ -6438,13 +6609,13 @@ inline void pubsub::on_notification(const notification& n) {
   deliver(n.channel, n.payload);
 }
 
-inline void pubsub::deliver(std::string_view ch, std::string_view payload) {
+PGIPLOCK_INLINE void pubsub::deliver(std::string_view ch, std::string_view payload) {
   fire(on_message_, ch, payload);
   emitter_.emit(ch, payload);
   if (!on_delivery_.empty()) fire(on_delivery_, delivery{ch, payload, 0, 0});
 }
 
-inline void pubsub::deliver_durable(const delivery& d) {
+PGIPLOCK_INLINE void pubsub::deliver_durable(const delivery& d) {
   fire(on_message_, d.channel, d.payload);
   emitter_.emit(d.channel, d.payload);
   fire(on_delivery_, d);
@@ -6452,7 +6623,7 @@ inline void pubsub::deliver_durable(const delivery& d) {
 
 // A tenure began (its LISTEN committed with the win): counted, and the
 // journal follows it on a durable channel. Yields where deliveries count.
-inline detail::delivery_count* pubsub::won(const std::string& ch, const detail::member::win& w) {
+PGIPLOCK_INLINE detail::delivery_count* pubsub::won(const std::string& ch, const detail::member::win& w) {
   auto it = channels_.find(ch);
   if (it == channels_.end()) return nullptr;
   auto& st = it->second;
@@ -6468,7 +6639,7 @@ inline detail::delivery_count* pubsub::won(const std::string& ch, const detail::
   return &st.count;
 }
 
-inline pubsub_stats pubsub::stats() const {
+PGIPLOCK_INLINE pubsub_stats pubsub::stats() const {
   pubsub_stats out;
   out.member = client_ ? std::string(client_->app_name()) : std::string();
   out.reconnects = reconnects_;
@@ -6484,7 +6655,7 @@ inline pubsub_stats pubsub::stats() const {
   return out;
 }
 
-inline channel_stats pubsub::channel_stats_of(const std::string& name, const channel_state& st) const {
+PGIPLOCK_INLINE channel_stats pubsub::channel_stats_of(const std::string& name, const channel_state& st) const {
   channel_stats c;
   c.channel = name;
   c.token = token(name);
@@ -6505,7 +6676,7 @@ inline channel_stats pubsub::channel_stats_of(const std::string& name, const cha
 }
 
 // Unset: every 10 s, or every liveness_timeout when that is shorter.
-inline std::chrono::milliseconds pubsub::probe_every() const {
+PGIPLOCK_INLINE std::chrono::milliseconds pubsub::probe_every() const {
   if (options_.probe_interval) return *options_.probe_interval;
   std::chrono::milliseconds standard{10000};
   auto live = options_.liveness_timeout;
@@ -6514,7 +6685,7 @@ inline std::chrono::milliseconds pubsub::probe_every() const {
 
 // Once the connection listens (a pubsub that only notifies has nothing to
 // prove); one per connection.
-inline void pubsub::ensure_probe() {
+PGIPLOCK_INLINE void pubsub::ensure_probe() {
   auto every = probe_every();
   if (probe_ || !connected() || channels_.empty() || every.count() <= 0) return;
   detail::echo_probe::options o;
@@ -6538,7 +6709,7 @@ inline void pubsub::ensure_probe() {
 }
 
 // Bound to the connection, as the member is: made with it, gone with it.
-inline void pubsub::make_journal() {
+PGIPLOCK_INLINE void pubsub::make_journal() {
   detail::journal_options jo;
   jo.retention = options_.durable_retention;
   jo.retry_delay = options_.retry_delay;
@@ -6551,7 +6722,7 @@ inline void pubsub::make_journal() {
   if (tx_handler_) journal_->set_transaction_handler(tx_handler_);
 }
 
-inline bool pubsub::journal_gone(const std::exception_ptr& failure) {
+PGIPLOCK_INLINE bool pubsub::journal_gone(const std::exception_ptr& failure) {
   try {
     std::rethrow_exception(failure);
   } catch (const sql_error& e) {
@@ -6561,17 +6732,17 @@ inline bool pubsub::journal_gone(const std::exception_ptr& failure) {
   }
 }
 
-inline task<void> pubsub::settle_durable(std::vector<std::string> channels) {
+PGIPLOCK_INLINE task<void> pubsub::settle_durable(std::vector<std::string> channels) {
   if (journal_) co_await journal_->settle(std::move(channels));
 }
 
-inline void pubsub::on_delivery_in_transaction(std::function<task<void>(const delivery&, connection&)> fn) {
+PGIPLOCK_INLINE void pubsub::on_delivery_in_transaction(std::function<task<void>(const delivery&, connection&)> fn) {
   if (!options_.durable) throw std::logic_error("pgiplock: on_delivery_in_transaction needs durable = true");
   tx_handler_ = std::move(fn);
   if (journal_) journal_->set_transaction_handler(tx_handler_);
 }
 
-inline void pubsub::on_link_lost(const connection_error& e) {
+PGIPLOCK_INLINE void pubsub::on_link_lost(const connection_error& e) {
   for (auto& [name, st] : channels_) {
     st.listening = false;
     st.listen_started = false;
@@ -6585,7 +6756,7 @@ inline void pubsub::on_link_lost(const connection_error& e) {
 
 // `dead` keeps the lost connection alive until its locks (bound to it) are
 // gone and we have left its lost-link callback.
-inline task<void> pubsub::reconnect(std::shared_ptr<connection> dead) {
+PGIPLOCK_INLINE task<void> pubsub::reconnect(std::shared_ptr<connection> dead) {
   co_await loop_->yield();  // leave the dead connection's callback first
   member_.reset();  // bound to the dead connection
   journal_.reset();
@@ -6610,7 +6781,7 @@ inline task<void> pubsub::reconnect(std::shared_ptr<connection> dead) {
 }
 
 // Tries every retry_delay, at most retry_limit times; yields the attempts.
-inline task<std::size_t> pubsub::connect_again() {
+PGIPLOCK_INLINE task<std::size_t> pubsub::connect_again() {
   auto opts = main_options();
   std::size_t attempts = 0;
   while (attempts < options_.retry_limit) {
@@ -6626,6 +6797,7 @@ inline task<std::size_t> pubsub::connect_again() {
   }
   co_return attempts;
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 }  // namespace pgiplock
 
@@ -6644,11 +6816,17 @@ namespace pgiplock {
 // std::system_error if the signalfd cannot be made.
 void enable_graceful_shutdown(event_loop& loop);
 
+namespace detail {
+// PG_PUBSUB_SHUTDOWN_TIMEOUT, read at each shutdown.
+PGIPLOCK_INLINE std::chrono::milliseconds shutdown_timeout();
+}  // namespace detail
+
 // ---- implementation ---------------------------------------------------------
 
 namespace detail {
 
-inline sigset_t shutdown_signals() {
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE sigset_t shutdown_signals() {
   sigset_t set;
   sigemptyset(&set);
   sigaddset(&set, SIGINT);
@@ -6657,7 +6835,7 @@ inline sigset_t shutdown_signals() {
   return set;
 }
 
-[[noreturn]] inline void die_by(int sig) {
+[[noreturn]] PGIPLOCK_INLINE void die_by(int sig) {
   ::signal(sig, SIG_DFL);
   sigset_t one;
   sigemptyset(&one);
@@ -6668,17 +6846,17 @@ inline sigset_t shutdown_signals() {
 }
 
 // 0: exit at once, as in the seed.
-inline std::chrono::milliseconds shutdown_timeout() {
+PGIPLOCK_INLINE std::chrono::milliseconds shutdown_timeout() {
   return env_milliseconds("PG_PUBSUB_SHUTDOWN_TIMEOUT", std::chrono::milliseconds(1000));
 }
 
-inline int read_signal(int fd) {
+PGIPLOCK_INLINE int read_signal(int fd) {
   signalfd_siginfo info{};
   ssize_t n = ::read(fd, &info, sizeof info);
   return n == static_cast<ssize_t>(sizeof info) ? static_cast<int>(info.ssi_signo) : 0;
 }
 
-inline task<void> release_all_then_set(async_event& done) {
+PGIPLOCK_INLINE task<void> release_all_then_set(async_event& done) {
   try {
     co_await ip_lock::destroy_all();
   } catch (...) {
@@ -6686,14 +6864,14 @@ inline task<void> release_all_then_set(async_event& done) {
   done.set();
 }
 
-inline task<void> die_on_second_signal(event_loop& loop, int fd) {
+PGIPLOCK_INLINE task<void> die_on_second_signal(event_loop& loop, int fd) {
   for (;;) {
     co_await loop.poll(fd, POLLIN);
     if (int sig = read_signal(fd)) die_by(sig);
   }
 }
 
-inline task<void> await_shutdown_signal(event_loop& loop, int fd) {
+PGIPLOCK_INLINE task<void> await_shutdown_signal(event_loop& loop, int fd) {
   struct closer {  // the loop may end first: its signalfd goes with it
     int fd;
     ~closer() { ::close(fd); }
@@ -6715,14 +6893,16 @@ inline task<void> await_shutdown_signal(event_loop& loop, int fd) {
   die_by(sig);
 }
 
-inline std::vector<std::uint64_t>& shutdown_loops() {
+PGIPLOCK_INLINE std::vector<std::uint64_t>& shutdown_loops() {
   static std::vector<std::uint64_t> serials;
   return serials;
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 }  // namespace detail
 
-inline void enable_graceful_shutdown(event_loop& loop) {
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE void enable_graceful_shutdown(event_loop& loop) {
   auto& loops = detail::shutdown_loops();
   if (std::find(loops.begin(), loops.end(), loop.serial()) != loops.end()) return;
   sigset_t set = detail::shutdown_signals();
@@ -6734,6 +6914,7 @@ inline void enable_graceful_shutdown(event_loop& loop) {
   loops.push_back(loop.serial());
   loop.spawn(detail::await_shutdown_signal(loop, fd));
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 }  // namespace pgiplock
 

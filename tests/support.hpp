@@ -9,6 +9,8 @@
 #include <catch2/catch.hpp>
 
 #include <dirent.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -290,6 +292,28 @@ class schema_guard {
   static constexpr const char* variable = "PG_PUBSUB_SCHEMA_NAME";
   std::string name_;
   std::optional<std::string> saved_;
+};
+
+// A TCP port on 127.0.0.1 that takes connections (the kernel completes the
+// handshake) and never says a word: a hung server, a dead machine behind a
+// balancer, a black-holing firewall, as a client sees them.
+struct silent_listener {
+  int fd = -1, port = 0;
+  silent_listener() {
+    fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (fd < 0 || ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 || ::listen(fd, 16) != 0) {
+      throw std::runtime_error("silent_listener: cannot listen on 127.0.0.1");
+    }
+    socklen_t len = sizeof a;
+    ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+    port = ntohs(a.sin_port);
+  }
+  silent_listener(const silent_listener&) = delete;
+  silent_listener& operator=(const silent_listener&) = delete;
+  ~silent_listener() { ::close(fd); }
 };
 
 }  // namespace test

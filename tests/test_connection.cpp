@@ -359,3 +359,97 @@ TEST_CASE("query_prepared: prepared once per connection, a bad statement fails w
   CHECK_THAT(r.bad_first, Catch::Contains("syntax error"));
   CHECK_THAT(r.bad_again, Catch::Contains("syntax error"));
 }
+
+namespace {
+
+// PGIPLOCK_DSN with a host listed before its own: `host=127.0.0.1,H
+// port=P,PORT` and the rest of its keywords, plus `extra`.
+std::string behind(int port_first, const std::string& extra) {
+  char* err = nullptr;
+  PQconninfoOption* opts = PQconninfoParse(dsn().c_str(), &err);
+  if (!opts) throw std::runtime_error("PGIPLOCK_DSN does not parse: " + std::string(err ? err : ""));
+  std::string host, port = "5432", rest;
+  for (PQconninfoOption* o = opts; o->keyword; ++o) {
+    if (!o->val) continue;
+    std::string k = o->keyword;
+    if (k == "host") host = o->val;
+    else if (k == "port") port = o->val;
+    else if (k != "hostaddr") rest += " " + k + "='" + o->val + "'";
+  }
+  PQconninfoFree(opts);
+  return "host=127.0.0.1," + host + " port=" + std::to_string(port_first) + "," + port + rest + " " + extra;
+}
+
+struct reach {
+  std::string outcome;  // "connected", or what connect() threw
+  bool invalid_argument = false;
+  double ms = 0;
+};
+
+task<reach> try_connect(event_loop& loop, std::string conninfo, std::chrono::milliseconds timeout) {
+  reach r;
+  auto t0 = clock::now();
+  try {
+    pgiplock::connect_options o;
+    o.timeout = timeout;
+    auto c = co_await pgiplock::connection::connect(loop, conninfo, o);
+    r.outcome = co_await scalar(c, "SELECT 'connected'");
+    co_await c->close();
+  } catch (const std::invalid_argument& e) {
+    r.outcome = e.what();
+    r.invalid_argument = true;
+  } catch (const std::exception& e) {
+    r.outcome = e.what();
+  }
+  r.ms = ms_since(t0);
+  co_return r;
+}
+
+}  // namespace
+
+TEST_CASE("several hosts: one that never answers, listed first, gets its share of the deadline and is passed over",
+          "[connection][hosts]") {
+  event_loop loop;
+  silent_listener hung;
+  SECTION("connect_timeout in the conninfo: one deadline for the list, shared") {
+    auto r = loop.run(try_connect(loop, behind(hung.port, "connect_timeout=2"), 30s));
+    INFO(r.outcome << " after " << r.ms << " ms");
+    CHECK(r.outcome == "connected");
+    CHECK(r.ms >= 900);
+    CHECK(r.ms < 2000);
+  }
+  SECTION("without it, the connect's timeout, shared") {
+    auto r = loop.run(try_connect(loop, behind(hung.port, ""), 3s));
+    INFO(r.outcome << " after " << r.ms << " ms");
+    CHECK(r.outcome == "connected");
+    CHECK(r.ms >= 1400);
+    CHECK(r.ms < 3000);
+  }
+  SECTION("every host silent: the error names each and why, within the timeout") {
+    silent_listener hung2;
+    auto conninfo = "host=127.0.0.1,127.0.0.1 port=" + std::to_string(hung.port) + "," + std::to_string(hung2.port) +
+                    " dbname=x user=y";
+    auto r = loop.run(try_connect(loop, conninfo, 2s));
+    INFO(r.outcome << " after " << r.ms << " ms");
+    // Each host had its share of the 2 s: about 1000 ms each.
+    CHECK(r.outcome.find("127.0.0.1:" + std::to_string(hung.port) + ": no answer within ") != std::string::npos);
+    CHECK(r.outcome.find("127.0.0.1:" + std::to_string(hung2.port) + ": no answer within ") != std::string::npos);
+    CHECK(r.ms < 2000 + 500);
+  }
+}
+
+TEST_CASE("several hosts and a port list of another length: std::invalid_argument names both counts, at once",
+          "[connection][hosts]") {
+  event_loop loop;
+  auto r = loop.run(try_connect(loop, "host=127.0.0.1,127.0.0.1,127.0.0.1 port=1,2 dbname=x", 5s));
+  INFO(r.outcome);
+  CHECK(r.invalid_argument);
+  CHECK(r.outcome.find("3 hosts and 2 port values") != std::string::npos);
+  CHECK(r.ms < 100);
+  // One port for every host is libpq's shorthand, not an error.
+  auto one_port = behind(0, "");
+  one_port.replace(one_port.find("port=0,"), 7, "port=");
+  auto r1 = loop.run(try_connect(loop, one_port, 5s));
+  INFO(one_port << ": " << r1.outcome);
+  CHECK_FALSE(r1.invalid_argument);
+}

@@ -118,6 +118,50 @@ task<std::pair<int, std::string>> fifty_bootstraps(event_loop& loop) {
   co_return std::make_pair(ok, why);
 }
 
+// A schema an older pgiplock made: its pgiplock_claim has another body and
+// no version comment. init() gives it this version's body (and comment).
+struct upgraded {
+  std::string comment_before, comment_after;
+  bool old_body = false, skips_locked_rows = false;
+};
+task<upgraded> upgrade_old_claim(event_loop& loop) {
+  upgraded out;
+  auto c = co_await open(loop);
+  auto admin = co_await open(loop);
+  std::string ch = fresh_channel("upgrade");
+  {
+    ip_lock l(ch, lock_opts(c));
+    co_await l.init();
+    co_await l.destroy();
+  }
+  std::string s = lock_schema(*admin);
+  std::string sig = s + ".pgiplock_claim(text,text[],text,text,text,boolean,integer)";
+  co_await admin->query("CREATE OR REPLACE FUNCTION " + s +
+                        ".pgiplock_claim(me text, want text[], fleet text, prefix text, gone text, sweep boolean, "
+                        "quota integer) RETURNS TABLE (ch text, tok bigint, is_fresh boolean, held_by text, "
+                        "by_member boolean) LANGUAGE sql AS 'SELECT NULL::text, NULL::bigint, NULL::boolean, "
+                        "NULL::text, NULL::boolean WHERE false'");
+  co_await admin->query("COMMENT ON FUNCTION " + sig + " IS NULL");
+  std::string describe = "SELECT coalesce(obj_description($1::regprocedure, 'pg_proc'), '<none>'), "
+                         "(SELECT prosrc LIKE '%SKIP LOCKED%' FROM pg_proc WHERE oid = $1::regprocedure)";
+  auto before = co_await admin->query(describe, sig);
+  out.comment_before = std::string(before.get(0, 0));
+  out.old_body = before.get(0, 1) == "f";
+  auto c2 = co_await open(loop);
+  {
+    ip_lock l(ch, lock_opts(c2));
+    co_await l.init();
+    co_await l.destroy();
+  }
+  auto after = co_await admin->query(describe, sig);
+  out.comment_after = std::string(after.get(0, 0));
+  out.skips_locked_rows = after.get(0, 1) == "t";
+  co_await c->close();
+  co_await c2->close();
+  co_await admin->close();
+  co_return out;
+}
+
 task<std::vector<std::string>> destroy_all_releases(event_loop& loop) {
   auto c = co_await open(loop);
   auto admin = co_await open(loop);
@@ -354,6 +398,17 @@ TEST_CASE("50 fresh connections bootstrap an empty schema concurrently", "[ip_lo
   auto [ok, why] = loop.run(fifty_bootstraps(loop));
   INFO(why);
   CHECK(ok == 50);
+}
+
+TEST_CASE("a lock schema from an older pgiplock: init() upgrades its pgiplock_claim in place",
+          "[ip_lock][bootstrap]") {
+  schema_guard g("upgrade");
+  event_loop loop;
+  auto r = loop.run(upgrade_old_claim(loop));
+  CHECK(r.comment_before == "<none>");
+  CHECK(r.old_body);
+  CHECK(r.comment_after == std::string(pgiplock::detail::sql::lock_version));
+  CHECK(r.skips_locked_rows);
 }
 
 TEST_CASE("destroy_all() releases every held lock of the process", "[ip_lock]") {

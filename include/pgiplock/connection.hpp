@@ -182,6 +182,7 @@ class connection : public std::enable_shared_from_this<connection> {
   static task<std::shared_ptr<connection>> connect_impl(event_loop& loop, std::string conninfo,
                                                         connect_options options);
   task<void> establish(detail::conninfo_params params, std::chrono::milliseconds limit);
+  task<std::string> establish_one(const detail::conninfo_params& host, std::chrono::milliseconds limit);
   task<void> prove_usable(connect_options options);
   connection_error cannot_connect(const detail::conninfo_params& params, const std::string& why) const;
   template <class... Args>
@@ -245,24 +246,25 @@ inline connect_options derived_options(log_handler logger, std::chrono::millisec
 
 namespace pgiplock {
 
-inline task<std::shared_ptr<connection>> connection::connect(event_loop& loop, std::string conninfo,
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE task<std::shared_ptr<connection>> connection::connect(event_loop& loop, std::string conninfo,
                                                             connect_options options) {
   return connect_impl(loop, std::move(conninfo), std::move(options));
 }
 
-inline task<std::shared_ptr<connection>> connection::connect(event_loop& loop, std::string conninfo) {
+PGIPLOCK_INLINE task<std::shared_ptr<connection>> connection::connect(event_loop& loop, std::string conninfo) {
   return connect_impl(loop, std::move(conninfo), connect_options());
 }
 
-inline connection::connection(private_tag, event_loop& loop, std::string conninfo, std::string app,
+PGIPLOCK_INLINE connection::connection(private_tag, event_loop& loop, std::string conninfo, std::string app,
                               log_handler logger)
     : loop_(&loop), conninfo_(std::move(conninfo)), app_(std::move(app)), logger_(std::move(logger)),
       pump_done_(loop) {}
 
 // The pump goes first (its poll abandoned), then the socket (conn_).
-inline connection::~connection() { pump_ = task<void>{}; }
+PGIPLOCK_INLINE connection::~connection() { pump_ = task<void>{}; }
 
-inline task<std::shared_ptr<connection>> connection::connect_impl(event_loop& loop, std::string conninfo,
+PGIPLOCK_INLINE task<std::shared_ptr<connection>> connection::connect_impl(event_loop& loop, std::string conninfo,
                                                                   connect_options options) {
   auto params = detail::parse_conninfo(conninfo);
   std::string app = options.application_name.empty() ? std::string(detail::app_prefix) + detail::random_uuid()
@@ -276,8 +278,35 @@ inline task<std::shared_ptr<connection>> connection::connect_impl(event_loop& lo
   co_return conn;
 }
 
-// libpq's non-blocking connect, driven by the loop, within `limit`.
-inline task<void> connection::establish(detail::conninfo_params params, std::chrono::milliseconds limit) {
+// Each host of the list in turn, within one deadline for the list (the
+// conninfo's connect_timeout, or the connect's timeout): each host gets an
+// equal share of what is left, so one that never answers cannot keep the
+// primary behind it from being reached, and one that refuses at once leaves
+// its share to the others.
+PGIPLOCK_INLINE task<void> connection::establish(detail::conninfo_params params, std::chrono::milliseconds limit) {
+  auto hosts = detail::per_host(params);
+  if (hosts.size() == 1) {
+    auto why = co_await establish_one(params, limit);
+    if (why.empty()) co_return;
+    throw cannot_connect(params, why);
+  }
+  auto deadline = event_loop::clock::now() + limit;
+  std::string failures;
+  for (std::size_t i = 0; i < hosts.size(); ++i) {
+    auto& host = hosts[i];
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - event_loop::clock::now());
+    auto share = std::max(left / static_cast<long>(hosts.size() - i), std::chrono::milliseconds(1));
+    auto why = co_await establish_one(host, share);
+    if (why.empty()) co_return;
+    failures += (failures.empty() ? "" : "; ") + host.target + ": " + why;
+  }
+  throw cannot_connect(params, failures);
+}
+
+// libpq's non-blocking connect to one host, driven by the loop, within
+// `limit`: empty when connected, else why not.
+PGIPLOCK_INLINE task<std::string> connection::establish_one(const detail::conninfo_params& params,
+                                                            std::chrono::milliseconds limit) {
   auto deadline = event_loop::clock::now() + limit;
   std::vector<const char*> keys, values;
   for (std::size_t i = 0; i < params.keys.size(); ++i) {
@@ -289,26 +318,27 @@ inline task<void> connection::establish(detail::conninfo_params params, std::chr
   conn_.reset(PQconnectStartParams(keys.data(), values.data(), 0));
   if (!conn_) throw std::bad_alloc();
   auto libpq_error = [this] { return detail::trim_message(PQerrorMessage(conn_.get())); };
-  if (PQstatus(conn_.get()) == CONNECTION_BAD) throw cannot_connect(params, libpq_error());
+  if (PQstatus(conn_.get()) == CONNECTION_BAD) co_return libpq_error();
   PostgresPollingStatusType st = PGRES_POLLING_WRITING;
   while (st != PGRES_POLLING_OK) {
-    if (st == PGRES_POLLING_FAILED) throw cannot_connect(params, libpq_error());
-    // libpq may open a new socket per host or address it tries: read it anew.
+    if (st == PGRES_POLLING_FAILED) co_return libpq_error();
+    // libpq may open a new socket per address it tries: read it anew.
     int fd = PQsocket(conn_.get());
-    if (fd < 0) throw cannot_connect(params, "libpq has no socket");
+    if (fd < 0) co_return "libpq has no socket";
     auto r = co_await loop_->poll(fd, st == PGRES_POLLING_READING ? POLLIN : POLLOUT, deadline);
     if (r.timed_out) {
-      throw cannot_connect(params, "no answer within " + std::to_string(limit.count()) +
-                                       " ms (server down, address unreachable, or not a PostgreSQL server)");
+      co_return "no answer within " + std::to_string(limit.count()) +
+          " ms (server down, address unreachable, or not a PostgreSQL server)";
     }
     st = PQconnectPoll(conn_.get());
   }
   finish_setup();
+  co_return std::string();
 }
 
 // The server's side of dead-link detection, then proof that LISTEN/NOTIFY
 // works on this session (see connect_options::notify_probe_timeout).
-inline task<void> connection::prove_usable(connect_options options) {
+PGIPLOCK_INLINE task<void> connection::prove_usable(connect_options options) {
   co_await refuse_standby();
   auto live = options.liveness_timeout;
   if (live.count() > 0) co_await detail::apply_server_liveness(*this, live);
@@ -327,7 +357,7 @@ inline task<void> connection::prove_usable(connect_options options) {
 // A hot standby takes connections but refuses LISTEN's effect, NOTIFY and
 // every write: say so at connect (a single host, a stale DNS name) rather
 // than fail later. PostgreSQL 14 on reports it at startup; older ones are asked.
-inline task<void> connection::refuse_standby() {
+PGIPLOCK_INLINE task<void> connection::refuse_standby() {
   const char* reported = PQparameterStatus(conn_.get(), "in_hot_standby");
   bool standby = reported && std::string_view(reported) == "on";
   if (!reported) {
@@ -343,7 +373,7 @@ inline task<void> connection::refuse_standby() {
   throw error;
 }
 
-inline connection_error connection::cannot_connect(const detail::conninfo_params& params,
+PGIPLOCK_INLINE connection_error connection::cannot_connect(const detail::conninfo_params& params,
                                                    const std::string& why) const {
   // With several hosts libpq's message names each one it tried; ours names the list.
   std::string target = conn_ && params.hosts == 1 ? detail::describe_target(conn_.get()) : std::string();
@@ -351,9 +381,9 @@ inline connection_error connection::cannot_connect(const detail::conninfo_params
   return connection_error("pgiplock: cannot connect to " + target + ": " + why + detail::setting_hint(why));
 }
 
-inline task<void> connection::close_quietly(std::shared_ptr<connection> c) { co_await c->close(); }
+PGIPLOCK_INLINE task<void> connection::close_quietly(std::shared_ptr<connection> c) { co_await c->close(); }
 
-inline task<void> connection::close() {
+PGIPLOCK_INLINE task<void> connection::close() {
   auto self = shared_from_this();
   if (closing_) {
     co_await pump_done_.wait();
@@ -365,6 +395,7 @@ inline task<void> connection::close() {
   lose("the connection was closed by the application");
   conn_.reset();
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 template <class... Args>
 task<result> connection::query(std::string sql, Args&&... args) {
@@ -376,13 +407,15 @@ task<result> connection::query_prepared(std::string sql, Args&&... args) {
   return run(std::move(sql), params_of(std::forward<Args>(args)...), true);
 }
 
-inline task<void> connection::listen(std::string_view channel) {
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE task<void> connection::listen(std::string_view channel) {
   co_await query(std::string(detail::sql::listen) + quote_identifier(channel));
 }
 
-inline task<void> connection::unlisten(std::string_view channel) {
+PGIPLOCK_INLINE task<void> connection::unlisten(std::string_view channel) {
   co_await query(std::string(detail::sql::unlisten) + quote_identifier(channel));
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 template <class... Args>
 std::vector<detail::param> connection::params_of(Args&&... args) {
@@ -392,7 +425,8 @@ std::vector<detail::param> connection::params_of(Args&&... args) {
   return params;
 }
 
-inline task<result> connection::run(std::string sql, std::vector<detail::param> params, bool prepare) {
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE task<result> connection::run(std::string sql, std::vector<detail::param> params, bool prepare) {
   auto self = shared_from_this();
   if (!is_open()) throw connection_error(closed_message());
   int discard = 0;
@@ -422,7 +456,7 @@ inline task<result> connection::run(std::string sql, std::vector<detail::param> 
 // Queues the statement. A new prepared statement is prepared in the same
 // pipeline segment as its first execution: one round trip, and a failed
 // PREPARE fails this query (`discard` counts the PREPARE's result).
-inline bool connection::send(const std::string& sql, const std::vector<detail::param>& params, bool prepare,
+PGIPLOCK_INLINE bool connection::send(const std::string& sql, const std::vector<detail::param>& params, bool prepare,
                              int& discard) {
   std::vector<const char*> values(params.size());
   std::vector<int> lengths(params.size()), formats(params.size(), 0);
@@ -448,33 +482,33 @@ inline bool connection::send(const std::string& sql, const std::vector<detail::p
   return PQsendQueryPrepared(c, name.c_str(), n, values.data(), lengths.data(), formats.data(), 0);
 }
 
-inline std::uint64_t connection::subscribe(std::string channel, notification_handler fn) {
+PGIPLOCK_INLINE std::uint64_t connection::subscribe(std::string channel, notification_handler fn) {
   std::uint64_t id = ++next_sub_;
   subs_.push_back(subscriber{id, std::move(channel), std::move(fn)});
   return id;
 }
 
-inline void connection::unsubscribe(std::uint64_t id) noexcept {
+PGIPLOCK_INLINE void connection::unsubscribe(std::uint64_t id) noexcept {
   for (auto& s : subs_) {
     if (s.id == id) s.fn = nullptr;
   }
   prune_subscribers();
 }
 
-inline std::uint64_t connection::on_lost(lost_handler fn) {
+PGIPLOCK_INLINE std::uint64_t connection::on_lost(lost_handler fn) {
   std::uint64_t id = ++next_sub_;
   lost_handlers_.emplace_back(id, std::move(fn));
   return id;
 }
 
-inline void connection::remove_on_lost(std::uint64_t id) noexcept {
+PGIPLOCK_INLINE void connection::remove_on_lost(std::uint64_t id) noexcept {
   for (auto& h : lost_handlers_) {
     if (h.first == id) h.second = nullptr;
   }
 }
 
 // libpq's escaping needs the connection (its encoding).
-inline std::string connection::quote_identifier(std::string_view name) const {
+PGIPLOCK_INLINE std::string connection::quote_identifier(std::string_view name) const {
   if (!conn_) throw connection_error(closed_message());
   char* q = PQescapeIdentifier(conn_.get(), name.data(), name.size());
   if (!q) {
@@ -486,11 +520,11 @@ inline std::string connection::quote_identifier(std::string_view name) const {
   return out;
 }
 
-inline std::string connection::closed_message() const {
+PGIPLOCK_INLINE std::string connection::closed_message() const {
   return lost_reason_.empty() ? std::string("pgiplock: the connection is closed") : lost_reason_;
 }
 
-inline void connection::finish_setup() {
+PGIPLOCK_INLINE void connection::finish_setup() {
   // Installed before any statement, so no server notice goes to stderr.
   PQsetNoticeReceiver(conn_.get(), &connection::on_notice, this);
   if (PQsetnonblocking(conn_.get(), 1) != 0 || PQenterPipelineMode(conn_.get()) != 1) {
@@ -503,14 +537,14 @@ inline void connection::finish_setup() {
   loop_->start(pump_);
 }
 
-inline void connection::on_notice(void* arg, const PGresult* r) {
+PGIPLOCK_INLINE void connection::on_notice(void* arg, const PGresult* r) {
   auto* self = static_cast<connection*>(arg);
   detail::log(self->logger_, log_level::info, "server notice: " + detail::trim_message(PQresultErrorMessage(r)));
 }
 
 // Sends what libpq has buffered; if the socket is full, the pump waits for
 // POLLOUT as well (its current poll is cancelled so it re-arms with it).
-inline void connection::flush_output() {
+PGIPLOCK_INLINE void connection::flush_output() {
   if (!conn_ || lost_) return;
   int rc = PQflush(conn_.get());
   if (rc < 0) {
@@ -523,7 +557,7 @@ inline void connection::flush_output() {
   }
 }
 
-inline task<void> connection::pump() {
+PGIPLOCK_INLINE task<void> connection::pump() {
   while (!closing_ && !lost_) {
     unsigned ev = POLLIN | (want_write_ ? POLLOUT : 0u);
     auto r = co_await loop_->poll(fd_, ev, std::nullopt, &pump_cancel_);
@@ -554,7 +588,7 @@ inline task<void> connection::pump() {
 // In pipeline mode each query yields its results, a NULL, then the
 // PGRES_PIPELINE_SYNC of its own sync: that marks it complete. Returns
 // whether any query completed.
-inline bool connection::collect_results() {
+PGIPLOCK_INLINE bool connection::collect_results() {
   bool completed = false;
   while (!pending_.empty() && !PQisBusy(conn_.get())) {
     PGresult* r = PQgetResult(conn_.get());
@@ -574,7 +608,7 @@ inline bool connection::collect_results() {
 
 // One result of the query at the head of the pipeline: its value, its
 // error, or the result of the PREPARE sent ahead of it.
-inline void connection::take_result(pending_query& q, PGresult* r) {
+PGIPLOCK_INLINE void connection::take_result(pending_query& q, PGresult* r) {
   result owned(r);
   bool alive = loop_->alive(q.op);
   switch (PQresultStatus(r)) {
@@ -600,7 +634,7 @@ inline void connection::take_result(pending_query& q, PGresult* r) {
   }
 }
 
-inline std::exception_ptr connection::to_error(const PGresult* r) const {
+PGIPLOCK_INLINE std::exception_ptr connection::to_error(const PGresult* r) const {
   const char* state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
   std::string code = state ? state : "";
   std::string msg = detail::trim_message(PQresultErrorMessage(r));
@@ -612,7 +646,7 @@ inline std::exception_ptr connection::to_error(const PGresult* r) const {
       sql_error("pgiplock: " + msg + (code.empty() ? "" : " (SQLSTATE " + code + ")") + detail::setting_hint(msg), code));
 }
 
-inline void connection::dispatch_notifications() {
+PGIPLOCK_INLINE void connection::dispatch_notifications() {
   bool timed = false;
   while (PGnotify* n = PQnotifies(conn_.get())) {
     if (!std::exchange(timed, true)) detail::note_dispatch_time();
@@ -632,13 +666,13 @@ inline void connection::dispatch_notifications() {
   }
 }
 
-inline void connection::prune_subscribers() {
+PGIPLOCK_INLINE void connection::prune_subscribers() {
   if (dispatching_) return;
   subs_.erase(std::remove_if(subs_.begin(), subs_.end(), [](const subscriber& s) { return !s.fn; }), subs_.end());
 }
 
 // The link is gone: every waiter learns it now, with the reason.
-inline void connection::lose(const std::string& why) {
+PGIPLOCK_INLINE void connection::lose(const std::string& why) {
   if (lost_) return;
   lost_ = true;
   lost_reason_ = closing_ ? "pgiplock: the connection was closed" : "pgiplock: connection lost: " + why;
@@ -657,5 +691,6 @@ inline void connection::lose(const std::string& why) {
     if (h.second) h.second(err);
   }
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 }  // namespace pgiplock

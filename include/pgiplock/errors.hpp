@@ -37,11 +37,19 @@ using log_handler = std::function<void(log_level, std::string_view)>;
 
 inline constexpr std::size_t unlimited = std::numeric_limits<std::size_t>::max();
 
+namespace detail {
+// To the user's logger; warnings and errors to stderr when there is none.
+PGIPLOCK_INLINE void log(const log_handler& logger, log_level level, std::string_view message);
+PGIPLOCK_INLINE std::string trim_message(std::string m);
+PGIPLOCK_INLINE std::string without_prefix(std::string m);
+}  // namespace detail
+
 // ---- implementation ---------------------------------------------------------
 
 namespace detail {
 
-inline const char* level_name(log_level level) {
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE const char* level_name(log_level level) {
   switch (level) {
     case log_level::debug: return "debug";
     case log_level::info: return "info";
@@ -53,7 +61,7 @@ inline const char* level_name(log_level level) {
 
 // Without a user logger, warnings and errors still reach stderr: a library
 // that silently swallows a lost link is worse than a noisy one.
-inline void log(const log_handler& logger, log_level level, std::string_view message) {
+PGIPLOCK_INLINE void log(const log_handler& logger, log_level level, std::string_view message) {
   if (logger) {
     logger(level, message);
   } else if (level >= log_level::warn) {
@@ -63,17 +71,18 @@ inline void log(const log_handler& logger, log_level level, std::string_view mes
 }
 
 // libpq ends its messages with a newline; ours are one line each.
-inline std::string trim_message(std::string m) {
+PGIPLOCK_INLINE std::string trim_message(std::string m) {
   while (!m.empty() && (m.back() == '\n' || m.back() == ' ')) m.pop_back();
   return m;
 }
 
 // For a message quoted inside another of ours.
-inline std::string without_prefix(std::string m) {
+PGIPLOCK_INLINE std::string without_prefix(std::string m) {
   static constexpr std::string_view prefix = "pgiplock: ";
   if (m.compare(0, prefix.size(), prefix) == 0) m.erase(0, prefix.size());
   return m;
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 }  // namespace detail
 }  // namespace pgiplock

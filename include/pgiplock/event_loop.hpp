@@ -293,7 +293,8 @@ class async_event {
 namespace pgiplock {
 namespace detail {
 
-inline std::unique_ptr<backend> make_backend(const event_loop_options& opt) {
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE std::unique_ptr<backend> make_backend(const event_loop_options& opt) {
   backend_kind kind = opt.backend;
   if (kind == backend_kind::automatic) {
     if (auto v = env_value("PGIPLOCK_BACKEND")) {
@@ -312,6 +313,7 @@ inline std::unique_ptr<backend> make_backend(const event_loop_options& opt) {
     return std::make_unique<epoll_backend>();
   }
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 // A detached coroutine owned by the loop: runs a spawned task to the end and
 // reports what escapes it, so one failing task never ends the process.
@@ -332,7 +334,8 @@ struct spawned_promise {
   void unhandled_exception() const noexcept {}
 };
 
-inline spawned drive(task<void> t, const log_handler& logger) {
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE spawned drive(task<void> t, const log_handler& logger) {
   try {
     co_await std::move(t);
   } catch (const std::exception& e) {
@@ -342,24 +345,27 @@ inline spawned drive(task<void> t, const log_handler& logger) {
   }
 }
 
-inline std::uint64_t make_op_id(std::uint32_t index, std::uint32_t gen) {
+PGIPLOCK_INLINE std::uint64_t make_op_id(std::uint32_t index, std::uint32_t gen) {
   return (static_cast<std::uint64_t>(gen) << 32) | index;
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 }  // namespace detail
 
-inline event_loop::event_loop() : event_loop(event_loop_options{}) {}
-inline event_loop::event_loop(event_loop_options opt)
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE event_loop::event_loop() : event_loop(event_loop_options{}) {}
+PGIPLOCK_INLINE event_loop::event_loop(event_loop_options opt)
     : logger_(opt.logger), backend_(detail::make_backend(opt)), serial_(next_serial()) {}
 
-inline event_loop::~event_loop() {
+PGIPLOCK_INLINE event_loop::~event_loop() {
   // Spawned frames may still be suspended; destroying them abandons their
   // operations, which only touches this loop's tables.
   while (!spawned_.empty()) spawned_.begin()->second.destroy();  // erases itself
   if (current_ref() == this) current_ref() = nullptr;
 }
 
-inline const char* event_loop::backend_name() const noexcept { return backend_->name(); }
+PGIPLOCK_INLINE const char* event_loop::backend_name() const noexcept { return backend_->name(); }
+#endif  // PGIPLOCK_DEFINITIONS
 
 template <class T>
 T event_loop::run(task<T> t) {
@@ -371,12 +377,13 @@ T event_loop::run(task<T> t) {
   return t.h_.promise().take();
 }
 
-inline void event_loop::run() {
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE void event_loop::run() {
   stopped_ = false;
   while (!stopped_) tick();
 }
 
-inline void event_loop::spawn(task<void> t) {
+PGIPLOCK_INLINE void event_loop::spawn(task<void> t) {
   if (!t.valid()) return;
   auto s = detail::drive(std::move(t), logger_);
   std::uint64_t key = ++spawn_seq_;
@@ -386,33 +393,33 @@ inline void event_loop::spawn(task<void> t) {
   post(s.h);
 }
 
-inline void event_loop::start(task<void>& t) {
+PGIPLOCK_INLINE void event_loop::start(task<void>& t) {
   if (t.valid() && !t.done()) post_task(t.h_);
 }
 
-inline void event_loop::complete(std::uint64_t id, int result) {
+PGIPLOCK_INLINE void event_loop::complete(std::uint64_t id, int result) {
   op* o = find(id);
   if (!o || o->state != op_state::waiting) return;
   o->result = result;
   make_ready(*o, id);
 }
 
-inline bool event_loop::alive(std::uint64_t id) const {
+PGIPLOCK_INLINE bool event_loop::alive(std::uint64_t id) const {
   const op* o = const_cast<event_loop*>(this)->find(id);
   return o && o->state != op_state::abandoned;
 }
 
-inline std::uint64_t event_loop::next_serial() noexcept {
+PGIPLOCK_INLINE std::uint64_t event_loop::next_serial() noexcept {
   static std::uint64_t n = 0;
   return ++n;
 }
 
-inline event_loop*& event_loop::current_ref() noexcept {
+PGIPLOCK_INLINE event_loop*& event_loop::current_ref() noexcept {
   thread_local event_loop* loop = nullptr;
   return loop;
 }
 
-inline event_loop::op* event_loop::find(std::uint64_t id) {
+PGIPLOCK_INLINE event_loop::op* event_loop::find(std::uint64_t id) {
   auto index = static_cast<std::uint32_t>(id & 0xffffffffu);
   auto gen = static_cast<std::uint32_t>(id >> 32);
   if (index >= ops_.size()) return nullptr;
@@ -421,7 +428,7 @@ inline event_loop::op* event_loop::find(std::uint64_t id) {
   return &o;
 }
 
-inline std::uint64_t event_loop::open_op(std::coroutine_handle<> h, cancel_source* cancel) {
+PGIPLOCK_INLINE std::uint64_t event_loop::open_op(std::coroutine_handle<> h, cancel_source* cancel) {
   std::uint32_t index;
   if (!free_.empty()) {
     index = free_.back();
@@ -445,7 +452,7 @@ inline std::uint64_t event_loop::open_op(std::coroutine_handle<> h, cancel_sourc
   return id;
 }
 
-inline void event_loop::release_slot(op& o) {
+PGIPLOCK_INLINE void event_loop::release_slot(op& o) {
   auto index = static_cast<std::uint32_t>(&o - ops_.data());
   if (o.cancel) {
     auto& v = o.cancel->ops_;
@@ -463,7 +470,7 @@ inline void event_loop::release_slot(op& o) {
   free_.push_back(index);
 }
 
-inline int event_loop::close_op(std::uint64_t id) {
+PGIPLOCK_INLINE int event_loop::close_op(std::uint64_t id) {
   op* o = find(id);
   if (!o) return -ECANCELED;
   int r = o->result;
@@ -473,7 +480,7 @@ inline int event_loop::close_op(std::uint64_t id) {
 
 // The frame is gone: forget the waiter, but keep the slot until the kernel
 // has reported the poll, so its completion cannot hit a reused id.
-inline void event_loop::abandon(std::uint64_t id) {
+PGIPLOCK_INLINE void event_loop::abandon(std::uint64_t id) {
   op* o = find(id);
   if (!o) return;
   o->timer_armed = false;
@@ -486,19 +493,20 @@ inline void event_loop::abandon(std::uint64_t id) {
   }
 }
 
-inline void event_loop::make_ready(op& o, std::uint64_t id) {
+PGIPLOCK_INLINE void event_loop::make_ready(op& o, std::uint64_t id) {
   o.state = op_state::ready;
   o.timer_armed = false;
   ready_.push_back(id);
 }
 
-inline std::uint64_t event_loop::post(std::coroutine_handle<> h) {
+PGIPLOCK_INLINE std::uint64_t event_loop::post(std::coroutine_handle<> h) {
   std::uint64_t id = open_op(h, nullptr);
   op* o = find(id);
   o->unowned = true;
   make_ready(*o, id);
   return id;
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 // A task's owner may destroy it before it starts: the promise remembers the
 // start so task::reset() can take it back.
@@ -509,9 +517,10 @@ void event_loop::post_task(std::coroutine_handle<P> h) {
   p.start_op = post(h);
 }
 
+#if PGIPLOCK_DEFINITIONS
 // Opens the awaiter's operation; nullptr when its cancel_source has fired
 // already (the operation is then ready, as cancelled).
-inline event_loop::op* event_loop::open_unless_cancelled(op_awaiter& a, std::coroutine_handle<> h) {
+PGIPLOCK_INLINE event_loop::op* event_loop::open_unless_cancelled(op_awaiter& a, std::coroutine_handle<> h) {
   a.id = open_op(h, a.cancel);
   op* o = find(a.id);
   if (!a.cancel || !a.cancel->cancelled_) return o;
@@ -520,7 +529,7 @@ inline event_loop::op* event_loop::open_unless_cancelled(op_awaiter& a, std::cor
   return nullptr;
 }
 
-inline bool event_loop::start_poll(op_awaiter& a, std::coroutine_handle<> h, int fd, unsigned events,
+PGIPLOCK_INLINE bool event_loop::start_poll(op_awaiter& a, std::coroutine_handle<> h, int fd, unsigned events,
                                    std::optional<clock::time_point> deadline) {
   op* o = open_unless_cancelled(a, h);
   if (!o) return true;
@@ -531,14 +540,14 @@ inline bool event_loop::start_poll(op_awaiter& a, std::coroutine_handle<> h, int
   return true;
 }
 
-inline bool event_loop::start_timer(op_awaiter& a, std::coroutine_handle<> h, clock::time_point when) {
+PGIPLOCK_INLINE bool event_loop::start_timer(op_awaiter& a, std::coroutine_handle<> h, clock::time_point when) {
   op* o = open_unless_cancelled(a, h);
   if (!o) return true;
   arm_timer(*o, a.id, when);
   return true;
 }
 
-inline void event_loop::arm_timer(op& o, std::uint64_t id, clock::time_point when) {
+PGIPLOCK_INLINE void event_loop::arm_timer(op& o, std::uint64_t id, clock::time_point when) {
   o.timer_armed = true;
   timers_.push(timer_entry{when, ++timer_seq_, id});
 }
@@ -546,7 +555,7 @@ inline void event_loop::arm_timer(op& o, std::uint64_t id, clock::time_point whe
 // Ends a waiting operation early with `result` (timeout or cancel). A poll
 // still in the kernel is cancelled first and the waiter resumes only once
 // the kernel has answered, so no completion outlives its awaiter.
-inline void event_loop::interrupt(std::uint64_t id, int result) {
+PGIPLOCK_INLINE void event_loop::interrupt(std::uint64_t id, int result) {
   op* o = find(id);
   if (!o || o->state != op_state::waiting) return;
   o->timer_armed = false;
@@ -561,7 +570,7 @@ inline void event_loop::interrupt(std::uint64_t id, int result) {
   }
 }
 
-inline void event_loop::on_completion(const detail::completion& c) {
+PGIPLOCK_INLINE void event_loop::on_completion(const detail::completion& c) {
   op* o = find(c.id);
   if (!o || !o->poll_armed) return;
   o->poll_armed = false;
@@ -576,7 +585,7 @@ inline void event_loop::on_completion(const detail::completion& c) {
   make_ready(*o, c.id);
 }
 
-inline void event_loop::fire_timers(clock::time_point now) {
+PGIPLOCK_INLINE void event_loop::fire_timers(clock::time_point now) {
   while (!timers_.empty() && timers_.top().when <= now) {
     std::uint64_t id = timers_.top().id;
     timers_.pop();
@@ -585,7 +594,7 @@ inline void event_loop::fire_timers(clock::time_point now) {
   }
 }
 
-inline std::chrono::nanoseconds event_loop::next_timeout() {
+PGIPLOCK_INLINE std::chrono::nanoseconds event_loop::next_timeout() {
   if (!ready_.empty()) return std::chrono::nanoseconds(0);
   while (!timers_.empty()) {  // drop timers of operations that ended otherwise
     op* o = find(timers_.top().id);
@@ -597,7 +606,7 @@ inline std::chrono::nanoseconds event_loop::next_timeout() {
   return d.count() < 0 ? std::chrono::nanoseconds(0) : std::chrono::duration_cast<std::chrono::nanoseconds>(d);
 }
 
-inline void event_loop::run_ready() {
+PGIPLOCK_INLINE void event_loop::run_ready() {
   batch_.swap(ready_);
   for (std::size_t i = 0; i < batch_.size() && !stopped_; ++i) {
     op* o = find(batch_[i]);
@@ -615,7 +624,7 @@ inline void event_loop::run_ready() {
 // Gathers what the kernel has finished, then resumes what is ready; the
 // caller checks its exit condition between ticks, so the last resumed
 // coroutine is never followed by a blocking wait.
-inline void event_loop::tick() {
+PGIPLOCK_INLINE void event_loop::tick() {
   current_ref() = this;
   completions_.clear();
   backend_->wait(next_timeout(), completions_);
@@ -624,9 +633,9 @@ inline void event_loop::tick() {
   run_ready();
 }
 
-inline void detail::abandon_start(event_loop* loop, std::uint64_t op) noexcept { loop->abandon(op); }
+PGIPLOCK_INLINE void detail::abandon_start(event_loop* loop, std::uint64_t op) noexcept { loop->abandon(op); }
 
-inline cancel_source::~cancel_source() {
+PGIPLOCK_INLINE cancel_source::~cancel_source() {
   // Operations still waiting with this source keep a pointer to it.
   if (loop_) {
     for (auto id : ops_) {
@@ -635,35 +644,38 @@ inline cancel_source::~cancel_source() {
   }
 }
 
-inline void cancel_source::cancel() {
+PGIPLOCK_INLINE void cancel_source::cancel() {
   cancelled_ = true;
   if (!loop_) return;
   auto ids = ops_;  // interrupting may release slots, which edits ops_
   for (auto id : ids) loop_->interrupt(id, -ECANCELED);
 }
 
-inline void async_event::set() {
+PGIPLOCK_INLINE void async_event::set() {
   set_ = true;
   auto ids = std::move(waiters_);
   waiters_.clear();
   for (auto id : ids) loop_->complete(id, 0);
 }
 
-inline task<bool> async_event::wait(cancel_source* cancel) {
+PGIPLOCK_INLINE task<bool> async_event::wait(cancel_source* cancel) {
   if (set_) co_return true;
   waiters_.push_back(0);
   int r = co_await loop_->wait_for_completion(&waiters_.back(), cancel);
   co_return r == 0;
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 namespace detail {
 
+#if PGIPLOCK_DEFINITIONS
 // Cancels `cancel` after `d`. Shared ownership, so a waiter that finishes
 // first may go away.
-inline task<void> cancel_after(event_loop& loop, std::shared_ptr<cancel_source> cancel, std::chrono::milliseconds d) {
+PGIPLOCK_INLINE task<void> cancel_after(event_loop& loop, std::shared_ptr<cancel_source> cancel, std::chrono::milliseconds d) {
   co_await loop.sleep(d);
   cancel->cancel();
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 template <class T>
 struct within_state {
@@ -697,10 +709,12 @@ task<std::optional<T>> within(event_loop& loop, task<T> t, std::chrono::millisec
 
 }  // namespace detail
 
-inline task<bool> async_event::wait_for(std::chrono::milliseconds limit) {
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE task<bool> async_event::wait_for(std::chrono::milliseconds limit) {
   auto deadline = std::make_shared<cancel_source>();
   loop_->spawn(detail::cancel_after(*loop_, deadline, limit));
   co_return co_await wait(deadline.get());
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 }  // namespace pgiplock

@@ -250,7 +250,8 @@ class ip_lock {
 
 namespace detail {
 
-inline const char* state_name(lock_state s) {
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE const char* state_name(lock_state s) {
   switch (s) {
     case lock_state::created: return "created";
     case lock_state::standby: return "standby";
@@ -263,11 +264,11 @@ inline const char* state_name(lock_state s) {
 }
 
 // Holding the channel, or handing it over.
-inline bool tenured(lock_state s) {
+PGIPLOCK_INLINE bool tenured(lock_state s) {
   return s == lock_state::holding || s == lock_state::draining || s == lock_state::releasing;
 }
 
-inline bool allowed(lock_state from, lock_state to) {
+PGIPLOCK_INLINE bool allowed(lock_state from, lock_state to) {
   using enum lock_state;
   switch (to) {
     case standby: return from != destroyed;  // from created: init(); else lost, demoted or released
@@ -279,10 +280,12 @@ inline bool allowed(lock_state from, lock_state to) {
   }
   return false;
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 }  // namespace detail
 
-inline ip_lock::ip_lock(std::string channel, ip_lock_options options)
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE ip_lock::ip_lock(std::string channel, ip_lock_options options)
     : channel_(std::move(channel)), options_(std::move(options)) {
   detail::validate_channel(channel_, detail::channel_use::locked);
   if (!options_.client) throw std::invalid_argument("pgiplock: ip_lock needs options.client");
@@ -295,7 +298,7 @@ inline ip_lock::ip_lock(std::string channel, ip_lock_options options)
   registry().push_back(this);
 }
 
-inline ip_lock::~ip_lock() {
+PGIPLOCK_INLINE ip_lock::~ip_lock() {
   registry_remove(this);
   stop_background();
   detach_from_client();
@@ -311,7 +314,7 @@ inline ip_lock::~ip_lock() {
 }
 
 // The one place the state changes; see the diagram at the top.
-inline void ip_lock::enter(lock_state next, std::string_view why) {
+PGIPLOCK_INLINE void ip_lock::enter(lock_state next, std::string_view why) {
   lock_state was = state_;
   if (was == next) return;
   if (!detail::allowed(was, next)) {
@@ -332,23 +335,23 @@ inline void ip_lock::enter(lock_state next, std::string_view why) {
   }
 }
 
-inline bool ip_lock::is_acquired() const noexcept {
+PGIPLOCK_INLINE bool ip_lock::is_acquired() const noexcept {
   return state_ == lock_state::holding && options_.client->is_open();
 }
 
-inline bool ip_lock::is_draining() const noexcept {
+PGIPLOCK_INLINE bool ip_lock::is_draining() const noexcept {
   return state_ == lock_state::draining && options_.client->is_open();
 }
 
-inline bool ip_lock::listens_on_acquire() const noexcept {
+PGIPLOCK_INLINE bool ip_lock::listens_on_acquire() const noexcept {
   return detail::tenured(state_) && !options_.listen_on_acquire.empty();
 }
 
-inline bool ip_lock::past_handover_cut() const noexcept { return !cut_.fresh_tenure || cut_.own_announcement_seen; }
+PGIPLOCK_INLINE bool ip_lock::past_handover_cut() const noexcept { return !cut_.fresh_tenure || cut_.own_announcement_seen; }
 
-inline std::int64_t ip_lock::token() const noexcept { return is_acquired() && token_ ? *token_ : 0; }
+PGIPLOCK_INLINE std::int64_t ip_lock::token() const noexcept { return is_acquired() && token_ ? *token_ : 0; }
 
-inline channel_stats ip_lock::stats() const {
+PGIPLOCK_INLINE channel_stats ip_lock::stats() const {
   channel_stats s = wins_;
   s.channel = channel_;
   s.token = token();
@@ -357,7 +360,7 @@ inline channel_stats ip_lock::stats() const {
   return s;
 }
 
-inline void ip_lock::count_win(bool fresh, event_loop::clock::duration took) {
+PGIPLOCK_INLINE void ip_lock::count_win(bool fresh, event_loop::clock::duration took) {
   auto us = std::chrono::duration_cast<std::chrono::microseconds>(took);
   wins_.tenure_since = std::chrono::system_clock::now();
   if (fresh) {
@@ -369,12 +372,12 @@ inline void ip_lock::count_win(bool fresh, event_loop::clock::duration took) {
   }
 }
 
-inline void ip_lock::on_release(channel_handler fn) {
+PGIPLOCK_INLINE void ip_lock::on_release(channel_handler fn) {
   if (on_release_) throw std::logic_error("pgiplock: ip_lock '" + channel_ + "' already has an on_release handler");
   on_release_ = std::move(fn);
 }
 
-inline task<void> ip_lock::init() {
+PGIPLOCK_INLINE task<void> ip_lock::init() {
   if (state_ != lock_state::created) co_return;
   auto client = options_.client;
   co_await detail::ensure_lock_schema(client, schema_name());
@@ -396,12 +399,12 @@ inline task<void> ip_lock::init() {
   start_background();
 }
 
-inline task<bool> ip_lock::acquire() {
+PGIPLOCK_INLINE task<bool> ip_lock::acquire() {
   auto o = co_await take();
   co_return o.won;
 }
 
-inline task<void> ip_lock::release() {
+PGIPLOCK_INLINE task<void> ip_lock::release() {
   auto client = options_.client;
   bool was = state_ == lock_state::holding;
   demotion_reason_.clear();
@@ -432,7 +435,7 @@ inline task<void> ip_lock::release() {
 }
 
 // A drain: deliver until the successor announces, or handover_timeout.
-inline task<void> ip_lock::wait_for_successor() {
+PGIPLOCK_INLINE task<void> ip_lock::wait_for_successor() {
   if (options_.handover_timeout.count() <= 0) co_return;
   auto announced = std::make_shared<async_event>(options_.client->loop());
   announced_ = announced;
@@ -440,7 +443,7 @@ inline task<void> ip_lock::wait_for_successor() {
   announced_.reset();
 }
 
-inline task<void> ip_lock::destroy() {
+PGIPLOCK_INLINE task<void> ip_lock::destroy() {
   if (destroy_requested_ || state_ == lock_state::destroyed) co_return;
   destroy_requested_ = true;
   registry_remove(this);
@@ -462,7 +465,7 @@ inline task<void> ip_lock::destroy() {
   enter(lock_state::destroyed, "destroyed");
 }
 
-inline task<void> ip_lock::destroy_all() {
+PGIPLOCK_INLINE task<void> ip_lock::destroy_all() {
   event_loop* here = event_loop::current();
   for (;;) {
     auto& all = registry();
@@ -480,43 +483,43 @@ inline task<void> ip_lock::destroy_all() {
   }
 }
 
-inline std::vector<ip_lock*>& ip_lock::registry() {
+PGIPLOCK_INLINE std::vector<ip_lock*>& ip_lock::registry() {
   static std::vector<ip_lock*> all;
   return all;
 }
 
-inline void ip_lock::registry_remove(ip_lock* l) {
+PGIPLOCK_INLINE void ip_lock::registry_remove(ip_lock* l) {
   auto& r = registry();
   r.erase(std::remove(r.begin(), r.end(), l), r.end());
 }
 
-inline const log_handler& ip_lock::logger() const {
+PGIPLOCK_INLINE const log_handler& ip_lock::logger() const {
   return options_.logger ? options_.logger : options_.client->logger();
 }
 
-inline void ip_lock::note(log_level level, std::string_view message) const {
+PGIPLOCK_INLINE void ip_lock::note(log_level level, std::string_view message) const {
   if (level == log_level::debug && !logger()) return;  // nobody reads it: skip building the line
   detail::log(logger(), level, "ip_lock " + channel_ + ": " + std::string(message));
 }
 
-inline const detail::lock_statements& ip_lock::statements() {
+PGIPLOCK_INLINE const detail::lock_statements& ip_lock::statements() {
   if (!sql_) sql_ = detail::lock_statements::for_schema(options_.client->quote_identifier(schema_name()));
   return *sql_;
 }
 
-inline void ip_lock::detach_from_client() {
+PGIPLOCK_INLINE void ip_lock::detach_from_client() {
   if (notify_sub_) options_.client->unsubscribe(notify_sub_);
   if (lost_sub_) options_.client->remove_on_lost(lost_sub_);
   notify_sub_ = lost_sub_ = 0;
 }
 
-inline void ip_lock::stop_background() {
+PGIPLOCK_INLINE void ip_lock::stop_background() {
   background_ = task<void>{};
   waiter_task_ = task<void>{};
   heartbeat_ = task<void>{};
 }
 
-inline void ip_lock::start_background() {
+PGIPLOCK_INLINE void ip_lock::start_background() {
   auto& loop = options_.client->loop();
   background_ = retry_loop();
   loop.start(background_);
@@ -531,7 +534,7 @@ inline void ip_lock::start_background() {
 // acquire(), with what the waiter needs to know: whether the advisory lock
 // was free. One attempt at a time per lock: the statement takes the session
 // advisory lock, which counts re-entries.
-inline task<ip_lock::outcome> ip_lock::take() {
+PGIPLOCK_INLINE task<ip_lock::outcome> ip_lock::take() {
   if (state_ == lock_state::created) {
     throw std::logic_error("pgiplock: ip_lock '" + channel_ + "': acquire() before init() completed");
   }
@@ -564,7 +567,7 @@ inline task<ip_lock::outcome> ip_lock::take() {
   }
 }
 
-inline task<ip_lock::outcome> ip_lock::attempt(std::shared_ptr<connection> client) {
+PGIPLOCK_INLINE task<ip_lock::outcome> ip_lock::attempt(std::shared_ptr<connection> client) {
   // Our announcement can be dispatched before this result is processed
   // (both arrive in one read): forget earlier ones before sending.
   cut_.own_announcement_seen = false;
@@ -592,13 +595,13 @@ inline task<ip_lock::outcome> ip_lock::attempt(std::shared_ptr<connection> clien
   co_return out;
 }
 
-inline task<bool> ip_lock::holds_row(std::shared_ptr<connection> client) {
+PGIPLOCK_INLINE task<bool> ip_lock::holds_row(std::shared_ptr<connection> client) {
   auto r = co_await client->query_prepared(statements().holds_row, lock_channel_, client->app_name());
   co_return r.get(0, 0) == "t";
 }
 
 // Stops holding at once; frees the advisory lock so a standby can win.
-inline task<void> ip_lock::demote(std::string why) {
+PGIPLOCK_INLINE task<void> ip_lock::demote(std::string why) {
   if (state_ != lock_state::holding) co_return;
   note(log_level::warn, "giving up the lock: " + why);
   demotion_reason_ = why;
@@ -614,7 +617,7 @@ inline task<void> ip_lock::demote(std::string why) {
   }
 }
 
-inline task<void> ip_lock::release_in_background(std::shared_ptr<connection> client, detail::lock_statements sql,
+PGIPLOCK_INLINE task<void> ip_lock::release_in_background(std::shared_ptr<connection> client, detail::lock_statements sql,
                                                  std::string lock_channel, std::int64_t key, bool advisory_held) {
   try {
     (void)co_await detail::release_row(client, std::move(sql), std::move(lock_channel), key, advisory_held);
@@ -624,7 +627,7 @@ inline task<void> ip_lock::release_in_background(std::shared_ptr<connection> cli
 }
 
 // Stops listening for release events and leaves the presence group.
-inline task<void> ip_lock::leave_quietly(std::shared_ptr<connection> client, std::string lock_channel, bool present,
+PGIPLOCK_INLINE task<void> ip_lock::leave_quietly(std::shared_ptr<connection> client, std::string lock_channel, bool present,
                                          std::pair<std::int32_t, std::int32_t> presence) {
   try {
     co_await client->unlisten(lock_channel);
@@ -634,7 +637,7 @@ inline task<void> ip_lock::leave_quietly(std::shared_ptr<connection> client, std
   }
 }
 
-inline void ip_lock::on_lock_channel(const notification& n) {
+PGIPLOCK_INLINE void ip_lock::on_lock_channel(const notification& n) {
   if (n.sender_pid == options_.client->backend_pid()) {  // our own release or announcement
     if (n.payload == detail::announce_payload) cut_.own_announcement_seen = true;
     return;
@@ -656,7 +659,7 @@ inline void ip_lock::on_lock_channel(const notification& n) {
 // Release events and the periodic retry. While the advisory waiter knows a
 // live holder holds the advisory lock, the periodic attempt is skipped: an
 // idle standby then sends one statement per wait slice, nothing more.
-inline task<void> ip_lock::retry_loop() {
+PGIPLOCK_INLINE task<void> ip_lock::retry_loop() {
   auto& loop = options_.client->loop();
   for (;;) {
     bool elapsed = co_await loop.sleep(options_.acquire_interval, &wake_);
@@ -676,7 +679,7 @@ inline task<void> ip_lock::retry_loop() {
 }
 
 // The holder's liveness check, every liveness_timeout / 4.
-inline task<void> ip_lock::heartbeat_loop() {
+PGIPLOCK_INLINE task<void> ip_lock::heartbeat_loop() {
   auto& loop = options_.client->loop();
   auto every = std::max<std::chrono::milliseconds>(std::chrono::milliseconds(10), options_.liveness_timeout / 4);
   auto limit = std::max<std::chrono::milliseconds>(std::chrono::milliseconds(10), options_.liveness_timeout / 2);
@@ -692,7 +695,7 @@ inline task<void> ip_lock::heartbeat_loop() {
 
 // What is wrong with our tenure, if anything: the row must still be there
 // (a DELETE or TRUNCATE fires no release event), answered in time.
-inline task<std::string> ip_lock::check_liveness(std::chrono::milliseconds limit) {
+PGIPLOCK_INLINE task<std::string> ip_lock::check_liveness(std::chrono::milliseconds limit) {
   std::optional<bool> held;
   std::string failure;  // co_await is not allowed inside a handler
   try {
@@ -708,7 +711,7 @@ inline task<std::string> ip_lock::check_liveness(std::chrono::milliseconds limit
 
 // The fast path of a standby: wait, server-side and in bounded slices, for
 // the holder's advisory lock; when it comes free, take over.
-inline task<void> ip_lock::waiter_loop() {
+PGIPLOCK_INLINE task<void> ip_lock::waiter_loop() {
   for (;;) {
     // Re-checked after every await: the connect and the wait take time, in
     // which this lock may win, or release and turn passive.
@@ -725,14 +728,14 @@ inline task<void> ip_lock::waiter_loop() {
   }
 }
 
-inline bool ip_lock::waiter_idle() const {
+PGIPLOCK_INLINE bool ip_lock::waiter_idle() const {
   return state_ != lock_state::standby || !options_.client->is_open() ||
          event_loop::clock::now() < passive_until_;
 }
 
 // Nothing to wait for: a holder gives its waiting connection back; a lock
 // that just released stays passive until passive_until_.
-inline task<void> ip_lock::rest_waiter() {
+PGIPLOCK_INLINE task<void> ip_lock::rest_waiter() {
   waiter_sees_holder_ = false;
   if (detail::tenured(state_) && waiter_) {
     auto w = std::move(waiter_);
@@ -743,7 +746,7 @@ inline task<void> ip_lock::rest_waiter() {
   if (!co_await options_.client->loop().sleep_until(until, &standby_wake_)) standby_wake_.reset();
 }
 
-inline task<void> ip_lock::open_waiter() {
+PGIPLOCK_INLINE task<void> ip_lock::open_waiter() {
   auto client = options_.client;
   auto opts = detail::derived_options(client->logger(), options_.liveness_timeout, false);
   try {
@@ -760,7 +763,7 @@ inline task<void> ip_lock::open_waiter() {
 
 // One bounded server-side wait for the advisory lock: whether it came free;
 // nothing when the wait itself failed (then after a short pause).
-inline task<std::optional<bool>> ip_lock::wait_one_slice() {
+PGIPLOCK_INLINE task<std::optional<bool>> ip_lock::wait_one_slice() {
   auto slice = options_.wait_slice.count() > 0 ? options_.wait_slice : options_.acquire_interval;
   auto w = waiter_;
   std::optional<bool> free;
@@ -778,7 +781,7 @@ inline task<std::optional<bool>> ip_lock::wait_one_slice() {
 // The holder's advisory lock came free: take over, retrying briefly (the
 // dead holder's application_name can stay visible in pg_stat_activity for a
 // moment after its lock is freed).
-inline task<void> ip_lock::take_over() {
+PGIPLOCK_INLINE task<void> ip_lock::take_over() {
   note(log_level::debug, "the holder's advisory lock is free");
   auto client = options_.client;
   bool won = false;
@@ -801,5 +804,6 @@ inline task<void> ip_lock::take_over() {
     co_await client->loop().sleep(options_.acquire_interval, &wake_);
   }
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 }  // namespace pgiplock

@@ -222,18 +222,19 @@ class pubsub {
 
 // ---- implementation ---------------------------------------------------------
 
-inline void channel_emitter::off(std::string_view channel) {
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE void channel_emitter::off(std::string_view channel) {
   auto it = handlers_.find(channel);
   if (it != handlers_.end()) handlers_.erase(it);
 }
 
-inline void channel_emitter::emit(std::string_view channel, std::string_view payload) const {
+PGIPLOCK_INLINE void channel_emitter::emit(std::string_view channel, std::string_view payload) const {
   auto it = handlers_.find(channel);
   if (it == handlers_.end()) return;
   for (std::size_t i = 0; i < it->second.size(); ++i) it->second[i](payload);
 }
 
-inline pubsub::pubsub(event_loop& loop, pubsub_options options)
+PGIPLOCK_INLINE pubsub::pubsub(event_loop& loop, pubsub_options options)
     : loop_(&loop),
       options_(std::move(options)),
       batcher_(loop),
@@ -250,7 +251,7 @@ inline pubsub::pubsub(event_loop& loop, pubsub_options options)
   if (options_.handle_signals) enable_graceful_shutdown(loop);
 }
 
-inline void pubsub::validate(const pubsub_options& o) {
+PGIPLOCK_INLINE void pubsub::validate(const pubsub_options& o) {
   if (o.retry_delay.count() < 0) throw std::invalid_argument("pgiplock: retry_delay is negative");
   if (o.durable && o.filtered) {
     // A durable channel delivers every message of its journal, whoever sent it.
@@ -273,7 +274,7 @@ inline void pubsub::validate(const pubsub_options& o) {
   }
 }
 
-inline pubsub::~pubsub() {
+PGIPLOCK_INLINE pubsub::~pubsub() {
   reconnector_ = task<void>{};
   member_.reset();
   journal_.reset();
@@ -281,7 +282,7 @@ inline pubsub::~pubsub() {
   detach();
 }
 
-inline task<void> pubsub::connect() {
+PGIPLOCK_INLINE task<void> pubsub::connect() {
   closing_ = false;
   auto opts = main_options();
   auto c = co_await connection::connect(*loop_, options_.conninfo, opts);
@@ -291,7 +292,7 @@ inline task<void> pubsub::connect() {
 
 // On every (re)connect: the claim table, on_connect, then every channel
 // given to listen() so far.
-inline task<void> pubsub::after_connect() {
+PGIPLOCK_INLINE task<void> pubsub::after_connect() {
   if (options_.execution_lock) co_await claims_.prepare(client_);
   if (options_.durable) {
     co_await detail::ensure_journal(client_);
@@ -303,7 +304,7 @@ inline task<void> pubsub::after_connect() {
   co_await subscribe_all();
 }
 
-inline task<void> pubsub::close() {
+PGIPLOCK_INLINE task<void> pubsub::close() {
   if (closing_ && !client_) co_return;
   closing_ = true;
   reconnector_ = task<void>{};
@@ -318,7 +319,7 @@ inline task<void> pubsub::close() {
   fire(on_close_);
 }
 
-inline task<void> pubsub::destroy() {
+PGIPLOCK_INLINE task<void> pubsub::destroy() {
   if (connected()) {
     try {
       co_await unlisten_all();
@@ -329,12 +330,12 @@ inline task<void> pubsub::destroy() {
   co_await close();
 }
 
-inline task<void> pubsub::listen(std::string_view channel) {
+PGIPLOCK_INLINE task<void> pubsub::listen(std::string_view channel) {
   std::vector<std::string> one{std::string(channel)};
   co_await listen(std::move(one));
 }
 
-inline task<void> pubsub::listen(std::vector<std::string> channels) {
+PGIPLOCK_INLINE task<void> pubsub::listen(std::vector<std::string> channels) {
   if (options_.durable && !locked()) {
     throw std::invalid_argument("pgiplock: durable channels are delivered by their holder: listen() needs "
                                 "single_listener = true and execution_lock = false");
@@ -353,7 +354,7 @@ inline task<void> pubsub::listen(std::vector<std::string> channels) {
   if (member_) co_await member_->want(std::move(channels));  // a win LISTENs in the same statement (on_won)
 }
 
-inline task<void> pubsub::unlisten(std::string_view channel_view) {
+PGIPLOCK_INLINE task<void> pubsub::unlisten(std::string_view channel_view) {
   std::string ch(channel_view);
   if (channels_.find(ch) == channels_.end()) co_return;
   // The lock goes first: while it drains, this instance still delivers.
@@ -370,7 +371,7 @@ inline task<void> pubsub::unlisten(std::string_view channel_view) {
   fire(on_unlisten_, chs);
 }
 
-inline task<void> pubsub::unlisten_all() {
+PGIPLOCK_INLINE task<void> pubsub::unlisten_all() {
   std::vector<std::string> chs = all_channels();
   if (member_) co_await member_->release(chs);  // the locks first: they drain while they hand over
   channels_.clear();
@@ -378,7 +379,7 @@ inline task<void> pubsub::unlisten_all() {
   fire(on_unlisten_, chs);
 }
 
-inline task<void> pubsub::notify(std::string_view channel_view, std::string_view payload_view) {
+PGIPLOCK_INLINE task<void> pubsub::notify(std::string_view channel_view, std::string_view payload_view) {
   std::string ch(channel_view), payload(payload_view);
   detail::validate_channel(ch, detail::channel_use::plain);
   if (options_.durable) {
@@ -408,7 +409,7 @@ inline task<void> pubsub::notify(std::string_view channel_view, std::string_view
   fire(on_notify_, std::string_view(ch), std::string_view(payload));
 }
 
-inline std::vector<std::string> pubsub::channels_where(bool want_active) const {
+PGIPLOCK_INLINE std::vector<std::string> pubsub::channels_where(bool want_active) const {
   std::vector<std::string> out;
   for (auto& [name, st] : channels_) {
     if (active(name, st) == want_active) out.push_back(name);
@@ -416,37 +417,38 @@ inline std::vector<std::string> pubsub::channels_where(bool want_active) const {
   return out;
 }
 
-inline std::vector<std::string> pubsub::all_channels() const {
+PGIPLOCK_INLINE std::vector<std::string> pubsub::all_channels() const {
   std::vector<std::string> out;
   for (auto& [name, st] : channels_) out.push_back(name);
   return out;
 }
-inline std::vector<std::string> pubsub::active_channels() const { return channels_where(true); }
-inline std::vector<std::string> pubsub::inactive_channels() const { return channels_where(false); }
+PGIPLOCK_INLINE std::vector<std::string> pubsub::active_channels() const { return channels_where(true); }
+PGIPLOCK_INLINE std::vector<std::string> pubsub::inactive_channels() const { return channels_where(false); }
 
-inline bool pubsub::is_active(std::string_view ch) const {
+PGIPLOCK_INLINE bool pubsub::is_active(std::string_view ch) const {
   auto it = channels_.find(ch);
   return it != channels_.end() && active(it->first, it->second);
 }
 
-inline bool pubsub::is_active() const {
+PGIPLOCK_INLINE bool pubsub::is_active() const {
   return std::any_of(channels_.begin(), channels_.end(), [this](const auto& c) { return active(c.first, c.second); });
 }
 
-inline std::int64_t pubsub::token(std::string_view ch) const { return member_ ? member_->token(ch) : 0; }
+PGIPLOCK_INLINE std::int64_t pubsub::token(std::string_view ch) const { return member_ ? member_->token(ch) : 0; }
 
-inline bool pubsub::active(std::string_view ch, const channel_state& st) const {
+PGIPLOCK_INLINE bool pubsub::active(std::string_view ch, const channel_state& st) const {
   if (!st.listening || !connected()) return false;
   return !locked() || (member_ && member_->delivering(ch));
 }
 
-inline void pubsub::report(const std::exception& e) {
+PGIPLOCK_INLINE void pubsub::report(const std::exception& e) {
   if (on_error_.empty()) {
     detail::log(options_.logger, log_level::error, e.what());
     return;
   }
   fire(on_error_, e);
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 // By index: a handler may add handlers.
 template <class Handlers, class... Args>
@@ -454,14 +456,15 @@ void pubsub::fire(const Handlers& handlers, const Args&... args) {
   for (std::size_t i = 0; i < handlers.size(); ++i) handlers[i](args...);
 }
 
-inline void pubsub::attach(std::shared_ptr<connection> c) {
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE void pubsub::attach(std::shared_ptr<connection> c) {
   client_ = std::move(c);
   notify_sub_ = client_->subscribe("", [this](const notification& n) { on_notification(n); });
   lost_sub_ = client_->on_lost([this](const connection_error& e) { on_link_lost(e); });
   ensure_probe();
 }
 
-inline void pubsub::detach() {
+PGIPLOCK_INLINE void pubsub::detach() {
   probe_.reset();
   if (!client_) return;
   client_->unsubscribe(notify_sub_);
@@ -471,14 +474,14 @@ inline void pubsub::detach() {
 
 // The listening connection; in single-listener mode its application_name
 // is the member's identity in the fleet.
-inline connect_options pubsub::main_options() const {
+PGIPLOCK_INLINE connect_options pubsub::main_options() const {
   auto o = detail::derived_options(options_.logger, options_.liveness_timeout, true);
   if (locked()) o.application_name = std::string(detail::member_prefix) + detail::random_uuid();
   return o;
 }
 
 // Starts the member once per connection; concurrent callers wait for it.
-inline task<void> pubsub::ensure_member() {
+PGIPLOCK_INLINE task<void> pubsub::ensure_member() {
   if (member_started_) {
     auto started = member_started_;
     co_await started->wait();
@@ -495,7 +498,7 @@ inline task<void> pubsub::ensure_member() {
   if (member_started_ == started) member_ = std::move(m);
 }
 
-inline std::unique_ptr<detail::member> pubsub::make_member() {
+PGIPLOCK_INLINE std::unique_ptr<detail::member> pubsub::make_member() {
   detail::member_options mo;
   mo.acquire_interval = options_.acquire_interval;
   mo.fast_failover = options_.fast_failover;
@@ -520,7 +523,7 @@ inline std::unique_ptr<detail::member> pubsub::make_member() {
 
 // After a (re)connect: every channel given to listen() so far, in one claim
 // in single-listener mode.
-inline task<void> pubsub::subscribe_all() {
+PGIPLOCK_INLINE task<void> pubsub::subscribe_all() {
   if (!locked()) {
     for (auto& ch : all_channels()) co_await start_listening(ch);
     co_return;
@@ -531,7 +534,7 @@ inline task<void> pubsub::subscribe_all() {
 }
 
 // LISTEN once per connection; concurrent callers wait for the first.
-inline task<void> pubsub::start_listening(std::string ch) {
+PGIPLOCK_INLINE task<void> pubsub::start_listening(std::string ch) {
   auto it = channels_.find(ch);
   if (it == channels_.end() || !client_) co_return;
   if (it->second.listen_started) {
@@ -561,7 +564,7 @@ inline task<void> pubsub::start_listening(std::string ch) {
 
 // The winning statement also LISTENed: deliver from now on. Synchronous,
 // since notifications may follow in the very read that brought the win.
-inline void pubsub::on_won(const std::string& ch) {
+PGIPLOCK_INLINE void pubsub::on_won(const std::string& ch) {
   auto it = channels_.find(ch);
   if (it == channels_.end()) return;
   it->second.listen_started = it->second.listening = true;
@@ -570,7 +573,7 @@ inline void pubsub::on_won(const std::string& ch) {
 
 // The member has UNLISTENed (or the session is gone). A demotion is a fault
 // the application should hear of; a release is not.
-inline void pubsub::on_lost(const std::string& ch, const std::string& reason) {
+PGIPLOCK_INLINE void pubsub::on_lost(const std::string& ch, const std::string& reason) {
   auto it = channels_.find(ch);
   if (it == channels_.end()) return;
   bool was = std::exchange(it->second.listening, false);
@@ -579,7 +582,7 @@ inline void pubsub::on_lost(const std::string& ch, const std::string& reason) {
 }
 
 // The hot path: one map lookup per notification in every mode.
-inline void pubsub::on_notification(const notification& n) {
+PGIPLOCK_INLINE void pubsub::on_notification(const notification& n) {
   if (detail::is_internal_channel(n.channel)) {
     if (member_) member_->on_internal(n);
     return;
@@ -604,13 +607,13 @@ inline void pubsub::on_notification(const notification& n) {
   deliver(n.channel, n.payload);
 }
 
-inline void pubsub::deliver(std::string_view ch, std::string_view payload) {
+PGIPLOCK_INLINE void pubsub::deliver(std::string_view ch, std::string_view payload) {
   fire(on_message_, ch, payload);
   emitter_.emit(ch, payload);
   if (!on_delivery_.empty()) fire(on_delivery_, delivery{ch, payload, 0, 0});
 }
 
-inline void pubsub::deliver_durable(const delivery& d) {
+PGIPLOCK_INLINE void pubsub::deliver_durable(const delivery& d) {
   fire(on_message_, d.channel, d.payload);
   emitter_.emit(d.channel, d.payload);
   fire(on_delivery_, d);
@@ -618,7 +621,7 @@ inline void pubsub::deliver_durable(const delivery& d) {
 
 // A tenure began (its LISTEN committed with the win): counted, and the
 // journal follows it on a durable channel. Yields where deliveries count.
-inline detail::delivery_count* pubsub::won(const std::string& ch, const detail::member::win& w) {
+PGIPLOCK_INLINE detail::delivery_count* pubsub::won(const std::string& ch, const detail::member::win& w) {
   auto it = channels_.find(ch);
   if (it == channels_.end()) return nullptr;
   auto& st = it->second;
@@ -634,7 +637,7 @@ inline detail::delivery_count* pubsub::won(const std::string& ch, const detail::
   return &st.count;
 }
 
-inline pubsub_stats pubsub::stats() const {
+PGIPLOCK_INLINE pubsub_stats pubsub::stats() const {
   pubsub_stats out;
   out.member = client_ ? std::string(client_->app_name()) : std::string();
   out.reconnects = reconnects_;
@@ -650,7 +653,7 @@ inline pubsub_stats pubsub::stats() const {
   return out;
 }
 
-inline channel_stats pubsub::channel_stats_of(const std::string& name, const channel_state& st) const {
+PGIPLOCK_INLINE channel_stats pubsub::channel_stats_of(const std::string& name, const channel_state& st) const {
   channel_stats c;
   c.channel = name;
   c.token = token(name);
@@ -671,7 +674,7 @@ inline channel_stats pubsub::channel_stats_of(const std::string& name, const cha
 }
 
 // Unset: every 10 s, or every liveness_timeout when that is shorter.
-inline std::chrono::milliseconds pubsub::probe_every() const {
+PGIPLOCK_INLINE std::chrono::milliseconds pubsub::probe_every() const {
   if (options_.probe_interval) return *options_.probe_interval;
   std::chrono::milliseconds standard{10000};
   auto live = options_.liveness_timeout;
@@ -680,7 +683,7 @@ inline std::chrono::milliseconds pubsub::probe_every() const {
 
 // Once the connection listens (a pubsub that only notifies has nothing to
 // prove); one per connection.
-inline void pubsub::ensure_probe() {
+PGIPLOCK_INLINE void pubsub::ensure_probe() {
   auto every = probe_every();
   if (probe_ || !connected() || channels_.empty() || every.count() <= 0) return;
   detail::echo_probe::options o;
@@ -704,7 +707,7 @@ inline void pubsub::ensure_probe() {
 }
 
 // Bound to the connection, as the member is: made with it, gone with it.
-inline void pubsub::make_journal() {
+PGIPLOCK_INLINE void pubsub::make_journal() {
   detail::journal_options jo;
   jo.retention = options_.durable_retention;
   jo.retry_delay = options_.retry_delay;
@@ -717,7 +720,7 @@ inline void pubsub::make_journal() {
   if (tx_handler_) journal_->set_transaction_handler(tx_handler_);
 }
 
-inline bool pubsub::journal_gone(const std::exception_ptr& failure) {
+PGIPLOCK_INLINE bool pubsub::journal_gone(const std::exception_ptr& failure) {
   try {
     std::rethrow_exception(failure);
   } catch (const sql_error& e) {
@@ -727,17 +730,17 @@ inline bool pubsub::journal_gone(const std::exception_ptr& failure) {
   }
 }
 
-inline task<void> pubsub::settle_durable(std::vector<std::string> channels) {
+PGIPLOCK_INLINE task<void> pubsub::settle_durable(std::vector<std::string> channels) {
   if (journal_) co_await journal_->settle(std::move(channels));
 }
 
-inline void pubsub::on_delivery_in_transaction(std::function<task<void>(const delivery&, connection&)> fn) {
+PGIPLOCK_INLINE void pubsub::on_delivery_in_transaction(std::function<task<void>(const delivery&, connection&)> fn) {
   if (!options_.durable) throw std::logic_error("pgiplock: on_delivery_in_transaction needs durable = true");
   tx_handler_ = std::move(fn);
   if (journal_) journal_->set_transaction_handler(tx_handler_);
 }
 
-inline void pubsub::on_link_lost(const connection_error& e) {
+PGIPLOCK_INLINE void pubsub::on_link_lost(const connection_error& e) {
   for (auto& [name, st] : channels_) {
     st.listening = false;
     st.listen_started = false;
@@ -751,7 +754,7 @@ inline void pubsub::on_link_lost(const connection_error& e) {
 
 // `dead` keeps the lost connection alive until its locks (bound to it) are
 // gone and we have left its lost-link callback.
-inline task<void> pubsub::reconnect(std::shared_ptr<connection> dead) {
+PGIPLOCK_INLINE task<void> pubsub::reconnect(std::shared_ptr<connection> dead) {
   co_await loop_->yield();  // leave the dead connection's callback first
   member_.reset();  // bound to the dead connection
   journal_.reset();
@@ -776,7 +779,7 @@ inline task<void> pubsub::reconnect(std::shared_ptr<connection> dead) {
 }
 
 // Tries every retry_delay, at most retry_limit times; yields the attempts.
-inline task<std::size_t> pubsub::connect_again() {
+PGIPLOCK_INLINE task<std::size_t> pubsub::connect_again() {
   auto opts = main_options();
   std::size_t attempts = 0;
   while (attempts < options_.retry_limit) {
@@ -792,5 +795,6 @@ inline task<std::size_t> pubsub::connect_again() {
   }
   co_return attempts;
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 }  // namespace pgiplock

@@ -17,11 +17,17 @@ namespace pgiplock {
 // std::system_error if the signalfd cannot be made.
 void enable_graceful_shutdown(event_loop& loop);
 
+namespace detail {
+// PG_PUBSUB_SHUTDOWN_TIMEOUT, read at each shutdown.
+PGIPLOCK_INLINE std::chrono::milliseconds shutdown_timeout();
+}  // namespace detail
+
 // ---- implementation ---------------------------------------------------------
 
 namespace detail {
 
-inline sigset_t shutdown_signals() {
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE sigset_t shutdown_signals() {
   sigset_t set;
   sigemptyset(&set);
   sigaddset(&set, SIGINT);
@@ -30,7 +36,7 @@ inline sigset_t shutdown_signals() {
   return set;
 }
 
-[[noreturn]] inline void die_by(int sig) {
+[[noreturn]] PGIPLOCK_INLINE void die_by(int sig) {
   ::signal(sig, SIG_DFL);
   sigset_t one;
   sigemptyset(&one);
@@ -41,17 +47,17 @@ inline sigset_t shutdown_signals() {
 }
 
 // 0: exit at once, as in the seed.
-inline std::chrono::milliseconds shutdown_timeout() {
+PGIPLOCK_INLINE std::chrono::milliseconds shutdown_timeout() {
   return env_milliseconds("PG_PUBSUB_SHUTDOWN_TIMEOUT", std::chrono::milliseconds(1000));
 }
 
-inline int read_signal(int fd) {
+PGIPLOCK_INLINE int read_signal(int fd) {
   signalfd_siginfo info{};
   ssize_t n = ::read(fd, &info, sizeof info);
   return n == static_cast<ssize_t>(sizeof info) ? static_cast<int>(info.ssi_signo) : 0;
 }
 
-inline task<void> release_all_then_set(async_event& done) {
+PGIPLOCK_INLINE task<void> release_all_then_set(async_event& done) {
   try {
     co_await ip_lock::destroy_all();
   } catch (...) {
@@ -59,14 +65,14 @@ inline task<void> release_all_then_set(async_event& done) {
   done.set();
 }
 
-inline task<void> die_on_second_signal(event_loop& loop, int fd) {
+PGIPLOCK_INLINE task<void> die_on_second_signal(event_loop& loop, int fd) {
   for (;;) {
     co_await loop.poll(fd, POLLIN);
     if (int sig = read_signal(fd)) die_by(sig);
   }
 }
 
-inline task<void> await_shutdown_signal(event_loop& loop, int fd) {
+PGIPLOCK_INLINE task<void> await_shutdown_signal(event_loop& loop, int fd) {
   struct closer {  // the loop may end first: its signalfd goes with it
     int fd;
     ~closer() { ::close(fd); }
@@ -88,14 +94,16 @@ inline task<void> await_shutdown_signal(event_loop& loop, int fd) {
   die_by(sig);
 }
 
-inline std::vector<std::uint64_t>& shutdown_loops() {
+PGIPLOCK_INLINE std::vector<std::uint64_t>& shutdown_loops() {
   static std::vector<std::uint64_t> serials;
   return serials;
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 }  // namespace detail
 
-inline void enable_graceful_shutdown(event_loop& loop) {
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE void enable_graceful_shutdown(event_loop& loop) {
   auto& loops = detail::shutdown_loops();
   if (std::find(loops.begin(), loops.end(), loop.serial()) != loops.end()) return;
   sigset_t set = detail::shutdown_signals();
@@ -107,5 +115,6 @@ inline void enable_graceful_shutdown(event_loop& loop) {
   loops.push_back(loop.serial());
   loop.spawn(detail::await_shutdown_signal(loop, fd));
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 }  // namespace pgiplock

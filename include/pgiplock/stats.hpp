@@ -51,19 +51,13 @@ struct pubsub_stats {
 // pgiplock_ namespace with their unit, labels member and channel.
 [[nodiscard]] std::string prometheus_text(const pubsub_stats& stats);
 
-// ---- implementation ---------------------------------------------------------
-
 namespace detail {
 
 // The wall clock, read once per batch of notifications a connection
 // dispatches (the vDSO's CLOCK_REALTIME_COARSE, no system call), so that
 // counting a delivery is an increment and a copy, not a clock read.
 inline thread_local std::int64_t dispatch_ms = 0;
-inline void note_dispatch_time() noexcept {
-  timespec ts{};
-  ::clock_gettime(CLOCK_REALTIME_COARSE, &ts);
-  dispatch_ms = static_cast<std::int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
-}
+PGIPLOCK_INLINE void note_dispatch_time() noexcept;
 
 // Per channel, on the delivery path.
 struct delivery_count {
@@ -75,7 +69,20 @@ struct delivery_count {
   }
 };
 
-inline std::string prometheus_label(std::string_view value) {
+}  // namespace detail
+
+// ---- implementation ---------------------------------------------------------
+
+#if PGIPLOCK_DEFINITIONS
+namespace detail {
+
+PGIPLOCK_INLINE void note_dispatch_time() noexcept {
+  timespec ts{};
+  ::clock_gettime(CLOCK_REALTIME_COARSE, &ts);
+  dispatch_ms = static_cast<std::int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
+}
+
+PGIPLOCK_INLINE std::string prometheus_label(std::string_view value) {
   std::string out;
   for (char c : value) {
     if (c == '\\' || c == '"') {
@@ -90,13 +97,13 @@ inline std::string prometheus_label(std::string_view value) {
   return out;
 }
 
-inline std::string prometheus_number(double v) {
+PGIPLOCK_INLINE std::string prometheus_number(double v) {
   char buf[64];
   std::snprintf(buf, sizeof buf, "%.17g", v);
   return buf;
 }
 
-inline double unix_seconds(std::chrono::system_clock::time_point t) {
+PGIPLOCK_INLINE double unix_seconds(std::chrono::system_clock::time_point t) {
   return std::chrono::duration<double>(t.time_since_epoch()).count();
 }
 
@@ -114,7 +121,7 @@ struct prometheus_family {
 
 namespace detail {
 
-inline void prometheus_member(std::string& out, const pubsub_stats& s, const std::string& m) {
+PGIPLOCK_INLINE void prometheus_member(std::string& out, const pubsub_stats& s, const std::string& m) {
   auto metric = [&](const char* name, const char* type, const char* help, double v) {
     prometheus_family f{out, name};
     f.head(type, help);
@@ -141,9 +148,9 @@ struct channel_column {
   bool durable_only;
 };
 
-inline double seconds(std::chrono::microseconds d) { return std::chrono::duration<double>(d).count(); }
+PGIPLOCK_INLINE double seconds(std::chrono::microseconds d) { return std::chrono::duration<double>(d).count(); }
 
-inline const std::vector<channel_column>& channel_columns() {
+PGIPLOCK_INLINE const std::vector<channel_column>& channel_columns() {
   using c_t = const channel_stats&;
   static const std::vector<channel_column> columns{
       {"pgiplock_channel_holder", "gauge", "1 while this member delivers the channel (holder, or plain mode).",
@@ -175,7 +182,7 @@ inline const std::vector<channel_column>& channel_columns() {
 
 }  // namespace detail
 
-inline std::string prometheus_text(const pubsub_stats& s) {
+PGIPLOCK_INLINE std::string prometheus_text(const pubsub_stats& s) {
   std::string out;
   std::string m = "member=\"" + detail::prometheus_label(s.member) + "\"";
   detail::prometheus_member(out, s, m);
@@ -190,5 +197,6 @@ inline std::string prometheus_text(const pubsub_stats& s) {
   }
   return out;
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 }  // namespace pgiplock

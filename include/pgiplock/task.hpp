@@ -135,9 +135,11 @@ template <class T>
 task<T> task_promise<T>::get_return_object() noexcept {
   return task<T>{std::coroutine_handle<task_promise<T>>::from_promise(*this)};
 }
-inline task<void> task_promise<void>::get_return_object() noexcept {
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE task<void> task_promise<void>::get_return_object() noexcept {
   return task<void>{std::coroutine_handle<task_promise<void>>::from_promise(*this)};
 }
+#endif  // PGIPLOCK_DEFINITIONS
 }  // namespace detail
 
 }  // namespace pgiplock

@@ -22,4 +22,23 @@ for c in "${compilers[@]}"; do
         || fail "$c -std=c++20 main.cpp -lpq -luring failed with only pgiplock.hpp beside it"
     run_consumer "./main-${c// /_}"
 done
-note "drop-in: OK (${compilers[*]})"
+# Separate compilation (config.hpp): the library compiled once, in a file of
+# its own, and the program built from declarations; with -Werror on both.
+cat > impl.cpp <<'EOF'
+#define PGIPLOCK_IMPLEMENTATION
+#include "pgiplock.hpp"
+EOF
+for c in "${compilers[@]}"; do
+    out="sep-${c// /_}"
+    # shellcheck disable=SC2086
+    $c -std=c++20 -Wall -Wextra -Wpedantic -Werror -DPGIPLOCK_SEPARATE_COMPILATION -c impl.cpp -o "$out-impl.o" \
+        || fail "$c: the implementation file (PGIPLOCK_IMPLEMENTATION) does not compile"
+    # shellcheck disable=SC2086
+    $c -std=c++20 -Wall -Wextra -Wpedantic -Werror -DPGIPLOCK_SEPARATE_COMPILATION -c main.cpp -o "$out-main.o" \
+        || fail "$c: a program's file does not compile against the declarations alone"
+    # shellcheck disable=SC2086
+    $c -o "$out" "$out-main.o" "$out-impl.o" -lpq -luring \
+        || fail "$c: the program and the library compiled apart do not link"
+    run_consumer "./$out"
+done
+note "drop-in: OK (${compilers[*]}), header-only and compiled apart"

@@ -109,6 +109,52 @@ inline std::string setting_hint(const std::string& server_said) {
   return {};
 }
 
+// One conninfo per host of a list, in order. libpq's non-blocking connect
+// leaves connect_timeout to the application, and one deadline for the list
+// would let a host that takes the TCP connection and never answers (a hung
+// server, a dead machine behind a balancer) use it all up while the primary
+// waits further down: the connect gives each host its own.
+inline std::vector<conninfo_params> per_host(const conninfo_params& p) {
+  if (p.hosts <= 1) return {p};
+  auto list = [&](const char* key) {
+    std::vector<std::string> out;
+    auto it = std::find(p.keys.begin(), p.keys.end(), key);
+    if (it == p.keys.end()) return out;
+    std::string_view v = p.values[static_cast<std::size_t>(it - p.keys.begin())];
+    for (std::size_t from = 0;;) {
+      auto comma = v.find(',', from);
+      out.emplace_back(v.substr(from, comma == std::string_view::npos ? comma : comma - from));
+      if (comma == std::string_view::npos) return out;
+      from = comma + 1;
+    }
+  };
+  std::map<std::string, std::vector<std::string>, std::less<>> lists;
+  for (const char* key : {"host", "hostaddr", "port"}) {
+    auto v = list(key);
+    if (v.size() == 1 && std::string_view(key) == "port") v.assign(p.hosts, v[0]);  // one port for all
+    if (!v.empty() && v.size() != p.hosts) {
+      throw std::invalid_argument("pgiplock: the conninfo lists " + std::to_string(p.hosts) + " hosts and " +
+                                  std::to_string(v.size()) + " " + key + " values; give one " + key +
+                                  " per host" + (std::string_view(key) == "port" ? " (or one for all)" : ""));
+    }
+    if (!v.empty()) lists[key] = std::move(v);
+  }
+  std::vector<conninfo_params> out;
+  for (std::size_t i = 0; i < p.hosts; ++i) {
+    conninfo_params one = p;
+    for (auto& [key, v] : lists) one.set(key, v[i]);
+    one.hosts = 1;
+    auto given = [&](const char* key) {
+      auto it = lists.find(key);
+      return it == lists.end() ? std::string() : it->second[i];
+    };
+    one.target = given("host").empty() ? given("hostaddr") : given("host");
+    if (!given("port").empty()) one.target += ":" + given("port");
+    out.push_back(std::move(one));
+  }
+  return out;
+}
+
 inline conninfo_params parse_conninfo(const std::string& conninfo) {
   if (conninfo.find_first_not_of(" \t\r\n") == std::string::npos) {
     throw std::invalid_argument(

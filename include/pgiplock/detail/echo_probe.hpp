@@ -54,7 +54,8 @@ class echo_probe {
 
 // ---- implementation ---------------------------------------------------------
 
-inline echo_probe::echo_probe(std::shared_ptr<connection> c, options o, hooks h)
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE echo_probe::echo_probe(std::shared_ptr<connection> c, options o, hooks h)
     : c_(std::move(c)), options_(o), hooks_(std::move(h)), channel_("pgiplock-echo-" + random_uuid()) {
   heard_ = std::make_shared<cancel_source>();
   auto heard = heard_;  // the handler may outlive this probe
@@ -63,12 +64,12 @@ inline echo_probe::echo_probe(std::shared_ptr<connection> c, options o, hooks h)
   c_->loop().start(task_);
 }
 
-inline echo_probe::~echo_probe() {
+PGIPLOCK_INLINE echo_probe::~echo_probe() {
   task_ = task<void>{};
   c_->unsubscribe(sub_);
 }
 
-inline task<void> echo_probe::run() {
+PGIPLOCK_INLINE task<void> echo_probe::run() {
   try {
     co_await c_->listen(channel_);
   } catch (const std::exception& e) {
@@ -83,7 +84,7 @@ inline task<void> echo_probe::run() {
 }
 
 // One probe; false when the echo did not come back (the hook said so).
-inline task<bool> echo_probe::once() {
+PGIPLOCK_INLINE task<bool> echo_probe::once() {
   heard_->reset();
   auto t0 = event_loop::clock::now();
   double usage = -1;
@@ -108,7 +109,7 @@ inline task<bool> echo_probe::once() {
 }
 
 // Said once per crossing upwards, not once per probe while it stays high.
-inline void echo_probe::note_usage(double usage) {
+PGIPLOCK_INLINE void echo_probe::note_usage(double usage) {
   if (usage < 0) return;
   usage_ = usage;
   if (usage >= options_.queue_threshold && !above_) {
@@ -118,5 +119,6 @@ inline void echo_probe::note_usage(double usage) {
     above_ = false;
   }
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 }  // namespace pgiplock::detail

@@ -146,7 +146,8 @@ class journal {
 
 // ---- implementation ---------------------------------------------------------
 
-inline task<void> ensure_journal(std::shared_ptr<connection> client) {
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE task<void> ensure_journal(std::shared_ptr<connection> client) {
   co_await ensure_lock_schema(client, lock_schema_name());
   std::string s = client->quote_identifier(lock_schema_name());
   auto present = co_await client->query(std::string(sql::journal_present), s + ".pgiplock_channel",
@@ -158,6 +159,7 @@ inline task<void> ensure_journal(std::shared_ptr<connection> client) {
   co_await client->query(std::string(sql::set_bootstrap_schema), sql::journal_version_setting, sql::journal_version);
   co_await run_bootstrap(client, sql::journal_setting, lock_schema_name(), sql::journal_ddl, "the journal");
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 inline constexpr int journal_page = 256;  // rows per channel per read
 inline constexpr long long journal_page_bytes = 16ll << 20;  // and payload bytes, past the first row
@@ -167,7 +169,8 @@ inline constexpr std::chrono::milliseconds prune_idle_every{30000};  // what pas
 // this much more, and the cursor row is not rewritten per message.
 inline constexpr std::chrono::milliseconds ack_pace{5};
 
-inline journal::journal(std::shared_ptr<connection> client, journal_options options, hooks h)
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE journal::journal(std::shared_ptr<connection> client, journal_options options, hooks h)
     : client_(std::move(client)), options_(std::move(options)), hooks_(std::move(h)) {
   auto schema = client_->quote_identifier(lock_schema_name());
   read_sql_ = sql::in_schema(sql::journal_read, schema);
@@ -183,7 +186,7 @@ inline journal::journal(std::shared_ptr<connection> client, journal_options opti
   loop.start(acker_task_);
 }
 
-inline journal::~journal() {
+PGIPLOCK_INLINE journal::~journal() {
   tx_task_ = task<void>{};
   acker_task_ = task<void>{};
   reader_task_ = task<void>{};
@@ -192,16 +195,16 @@ inline journal::~journal() {
   // holder: at-least-once.
 }
 
-inline void journal::note(log_level level, const std::string& message) const {
+PGIPLOCK_INLINE void journal::note(log_level level, const std::string& message) const {
   if (level == log_level::debug && !options_.logger) return;
   log(options_.logger, level, "journal: " + message);
 }
 
-inline void journal::complain(const std::string& message) const { hooks_.report(error("pgiplock: " + message)); }
+PGIPLOCK_INLINE void journal::complain(const std::string& message) const { hooks_.report(error("pgiplock: " + message)); }
 
 // A failed statement of the journal: said (once per kind while it lasts),
 // and a journal whose tables are gone is rebuilt by the reader.
-inline void journal::failed(const std::string& what, const std::exception& e) {
+PGIPLOCK_INLINE void journal::failed(const std::string& what, const std::exception& e) {
   if (!client_->is_open()) return;
   auto* s = dynamic_cast<const sql_error*>(&e);
   if (s && sqlstate::journal_missing(s->sqlstate())) {
@@ -216,7 +219,7 @@ inline void journal::failed(const std::string& what, const std::exception& e) {
 
 // The tables are back (empty): every stream starts again from its cursor,
 // which is where this holder stands (its acknowledgement puts it back).
-inline task<bool> journal::rebuild() {
+PGIPLOCK_INLINE task<bool> journal::rebuild() {
   try {
     co_await ensure_journal(client_);
   } catch (const std::exception& e) {
@@ -232,7 +235,7 @@ inline task<bool> journal::rebuild() {
   co_return true;
 }
 
-inline void journal::begin_tenure(const std::string& channel, std::int64_t token, delivery_count* count) {
+PGIPLOCK_INLINE void journal::begin_tenure(const std::string& channel, std::int64_t token, delivery_count* count) {
   stream s;
   s.token = token;
   s.count = count;
@@ -240,40 +243,40 @@ inline void journal::begin_tenure(const std::string& channel, std::int64_t token
   wake_reader();
 }
 
-inline void journal::end_tenure(const std::string& channel) {
+PGIPLOCK_INLINE void journal::end_tenure(const std::string& channel) {
   auto it = streams_.find(channel);
   if (it != streams_.end()) streams_.erase(it);
   std::erase_if(tx_queue_, [&](const owned_delivery& d) { return d.channel == channel; });
 }
 
-inline std::optional<journal::lag> journal::lag_of(std::string_view channel) const {
+PGIPLOCK_INLINE std::optional<journal::lag> journal::lag_of(std::string_view channel) const {
   auto it = streams_.find(channel);
   if (it == streams_.end()) return std::nullopt;
   return it->second.behind;
 }
 
-inline void journal::set_transaction_handler(transaction_handler fn) {
+PGIPLOCK_INLINE void journal::set_transaction_handler(transaction_handler fn) {
   tx_handler_ = std::move(fn);
   if (tx_task_.valid()) return;
   tx_task_ = transaction_loop();
   client_->loop().start(tx_task_);
 }
 
-inline void journal::wake_reader() {
+PGIPLOCK_INLINE void journal::wake_reader() {
   read_requested_ = true;
   reader_wake_.cancel();
 }
 
 // With a transaction handler the transactions move the cursor; the
 // acknowledgement statement then only checks (and reads the lag).
-inline void journal::wake_acker() {
+PGIPLOCK_INLINE void journal::wake_acker() {
   ack_requested_ = true;
   acker_wake_.cancel();
 }
 
 // "<id>:<payload>" or "<id>", after nudge_prefix; anything else is not a
 // nudge of the journal. Views into the notification: nothing is copied.
-inline std::optional<journal::nudge_text> journal::parse(std::string_view payload) {
+PGIPLOCK_INLINE std::optional<journal::nudge_text> journal::parse(std::string_view payload) {
   if (!payload.starts_with(nudge_prefix)) return std::nullopt;
   payload.remove_prefix(nudge_prefix.size());
   nudge_text n;
@@ -287,7 +290,7 @@ inline std::optional<journal::nudge_text> journal::parse(std::string_view payloa
 
 // The hot path of a durable channel: the next id with its payload inline
 // is delivered at once; anything else waits for the journal.
-inline void journal::on_nudge(const notification& n) {
+PGIPLOCK_INLINE void journal::on_nudge(const notification& n) {
   auto it = streams_.find(n.channel);
   if (it == streams_.end() || it->second.state == phase::stopped) return;
   auto& s = it->second;
@@ -315,7 +318,7 @@ inline void journal::on_nudge(const notification& n) {
 }
 
 // Delivers one message; false when a handler ended the tenure meanwhile.
-inline bool journal::deliver(const std::string& channel, stream& s, std::int64_t id, std::string_view payload) {
+PGIPLOCK_INLINE bool journal::deliver(const std::string& channel, stream& s, std::int64_t id, std::string_view payload) {
   auto token = s.token;
   s.next = id + 1;
   s.delivered = id;
@@ -339,7 +342,7 @@ inline bool journal::deliver(const std::string& channel, stream& s, std::int64_t
 // After a read of the journal: what arrived meanwhile, in order. A nudge
 // the read should have covered (it arrived before the read was sent) but
 // did not is gone from the journal: said, and skipped.
-inline void journal::drain_backlog(const std::string& channel, std::uint64_t read_no, bool complete) {
+PGIPLOCK_INLINE void journal::drain_backlog(const std::string& channel, std::uint64_t read_no, bool complete) {
   for (;;) {
     auto it = streams_.find(channel);
     if (it == streams_.end() || it->second.state != phase::catching_up) return;
@@ -373,7 +376,7 @@ inline void journal::drain_backlog(const std::string& channel, std::uint64_t rea
 }
 
 // Another tenure took the cursor: this member must not deliver the channel.
-inline void journal::fence(const std::string& channel, std::int64_t token) {
+PGIPLOCK_INLINE void journal::fence(const std::string& channel, std::int64_t token) {
   auto it = streams_.find(channel);
   if (it == streams_.end() || it->second.token != token || it->second.fenced) return;
   it->second.fenced = true;
@@ -383,7 +386,7 @@ inline void journal::fence(const std::string& channel, std::int64_t token) {
            " was replaced by a newer one; stopped delivering it");
 }
 
-inline task<void> journal::reader_loop() {
+PGIPLOCK_INLINE task<void> journal::reader_loop() {
   co_await warm_up();
   for (;;) {
     if (!read_requested_) {
@@ -408,7 +411,7 @@ inline task<void> journal::reader_loop() {
 // A standby's session has never touched the journal: its first takeover
 // would pay for opening the partitions and planning the statements (5-10 ms
 // measured). Both are prepared and run once, on nothing, beforehand.
-inline task<void> journal::warm_up() {
+PGIPLOCK_INLINE task<void> journal::warm_up() {
   try {
     co_await client_->query_prepared(take_sql_, "{}", "{}");
     co_await client_->query_prepared(read_sql_, "{}", "{}", journal_page, journal_page_bytes);
@@ -419,7 +422,7 @@ inline task<void> journal::warm_up() {
 
 // Fences the cursor of every new tenure and reads where it stands, in one
 // statement; false after a failure (reported; retried).
-inline task<bool> journal::resume_all() {
+PGIPLOCK_INLINE task<bool> journal::resume_all() {
   read_round round;
   for (auto& [ch, s] : streams_) {
     if (s.state != phase::resuming) continue;
@@ -458,7 +461,7 @@ inline task<bool> journal::resume_all() {
 
 // One page of the journal for every catching-up stream; true while some
 // stream needs another.
-inline task<bool> journal::read_once() {
+PGIPLOCK_INLINE task<bool> journal::read_once() {
   read_round round;
   text_array chs, from;
   for (auto& [ch, s] : streams_) {
@@ -489,7 +492,7 @@ inline task<bool> journal::read_once() {
 
 // Rows come ordered by channel, then id; a row without its payload says
 // that the channel has more than this page.
-inline void journal::take_rows(const result& r, const read_round& round, std::uint64_t read_no) {
+PGIPLOCK_INLINE void journal::take_rows(const result& r, const read_round& round, std::uint64_t read_no) {
   note_dispatch_time();  // the deliveries below are not a connection's notifications
   std::set<std::string, std::less<>> more;
   for (int i = 0; i < r.rows(); ++i) {
@@ -518,7 +521,7 @@ inline void journal::take_rows(const result& r, const read_round& round, std::ui
 
 // One acknowledgement statement in flight; requests made meanwhile go in
 // the next. Retention runs from here too.
-inline task<void> journal::acker_loop() {
+PGIPLOCK_INLINE task<void> journal::acker_loop() {
   auto last_prune = event_loop::clock::now();
   for (;;) {
     if (!ack_requested_) {
@@ -540,7 +543,7 @@ inline task<void> journal::acker_loop() {
 // Acknowledges what was delivered (on `only`, when given), and checks the
 // channels that saw an id they had delivered already: each under its own
 // token; a refused one is fenced.
-inline task<void> journal::ack(std::vector<std::string> only) {
+PGIPLOCK_INLINE task<void> journal::ack(std::vector<std::string> only) {
   text_array chs, ids, toks;
   std::vector<ack_sent> sent;
   for (auto& [ch, s] : streams_) {
@@ -573,7 +576,7 @@ inline task<void> journal::ack(std::vector<std::string> only) {
 
 // A last id below what was delivered when the statement went means the
 // journal began again (a delivery since then is no sign of it).
-inline task<void> journal::take_acks(const result& r, std::vector<ack_sent> sent) {
+PGIPLOCK_INLINE task<void> journal::take_acks(const result& r, std::vector<ack_sent> sent) {
   std::map<std::string, int, std::less<>> row_of;
   for (int i = 0; i < r.rows(); ++i) row_of[std::string(r.get(i, 0))] = i;
   std::vector<ack_sent> restarted;
@@ -598,7 +601,7 @@ inline task<void> journal::take_acks(const result& r, std::vector<ack_sent> sent
 
 // The channel's ids went back (its journal was dropped and made again):
 // what this holder skipped as seen is new. Deliver the new journal from 1.
-inline task<void> journal::restart(std::string channel, std::int64_t token) {
+PGIPLOCK_INLINE task<void> journal::restart(std::string channel, std::int64_t token) {
   complain("durable channel " + channel + ": its journal began again (dropped and re-created?): delivering the "
            "new one from its first message");
   try {
@@ -618,7 +621,7 @@ inline task<void> journal::restart(std::string channel, std::int64_t token) {
 
 // Idle members prune too, so a channel nobody listens to still loses what
 // is past the retention.
-inline task<void> journal::prune() {
+PGIPLOCK_INLINE task<void> journal::prune() {
   try {
     auto keep = std::to_string(options_.retention.count()) + " milliseconds";
     co_await client_->query_prepared(prune_sql_, keep);
@@ -632,7 +635,7 @@ inline task<void> journal::prune() {
   }
 }
 
-inline task<void> journal::settle(std::vector<std::string> channels) {
+PGIPLOCK_INLINE task<void> journal::settle(std::vector<std::string> channels) {
   for (auto& ch : channels) {
     auto it = streams_.find(ch);
     if (it != streams_.end()) it->second.state = phase::stopped;
@@ -643,7 +646,7 @@ inline task<void> journal::settle(std::vector<std::string> channels) {
 // Exactly-once effects: one transaction per message on a connection of its
 // own, in delivery order: the handler's writes, then the cursor, which a
 // replaced tenure cannot move (the whole transaction rolls back then).
-inline task<void> journal::transaction_loop() {
+PGIPLOCK_INLINE task<void> journal::transaction_loop() {
   for (;;) {
     if (tx_queue_.empty()) {
       if (!co_await client_->loop().sleep(std::chrono::hours(24), &tx_wake_)) tx_wake_.reset();
@@ -664,7 +667,7 @@ inline task<void> journal::transaction_loop() {
 }
 
 // True when the message is settled (committed, or its tenure is over).
-inline task<bool> journal::run_transaction(const owned_delivery& d) {
+PGIPLOCK_INLINE task<bool> journal::run_transaction(const owned_delivery& d) {
   std::exception_ptr failure;
   try {
     co_await ensure_tx_connection();
@@ -698,17 +701,18 @@ inline task<bool> journal::run_transaction(const owned_delivery& d) {
   co_return false;
 }
 
-inline task<void> journal::transact(std::shared_ptr<connection> c, const owned_delivery& d) {
+PGIPLOCK_INLINE task<void> journal::transact(std::shared_ptr<connection> c, const owned_delivery& d) {
   co_await c->query(std::string(sql::begin));
   co_await tx_handler_(delivery{d.channel, d.payload, d.id, d.token}, *c);
   co_await c->query(ack_one_sql_, d.channel, d.id, d.token);
   co_await c->query(std::string(sql::commit));
 }
 
-inline task<void> journal::ensure_tx_connection() {
+PGIPLOCK_INLINE task<void> journal::ensure_tx_connection() {
   if (tx_conn_ && tx_conn_->is_open()) co_return;
   auto opts = derived_options(client_->logger(), options_.liveness_timeout, false);
   tx_conn_ = co_await connection::connect(client_->loop(), client_->conninfo(), opts);
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 }  // namespace pgiplock::detail

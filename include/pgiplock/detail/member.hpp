@@ -176,7 +176,8 @@ class member final : public lock_holder {
 
 // ---- implementation ---------------------------------------------------------
 
-inline member::member(std::shared_ptr<connection> client, member_options options, hooks h)
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE member::member(std::shared_ptr<connection> client, member_options options, hooks h)
     : client_(std::move(client)), options_(std::move(options)), hooks_(std::move(h)), app_(client_->app_name()) {
   key_ = advisory_key(app_);
   auto schema = lock_schema_name();
@@ -190,7 +191,7 @@ inline member::member(std::shared_ptr<connection> client, member_options options
   listen_many_sql_ = sql::in_schema(sql::listen_many, schema_);
 }
 
-inline member::~member() {
+PGIPLOCK_INLINE member::~member() {
   forget_lock_holder(this);
   stop_loops();
   if (lost_sub_) client_->remove_on_lost(lost_sub_);
@@ -203,12 +204,12 @@ inline member::~member() {
                                         std::string(sql::member_unlock), key_, registered_));
 }
 
-inline void member::note(log_level level, std::string_view message) const {
+PGIPLOCK_INLINE void member::note(log_level level, std::string_view message) const {
   if (level == log_level::debug && !options_.logger) return;
   log(options_.logger, level, "member " + app_ + ": " + std::string(message));
 }
 
-inline task<void> member::start() {
+PGIPLOCK_INLINE task<void> member::start() {
   co_await ensure_lock_schema(client_, lock_schema_name());
   lock_holders().push_back(this);
   lost_sub_ = client_->on_lost([this](const connection_error&) {
@@ -236,16 +237,16 @@ inline task<void> member::start() {
   }
 }
 
-inline task<void> member::want(std::vector<std::string> channels) {
+PGIPLOCK_INLINE task<void> member::want(std::vector<std::string> channels) {
   for (auto& ch : channels) tenures_.try_emplace(ch);
   co_await claim_now();
 }
 
-inline task<void> member::release(std::vector<std::string> channels) {
+PGIPLOCK_INLINE task<void> member::release(std::vector<std::string> channels) {
   co_await release_impl(std::move(channels), false);
 }
 
-inline task<void> member::leave() {
+PGIPLOCK_INLINE task<void> member::leave() {
   if (left_) co_return;
   left_ = true;
   forget_lock_holder(this);
@@ -262,7 +263,7 @@ inline task<void> member::leave() {
   registered_ = false;
 }
 
-inline bool member::delivering(std::string_view ch) const {
+PGIPLOCK_INLINE bool member::delivering(std::string_view ch) const {
   auto it = tenures_.find(ch);
   return it != tenures_.end() && (it->second.state == lock_state::holding || it->second.state == lock_state::draining);
 }
@@ -271,7 +272,7 @@ inline bool member::delivering(std::string_view ch) const {
 // fresh tenure leaves what precedes its own announcement to the draining
 // predecessor (see ip_lock::past_handover_cut); a draining one delivers
 // until its successor's announcement.
-inline delivery_count* member::deliverable(std::string_view ch) {
+PGIPLOCK_INLINE delivery_count* member::deliverable(std::string_view ch) {
   auto it = tenures_.find(ch);
   if (it == tenures_.end()) return nullptr;
   auto& t = it->second;
@@ -280,24 +281,24 @@ inline delivery_count* member::deliverable(std::string_view ch) {
   return t.count ? t.count : &uncounted_;
 }
 
-inline std::chrono::system_clock::time_point member::since(std::string_view ch) const {
+PGIPLOCK_INLINE std::chrono::system_clock::time_point member::since(std::string_view ch) const {
   auto it = tenures_.find(ch);
   return (it != tenures_.end() && it->second.state == lock_state::holding) ? it->second.since
                                                                             : std::chrono::system_clock::time_point{};
 }
 
-inline std::int64_t member::token(std::string_view ch) const {
+PGIPLOCK_INLINE std::int64_t member::token(std::string_view ch) const {
   auto it = tenures_.find(ch);
   return (it != tenures_.end() && it->second.state == lock_state::holding) ? it->second.token : 0;
 }
 
-inline std::size_t member::held() const {
+PGIPLOCK_INLINE std::size_t member::held() const {
   return static_cast<std::size_t>(std::count_if(tenures_.begin(), tenures_.end(), [](const auto& t) {
     return t.second.state == lock_state::holding;
   }));
 }
 
-inline std::vector<std::string> member::lacking() const {
+PGIPLOCK_INLINE std::vector<std::string> member::lacking() const {
   std::vector<std::string> out;
   for (auto& [ch, t] : tenures_) {
     if (t.state == lock_state::standby) out.push_back(ch);
@@ -307,19 +308,19 @@ inline std::vector<std::string> member::lacking() const {
 
 // The retry timer is for what the ring cannot see: channels a non-member
 // holds, and every crash when this member does not watch.
-inline bool member::needs_timer() const {
+PGIPLOCK_INLINE bool member::needs_timer() const {
   return std::any_of(tenures_.begin(), tenures_.end(), [this](const auto& t) {
     return t.second.state == lock_state::standby && (t.second.lock_listened || !options_.fast_failover);
   });
 }
 
-inline void member::schedule_claim() {
+PGIPLOCK_INLINE void member::schedule_claim() {
   claim_requested_ = true;
   claim_wake_.cancel();
 }
 
 // Waits for a claim round that starts after this call.
-inline task<void> member::claim_now() {
+PGIPLOCK_INLINE task<void> member::claim_now() {
   if (!next_claim_done_) co_return;  // not started
   auto done = next_claim_done_;
   schedule_claim();
@@ -327,7 +328,7 @@ inline task<void> member::claim_now() {
 }
 
 // One claim round at a time; requests made meanwhile coalesce into one more.
-inline task<void> member::claim_loop() {
+PGIPLOCK_INLINE task<void> member::claim_loop() {
   for (;;) {
     if (!claim_requested_) {
       if (!co_await client_->loop().sleep(std::chrono::hours(24), &claim_wake_)) claim_wake_.reset();
@@ -341,13 +342,15 @@ inline task<void> member::claim_loop() {
     done->set();
   }
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 // At most this many channels per statement: the chunks go out pipelined,
 // so the first channels of a large takeover deliver while the rest are
 // still being claimed.
 inline constexpr std::size_t claim_chunk_size = 256;
 
-inline task<void> member::claim_once() {
+#if PGIPLOCK_DEFINITIONS
+PGIPLOCK_INLINE task<void> member::claim_once() {
   auto want = lacking();
   auto gone = std::exchange(gone_, std::nullopt);
   std::optional<std::size_t> quota;
@@ -385,7 +388,7 @@ inline task<void> member::claim_once() {
 
 // This member's fair share of its channels: even over the members, the
 // first (count mod members) of them in app order holding one more.
-inline task<std::optional<std::size_t>> member::fair_share() {
+PGIPLOCK_INLINE task<std::optional<std::size_t>> member::fair_share() {
   try {
     auto r = co_await client_->query_prepared(sql::in_schema(sql::member_census, schema_), app_);
     auto members = static_cast<std::size_t>(std::strtoull(std::string(r.get(0, 0)).c_str(), nullptr, 10));
@@ -401,7 +404,7 @@ inline task<std::optional<std::size_t>> member::fair_share() {
 
 // What is held beyond the share: the last channels in name order, so the
 // choice is stable.
-inline std::vector<std::string> member::excess(std::size_t share) const {
+PGIPLOCK_INLINE std::vector<std::string> member::excess(std::size_t share) const {
   std::vector<std::string> held_now;
   for (auto& [ch, t] : tenures_) {
     if (t.state == lock_state::holding) held_now.push_back(ch);
@@ -410,7 +413,7 @@ inline std::vector<std::string> member::excess(std::size_t share) const {
   return std::vector<std::string>(held_now.begin() + static_cast<std::ptrdiff_t>(share), held_now.end());
 }
 
-inline task<void> member::claim_chunk(std::vector<std::string> channels, std::optional<std::string> gone, bool sweep,
+PGIPLOCK_INLINE task<void> member::claim_chunk(std::vector<std::string> channels, std::optional<std::string> gone, bool sweep,
                                       std::optional<std::size_t> quota, std::shared_ptr<int> left,
                                       std::shared_ptr<async_event> done) {
   struct settle {
@@ -457,7 +460,7 @@ inline task<void> member::claim_chunk(std::vector<std::string> channels, std::op
 // Reads a claim's rows into the tenures: won channels (a token each), and
 // for the others whether a non-member holds them (then its lock channel is
 // LISTENed, for the Node trigger's release event).
-inline member::claim_result member::take_claim(const result& r) {
+PGIPLOCK_INLINE member::claim_result member::take_claim(const result& r) {
   claim_result out;
   for (int i = 0; i < r.rows(); ++i) {
     std::string ch(r.get(i, 0));
@@ -485,7 +488,7 @@ inline member::claim_result member::take_claim(const result& r) {
   return out;
 }
 
-inline task<void> member::listen_many(std::vector<std::string> listen, std::vector<std::string> unlisten) {
+PGIPLOCK_INLINE task<void> member::listen_many(std::vector<std::string> listen, std::vector<std::string> unlisten) {
   text_array on, off;
   for (auto& c : listen) on.add(c);
   for (auto& c : unlisten) off.add(c);
@@ -496,7 +499,7 @@ inline task<void> member::listen_many(std::vector<std::string> listen, std::vect
   }
 }
 
-inline task<void> member::release_impl(std::vector<std::string> channels, bool leaving, bool keep) {
+PGIPLOCK_INLINE task<void> member::release_impl(std::vector<std::string> channels, bool leaving, bool keep) {
   text_array held;
   std::vector<std::string> data, locks;
   for (auto& ch : channels) {
@@ -538,7 +541,7 @@ inline task<void> member::release_impl(std::vector<std::string> channels, bool l
 
 // A drain: deliver until every released channel's successor announced, or
 // handover_timeout. Nobody can announce when no other member exists.
-inline task<void> member::wait_for_successors(long others) {
+PGIPLOCK_INLINE task<void> member::wait_for_successors(long others) {
   auto draining = [this] {
     return std::any_of(tenures_.begin(), tenures_.end(),
                        [](const auto& t) { return t.second.state == lock_state::draining; });
@@ -550,7 +553,7 @@ inline task<void> member::wait_for_successors(long others) {
   drained_.reset();
 }
 
-inline task<void> member::release_quietly(std::shared_ptr<connection> c, std::string sql, std::string app,
+PGIPLOCK_INLINE task<void> member::release_quietly(std::shared_ptr<connection> c, std::string sql, std::string app,
                                           std::string channels, std::string fleet, std::string unlock,
                                           std::int64_t key, bool registered) {
   try {
@@ -562,7 +565,7 @@ inline task<void> member::release_quietly(std::shared_ptr<connection> c, std::st
 }
 
 // Stops delivering at once (the lost link, a failed heartbeat, rows gone).
-inline void member::demote(const std::vector<std::string>& channels, const std::string& why) {
+PGIPLOCK_INLINE void member::demote(const std::vector<std::string>& channels, const std::string& why) {
   for (auto& ch : channels) {
     auto it = tenures_.find(ch);
     if (it == tenures_.end()) continue;
@@ -574,7 +577,7 @@ inline void member::demote(const std::vector<std::string>& channels, const std::
 
 // Rows gone under us: stop delivering those, stop listening, and say
 // 'free' so the others claim them now rather than at their timer.
-inline task<void> member::demote_and_free(std::vector<std::string> channels, std::string why) {
+PGIPLOCK_INLINE task<void> member::demote_and_free(std::vector<std::string> channels, std::string why) {
   note(log_level::warn, "giving up " + std::to_string(channels.size()) + " channel(s): " + why);
   demote(channels, why);
   if (!client_->is_open()) co_return;
@@ -587,7 +590,7 @@ inline task<void> member::demote_and_free(std::vector<std::string> channels, std
   }
 }
 
-inline void member::on_internal(const notification& n) {
+PGIPLOCK_INLINE void member::on_internal(const notification& n) {
   if (n.channel == fleet_) {
     on_fleet_event(n);
     return;
@@ -597,7 +600,7 @@ inline void member::on_internal(const notification& n) {
   if (it != tenures_.end() && it->second.state == lock_state::standby) schedule_claim();
 }
 
-inline void member::on_fleet_event(const notification& n) {
+PGIPLOCK_INLINE void member::on_fleet_event(const notification& n) {
   static constexpr std::string_view listening = "listening:";
   if (n.payload == "free") {
     if (!lacking().empty()) schedule_claim();
@@ -625,7 +628,7 @@ inline void member::on_fleet_event(const notification& n) {
 
 // The ring: wait for the next member's lock, one bounded slice per
 // statement; a member found dead is swept at once by a claim.
-inline task<void> member::watch_loop() {
+PGIPLOCK_INLINE task<void> member::watch_loop() {
   auto slice = options_.acquire_interval;
   auto step = std::min<std::chrono::milliseconds>(slice, std::chrono::seconds(1));
   for (;;) {
@@ -655,7 +658,7 @@ inline task<void> member::watch_loop() {
 
 // Said once when the watching connection cannot be had, and once when it
 // can again; meanwhile one attempt per acquire_interval.
-inline task<void> member::open_watcher() {
+PGIPLOCK_INLINE task<void> member::open_watcher() {
   auto opts = derived_options(client_->logger(), options_.liveness_timeout, false);
   try {
     watcher_ = co_await connection::connect(client_->loop(), client_->conninfo(), opts);
@@ -672,7 +675,7 @@ inline task<void> member::open_watcher() {
 }
 
 // The holder's liveness check, for all its channels, every liveness / 4.
-inline task<void> member::heartbeat_loop() {
+PGIPLOCK_INLINE task<void> member::heartbeat_loop() {
   auto& loop = client_->loop();
   auto live = options_.liveness_timeout;
   auto every = std::max<std::chrono::milliseconds>(std::chrono::milliseconds(10), live / 4);
@@ -683,7 +686,7 @@ inline task<void> member::heartbeat_loop() {
   }
 }
 
-inline task<void> member::check_rows(std::chrono::milliseconds limit) {
+PGIPLOCK_INLINE task<void> member::check_rows(std::chrono::milliseconds limit) {
   std::optional<result> r;
   std::string failure;
   try {
@@ -715,18 +718,19 @@ inline task<void> member::check_rows(std::chrono::milliseconds limit) {
   if (!gone.empty()) co_await demote_and_free(std::move(gone), "its lock row was deleted");
 }
 
-inline task<void> member::retry_loop() {
+PGIPLOCK_INLINE task<void> member::retry_loop() {
   for (;;) {
     co_await client_->loop().sleep(options_.acquire_interval);
     if (client_->is_open() && needs_timer()) co_await claim_now();
   }
 }
 
-inline void member::stop_loops() {
+PGIPLOCK_INLINE void member::stop_loops() {
   claim_task_ = task<void>{};
   watch_task_ = task<void>{};
   heartbeat_task_ = task<void>{};
   retry_task_ = task<void>{};
 }
+#endif  // PGIPLOCK_DEFINITIONS
 
 }  // namespace pgiplock::detail

@@ -87,11 +87,17 @@ inline constexpr std::string_view lock_schema_present =
     "AND to_regprocedure($2) IS NOT NULL AND to_regprocedure($3) IS NOT NULL "
     "AND to_regprocedure($4) IS NOT NULL AND to_regclass($5) IS NOT NULL AND to_regprocedure($6) IS NOT NULL "
     "AND to_regclass($7) IS NOT NULL AND to_regprocedure($8) IS NOT NULL AND to_regprocedure($9) IS NOT NULL "
-    "AND to_regprocedure($10) IS NOT NULL";
+    "AND to_regprocedure($10) IS NOT NULL AND obj_description(to_regprocedure($9), 'pg_proc') = $11";
 // The DO block below reads the schema name from here (it cannot take a
 // parameter); a separate setting per block, as both may run at once.
 inline constexpr std::string_view set_bootstrap_schema = "SELECT set_config($1, $2, false)";
 inline constexpr std::string_view lock_schema_setting = "pgiplock.lock_schema";
+// pgiplock_claim carries the version of its body as a comment, like the
+// journal's functions: a schema made by an older pgiplock gets the current
+// one (CREATE OR REPLACE). 2: its sweep skips the rows another claim has
+// locked, so that members reconnecting at once cannot deadlock on them.
+inline constexpr std::string_view lock_version_setting = "pgiplock.lock_version";
+inline constexpr std::string_view lock_version = "pgiplock lock 2";
 // The Node package's DDL, made idempotent (it never drops) and serialised
 // between our processes by a transaction-level advisory lock, plus what the
 // fast failover needs: the tenure sequence, the bounded waiter and the
@@ -202,8 +208,9 @@ END IF;
 -- most that many channels that nobody alive holds are taken, picked at
 -- random so that members short of their share do not all reach for the
 -- same ones. Yields the won channels, then who holds the others.
-IF to_regprocedure(format('%I.pgiplock_claim(text,text[],text,text,text,boolean,integer)', s)) IS NULL THEN
-  EXECUTE format($q$CREATE FUNCTION %1$I.pgiplock_claim(me text, want text[], fleet text, prefix text, gone text,
+IF obj_description(to_regprocedure(format('%I.pgiplock_claim(text,text[],text,text,text,boolean,integer)', s)),
+                   'pg_proc') IS DISTINCT FROM current_setting('pgiplock.lock_version') THEN
+  EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_claim(me text, want text[], fleet text, prefix text, gone text,
                                                         sweep boolean, quota integer)
   RETURNS TABLE (ch text, tok bigint, is_fresh boolean, held_by text, by_member boolean)
   LANGUAGE plpgsql AS $f$
@@ -249,8 +256,13 @@ IF to_regprocedure(format('%I.pgiplock_claim(text,text[],text,text,text,boolean,
       PERFORM pg_notify(fleet, 'listening:' || x.w) FROM unnest(won, released) AS x(w, f) WHERE x.f;
     END IF;
     IF sweep AND cardinality(dead) > 0 THEN
-      DELETE FROM %1$I.pgiplock_member m WHERE m.app = ANY (dead);
-      DELETE FROM %1$I.lock l WHERE l.app = ANY (dead);
+      -- Members that reconnect at once (a failover) sweep the same dead
+      -- rows in different orders: a row another sweep holds is its to
+      -- delete, so none waits for another and none deadlocks.
+      DELETE FROM %1$I.pgiplock_member m WHERE m.app IN (
+        SELECT d.app FROM %1$I.pgiplock_member d WHERE d.app = ANY (dead) FOR UPDATE SKIP LOCKED);
+      DELETE FROM %1$I.lock l WHERE l.channel IN (
+        SELECT d.channel FROM %1$I.lock d WHERE d.app = ANY (dead) FOR UPDATE SKIP LOCKED);
       GET DIAGNOSTICS freed = ROW_COUNT;
       -- Only when others may want them: a 'free' wakes every member.
       IF freed > 0 THEN PERFORM pg_notify(fleet, 'free'); END IF;
@@ -261,6 +273,8 @@ IF to_regprocedure(format('%I.pgiplock_claim(text,text[],text,text,text,boolean,
       EXISTS (SELECT 1 FROM %1$I.pgiplock_member m WHERE m.app = l.app)
       FROM %1$I.lock l WHERE l.channel IN (SELECT prefix || w FROM unnest(asked) AS w) AND l.app <> me;
   END; $f$$q$, s, format('%I.pgiplock_tenure', s));
+  EXECUTE format('COMMENT ON FUNCTION %I.pgiplock_claim(text,text[],text,text,text,boolean,integer) IS %L', s,
+                 current_setting('pgiplock.lock_version'));
 END IF;
 -- LISTEN and UNLISTEN many channels in one round trip.
 IF to_regprocedure(format('%I.pgiplock_listen_many(text[],text[])', s)) IS NULL THEN
