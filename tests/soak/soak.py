@@ -31,11 +31,14 @@ import time
 
 KINDS = ("plain", "balanced", "durable")
 PREFIX = {"plain": "p", "balanced": "b", "durable": "d"}
-# The balanced members are a fleet of their own, in their own lock schema:
-# balance assumes that every member of the fleet listens to the same
-# channels, and with the plain and durable members in the same schema some
-# balanced channels stayed unheld for good (see the report of issue 18).
-SCHEMA = {"plain": "pgip_lock", "balanced": "pgip_lock_balanced", "durable": "pgip_lock"}
+# Each kind is a fleet of its own, in its own lock schema
+# (PG_PUBSUB_SCHEMA_NAME): balance assumes that every member of the fleet
+# listens to the same channels (with the plain and durable members in the
+# same schema some balanced channels stayed unheld for good), and in a fleet
+# of one kind a member's watcher (the ring's next member) wants the
+# channels of the member it watches, the takeover the soak is after. The
+# durable members keep the default schema, where the publisher's journal is.
+SCHEMA = {"plain": "pgip_lock_plain", "balanced": "pgip_lock_balanced", "durable": "pgip_lock"}
 FAULTS = ("kill", "term", "stop", "terminate_holder", "terminate_waiter", "partition", "delete_row", "restart")
 # Relative weights: the server restart is the heaviest, and hits everyone.
 WEIGHTS = (3, 2, 2, 2, 2, 2, 2, 1)
