@@ -297,7 +297,7 @@ def main():
             if note != "done":
                 continue
             y = lane_of.get(target, len(lanes))
-            f.write("%.3f %.3f %d \"%s\"\n" % (sec(t0), sec(t1), y, kind))
+            f.write("%.3f %.3f %d %d\n" % (sec(t0), sec(t1), y, fault_kinds.index(kind) + 1))
     with open(os.path.join(tl, "losses.dat"), "w") as f:
         for (t, ch) in losses_red:
             f.write("%.3f %d\n" % (sec(t), len(lanes) + 1))
@@ -305,7 +305,7 @@ def main():
         for v in violations:
             f.write("%.3f %d\n" % (sec(v.t) if v.t else 0, len(lanes) + 1))
     # gnuplot refuses an empty file: one point far left of the x range.
-    for name, dummy in (("faults.dat", '-1000 -1000 -10 "none"'), ("losses.dat", "-1000 -10"),
+    for name, dummy in (("faults.dat", "-1000 -1000 -10 1"), ("losses.dat", "-1000 -10"),
                         ("violations.dat", "-1000 -10"), ("tenures.dat", "-1000 -10 -1000 -1000 -10 -10 1")):
         path = os.path.join(tl, name)
         if os.path.getsize(path) == 0:
@@ -319,6 +319,7 @@ def main():
         short = lambda ch: "%s_%s" % (kinds[ch], ch.rsplit("_", 1)[1])  # soak_s123_p_0 -> plain_0
         f.write('channels = "%s"\n' % " ".join(short(ch) for ch in chans))
         f.write("nchannels = %d\n" % len(chans))
+        f.write('faults = "%s"\n' % " ".join(fault_kinds))
         f.write('set title "pgiplock soak: seed %s, %.0f s of faults, %d injected, %d violations"\n' % (
             seed, secs, sum(1 for fa in faults if fa[5] == "done"), len(violations)))
     return 1 if violations else 0
