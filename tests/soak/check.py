@@ -75,7 +75,7 @@ def main():
                 continue
             tag = p[0]
             if tag == "C":
-                if p[1] in ("plain", "balanced", "durable"):
+                if p[1] in ("plain", "balanced", "durable") and len(p) > 2:
                     for ch in p[2].split(","):
                         kinds[ch] = p[1]
                 elif p[1] == "liveness_ms":
@@ -234,10 +234,10 @@ def main():
                     continue
                 f0 = first[d[3]]
                 row["redelivered"] += 1
-                if d[5] <= f0[5]:
+                if d[5] <= f0[5]:  # (one token of two members is reported above)
                     if not (d[5] == f0[5] and (d[1], d[2]) != (f0[1], f0[2])):
-                        violations.append(Violation(d[0], ch, "message %d (id %d) delivered again by the same "
-                                                    "tenure (token %d)" % (d[3], d[4], d[5])))
+                        violations.append(Violation(d[0], ch, "message %d (id %d) delivered again by token %d after "
+                                                    "token %d had delivered it" % (d[3], d[4], d[5], f0[5])))
                     continue
                 if f0[0] < last_of_tenure.get(f0[5], f0[0]) - REDELIVERY_WINDOW_NS:
                     violations.append(Violation(d[0], ch, "message %d (id %d) redelivered by token %d, but token %d "
@@ -316,7 +316,7 @@ def main():
         f.write('set ytics (%s, "server/any" %d, "lost" %d)\n' % (labels, len(lanes), len(lanes) + 1))
         f.write("set yrange [-1:%d]\n" % (len(lanes) + 2))
         f.write("set xrange [%.1f:%.1f]\n" % (min(0, sec(t_begin)), sec(t_end) + 1))
-        short = lambda ch: "%s_%s" % (kinds[ch], ch.rsplit("_", 1)[1])  # soak_s123_p_0 -> plain_0
+        short = lambda ch: "%s_%s" % (kinds[ch], ch.rsplit("_", 1)[-1])  # soak_s123_p_0 -> plain_0
         f.write('channels = "%s"\n' % " ".join(short(ch) for ch in chans))
         f.write("nchannels = %d\n" % len(chans))
         f.write('faults = "%s"\n' % " ".join(fault_kinds))
