@@ -339,7 +339,8 @@ class Soak:
             ch = self.channels[kind][ev["channel"]]
             for m in self.members[kind]:
                 with m.lock:
-                    if m.alive() and ch in m.holds and not m.stopped:
+                    # pg_terminate_backend hits the holder the lock row names, stopped or not
+                    if m.alive() and ch in m.holds and (not m.stopped or ev["fault"] == "terminate_holder"):
                         return m
         cands = [m for m in self.members[kind] if m.alive() and not m.stopped]
         if not cands:
