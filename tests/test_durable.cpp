@@ -907,6 +907,36 @@ task<void> upgrade_old_journal(event_loop& loop, std::string ch, journal_upgrade
   co_await admin->close();
 }
 
+// A durable holder's release does not wait for a successor to announce
+// (there is nothing to drain: it acknowledged what it delivered), even when
+// another member exists that does not want the channel.
+struct quick_release {
+  double destroy_ms = -1;
+  std::int64_t acked = -1;
+};
+task<void> release_without_drain(event_loop& loop, std::string ch, std::string other_ch, quick_release& out) {
+  auto admin = co_await open(loop);
+  recorder a(loop, durable_opts(), ch), b(loop, durable_opts(), other_ch);
+  co_await start(a);
+  co_await start(b);
+  pubsub pub(loop, durable_opts());
+  co_await pub.connect();
+  for (int i = 0; i < 3; ++i) co_await pub.notify(ch, "m" + std::to_string(i));
+  bool got = co_await wait_until(loop, [&] { return a.got.size() == 3; }, 5s);
+  CHECK(got);
+  auto t0 = clock::now();
+  co_await a.ps.destroy();
+  out.destroy_ms = ms_since(t0);
+  out.acked = co_await number(admin, "SELECT acked FROM " + lock_schema(*admin) + ".pgiplock_cursor WHERE channel = $1",
+                              ch);
+  INFO(a.all_errors() << b.all_errors());
+  CHECK(a.errors.empty());
+  CHECK(b.errors.empty());
+  co_await b.ps.destroy();
+  co_await pub.close();
+  co_await admin->close();
+}
+
 struct unheard_report {
   std::int64_t rows_kept = 0, rows_dropped = 0;
   std::vector<got_msg> kept, after_drop;
@@ -1382,6 +1412,21 @@ TEST_CASE("durable: a journal from an older pgiplock gets the backlog partition 
   CHECK(rep.has_backlog);
   CHECK(rep.comment_after == std::string(pgiplock::detail::sql::journal_version));
   CHECK(rep.delivered_before == 2);
+}
+
+TEST_CASE("durable: a holder's destroy() acknowledges and returns without waiting handover_timeout for a successor",
+          "[durable][release]") {
+  cleanup guard;
+  auto ch = fresh_channel("durable_release"), other = fresh_channel("durable_release_other");
+  guard.channel(ch);
+  guard.channel(other);
+  event_loop loop;
+  quick_release rep;
+  loop.run(release_without_drain(loop, ch, other, rep));
+  WARN("destroy() of the holder: " << rep.destroy_ms << " ms (handover_timeout " << durable_opts().handover_timeout.count()
+                                    << " ms)");
+  CHECK(rep.acked == 3);
+  CHECK(rep.destroy_ms < durable_opts().handover_timeout.count() / 2);
 }
 
 TEST_CASE("durable: messages nobody listens to are kept while others are pruned, and delivered later; past "

@@ -502,7 +502,10 @@ PGIPLOCK_INLINE std::unique_ptr<detail::member> pubsub::make_member() {
   detail::member_options mo;
   mo.acquire_interval = options_.acquire_interval;
   mo.fast_failover = options_.fast_failover;
-  mo.handover_timeout = options_.handover_timeout;
+  // A durable holder does not drain: it stopped delivering and acknowledged
+  // before its release (settle_durable), and the successor resumes from the
+  // cursor, so waiting for its announcement would only delay the release.
+  mo.handover_timeout = options_.durable ? std::chrono::milliseconds(0) : options_.handover_timeout;
   mo.balance = options_.balance;
   mo.logger = options_.logger;
   // 0 disables the demotion: a day stands for "never" in the heartbeat.
