@@ -151,16 +151,22 @@ class pubsub {
   void on_delivery_in_transaction(std::function<task<void>(const delivery&, connection&)> fn);
 
  private:
-  struct channel_state {
-    bool listening = false;  // LISTEN committed on the current connection
-    bool listen_started = false;
-    std::shared_ptr<async_event> listened;  // set when the LISTEN in progress settles
-    detail::delivery_count count;           // its address is handed to the member and the journal
+  // What stats() counts per channel: kept when the channel is unlistened
+  // and given back if it is listened again (counters never go back).
+  struct channel_counts {
+    detail::delivery_count count;  // its address is handed to the member and the journal
     std::uint64_t takeovers = 0, handovers = 0;
     std::chrono::microseconds last_takeover{0}, last_handover{0};
   };
+  struct channel_state : channel_counts {
+    bool listening = false;  // LISTEN committed on the current connection
+    bool listen_started = false;
+    std::shared_ptr<async_event> listened;  // set when the LISTEN in progress settles
+  };
 
   bool locked() const { return options_.single_listener && !options_.execution_lock; }
+  void add_channel(const std::string& ch);
+  void drop_channel(std::map<std::string, channel_state, std::less<>>::iterator it);
   bool active(std::string_view ch, const channel_state& st) const;
   bool connected() const { return client_ && client_->is_open(); }
   std::vector<std::string> channels_where(bool want_active) const;
@@ -205,6 +211,7 @@ class pubsub {
   std::shared_ptr<async_event> member_started_;  // set once member_ has started (or failed to)
   std::uint64_t notify_sub_ = 0, lost_sub_ = 0;
   std::map<std::string, channel_state, std::less<>> channels_;
+  std::map<std::string, channel_counts, std::less<>> unlistened_;
   channel_emitter emitter_;
   detail::notify_batcher batcher_;
   detail::claim_queue claims_;
@@ -343,7 +350,7 @@ PGIPLOCK_INLINE task<void> pubsub::listen(std::vector<std::string> channels) {
   for (auto& ch : channels) {  // all or nothing: every name is checked before any is remembered
     detail::validate_channel(ch, locked() ? detail::channel_use::locked : detail::channel_use::plain);
   }
-  for (auto& ch : channels) channels_.try_emplace(ch);
+  for (auto& ch : channels) add_channel(ch);
   if (!client_) co_return;  // remembered; subscribed on (re)connect
   ensure_probe();
   if (!locked()) {
@@ -352,6 +359,20 @@ PGIPLOCK_INLINE task<void> pubsub::listen(std::vector<std::string> channels) {
   }
   co_await ensure_member();
   if (member_) co_await member_->want(std::move(channels));  // a win LISTENs in the same statement (on_won)
+}
+
+PGIPLOCK_INLINE void pubsub::add_channel(const std::string& ch) {
+  auto [it, added] = channels_.try_emplace(ch);
+  if (!added) return;
+  if (auto kept = unlistened_.find(ch); kept != unlistened_.end()) {
+    static_cast<channel_counts&>(it->second) = kept->second;
+    unlistened_.erase(kept);
+  }
+}
+
+PGIPLOCK_INLINE void pubsub::drop_channel(std::map<std::string, channel_state, std::less<>>::iterator it) {
+  unlistened_[it->first] = static_cast<const channel_counts&>(it->second);
+  channels_.erase(it);
 }
 
 PGIPLOCK_INLINE task<void> pubsub::unlisten(std::string_view channel_view) {
@@ -365,7 +386,7 @@ PGIPLOCK_INLINE task<void> pubsub::unlisten(std::string_view channel_view) {
   auto it = channels_.find(ch);
   if (it == channels_.end()) co_return;
   bool was_listening = it->second.listening && !locked();
-  channels_.erase(it);
+  drop_channel(it);
   if (connected() && was_listening) co_await client_->unlisten(ch);
   std::vector<std::string> chs{ch};
   fire(on_unlisten_, chs);
@@ -374,7 +395,7 @@ PGIPLOCK_INLINE task<void> pubsub::unlisten(std::string_view channel_view) {
 PGIPLOCK_INLINE task<void> pubsub::unlisten_all() {
   std::vector<std::string> chs = all_channels();
   if (member_) co_await member_->release(chs);  // the locks first: they drain while they hand over
-  channels_.clear();
+  while (!channels_.empty()) drop_channel(channels_.begin());
   if (connected()) co_await client_->query(std::string(detail::sql::unlisten_all));
   fire(on_unlisten_, chs);
 }
