@@ -191,6 +191,7 @@ class pubsub {
   detail::delivery_count* won(const std::string& ch, const detail::member::win& w);
   channel_stats channel_stats_of(const std::string& name, const channel_state& st) const;
   std::chrono::milliseconds probe_every() const;
+  void keep_probe_sample();  // before the probe goes with its connection
   void ensure_probe();
   static bool journal_gone(const std::exception_ptr& failure);
   task<void> settle_durable(std::vector<std::string> channels);
@@ -206,6 +207,8 @@ class pubsub {
   std::unique_ptr<detail::member> member_;
   std::unique_ptr<detail::journal> journal_;  // durable: beside member_, bound to the same connection
   std::unique_ptr<detail::echo_probe> probe_;  // per listening connection
+  std::chrono::microseconds last_probe_round_trip_{0};  // the last sample of a previous connection's probe
+  double last_queue_usage_ = 0;
   std::uint64_t reconnects_ = 0, notify_sent_ = 0, notify_failed_ = 0, probes_failed_ = 0;
   std::function<task<void>(const delivery&, connection&)> tx_handler_;
   std::shared_ptr<async_event> member_started_;  // set once member_ has started (or failed to)
@@ -486,6 +489,7 @@ PGIPLOCK_INLINE void pubsub::attach(std::shared_ptr<connection> c) {
 }
 
 PGIPLOCK_INLINE void pubsub::detach() {
+  keep_probe_sample();
   probe_.reset();
   if (!client_) return;
   client_->unsubscribe(notify_sub_);
@@ -668,7 +672,11 @@ PGIPLOCK_INLINE pubsub_stats pubsub::stats() const {
   out.notify_sent = notify_sent_;
   out.notify_failed = notify_failed_;
   out.probes_failed = probes_failed_;
-  if (probe_) {
+  // The last sample, also across a reconnect (the probe is per connection):
+  // a gauge that fell to 0 would read as an empty NOTIFY queue.
+  out.probe_round_trip = last_probe_round_trip_;
+  out.queue_usage = last_queue_usage_;
+  if (probe_ && probe_->last_round_trip().count() > 0) {
     out.probe_round_trip = probe_->last_round_trip();
     out.queue_usage = probe_->queue_usage();
   }
@@ -700,9 +708,15 @@ PGIPLOCK_INLINE channel_stats pubsub::channel_stats_of(const std::string& name, 
 // Unset: every 10 s, or every liveness_timeout when that is shorter.
 PGIPLOCK_INLINE std::chrono::milliseconds pubsub::probe_every() const {
   if (options_.probe_interval) return *options_.probe_interval;
-  std::chrono::milliseconds standard{10000};
+  std::chrono::milliseconds standard{10000}, floor{100};  // the floor a given probe_interval has
   auto live = options_.liveness_timeout;
-  return live.count() > 0 ? std::min(standard, live) : standard;
+  return live.count() > 0 ? std::max(floor, std::min(standard, live)) : standard;
+}
+
+PGIPLOCK_INLINE void pubsub::keep_probe_sample() {
+  if (!probe_ || probe_->last_round_trip().count() <= 0) return;
+  last_probe_round_trip_ = probe_->last_round_trip();
+  last_queue_usage_ = probe_->queue_usage();
 }
 
 // Once the connection listens (a pubsub that only notifies has nothing to
