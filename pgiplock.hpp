@@ -2170,7 +2170,7 @@ inline constexpr std::string_view journal_version_setting = "pgiplock.journal_ve
 inline constexpr int journal_slots = 8;
 // The functions carry the version of their bodies as a comment: a schema
 // made by an older pgiplock gets the current ones (CREATE OR REPLACE).
-inline constexpr std::string_view journal_version = "pgiplock journal 2";
+inline constexpr std::string_view journal_version = "pgiplock journal 3";
 inline constexpr std::string_view journal_present =
     "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL AND to_regclass($3) IS NOT NULL "
     "AND to_regprocedure($4) IS NOT NULL AND to_regprocedure($5) IS NOT NULL AND to_regprocedure($6) IS NOT NULL "
@@ -2188,7 +2188,9 @@ EXECUTE format('CREATE TABLE IF NOT EXISTS %I.pgiplock_cursor ('
 EXECUTE format('CREATE TABLE IF NOT EXISTS %I.pgiplock_journal (slot smallint NOT NULL, channel text NOT NULL, '
   'id bigint NOT NULL, payload text NOT NULL, published timestamptz NOT NULL DEFAULT now()) '
   'PARTITION BY LIST (slot)', s);
-FOR i IN 0..7 LOOP
+-- Slots 0..7 are the time slots; 8 holds the backlog that pruning moved out
+-- of them.
+FOR i IN 0..8 LOOP
   IF to_regclass(format('%I.pgiplock_journal_%s', s, i)) IS NULL THEN
     EXECUTE format('CREATE TABLE %1$I.pgiplock_journal_%2$s PARTITION OF %1$I.pgiplock_journal '
       'FOR VALUES IN (%2$s)', s, i);
@@ -2246,14 +2248,20 @@ EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_ack(ch text, upto big
         USING ERRCODE = 'PGF01';
     END IF;
   END; $f$$q$, s);
--- Retention, one caller at a time: a slot other than the current one whose
--- rows are all acknowledged (or older than keep) is truncated whole; in
--- the others the acknowledged rows go in one DELETE. A slot that a
--- publisher still writes to (a transaction open since that slot was
--- current) cannot be locked within 20 ms and waits for the next round.
+-- Retention, one caller at a time. A time slot other than the current one
+-- is emptied with TRUNCATE once none of its rows is both unacknowledged and
+-- younger than keep. Its few live rows (an idle channel's, a slow
+-- listener's) do not stop that: up to 10,000 of them and 16 MiB are first
+-- moved to the backlog partition (slot 8, never current), so one forgotten
+-- channel cannot keep every slot from being truncated. A slot with more
+-- live rows than that loses its dead ones in one DELETE; so does the
+-- backlog partition, every round. A slot that a publisher still writes to
+-- (a transaction open since that slot was current) cannot be locked within
+-- 20 ms and waits for the next round.
 EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_prune(keep interval)
   RETURNS integer LANGUAGE plpgsql AS $f$
-  DECLARE cur smallint := %1$I.pgiplock_slot(); part text; busy boolean; cut integer := 0;
+  DECLARE cur smallint := %1$I.pgiplock_slot(); part text; busy boolean; live bigint; live_bytes bigint;
+    backlog text := format('%%I.%%I', %2$L, 'pgiplock_journal_8'); cut integer := 0;
   BEGIN
     IF NOT pg_try_advisory_xact_lock(hashtext('pgiplock prune ' || %2$L)) THEN RETURN 0; END IF;
     FOR i IN 0..7 LOOP
@@ -2265,23 +2273,38 @@ EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_prune(keep interval)
         PERFORM set_config('lock_timeout', '20', true);
         EXECUTE format('LOCK TABLE %%s IN ACCESS EXCLUSIVE MODE', part);
         -- Per channel, an index probe from its cursor: no scan of the acknowledged rows.
-        EXECUTE format('SELECT EXISTS (SELECT 1 FROM %%I.pgiplock_channel n LEFT JOIN %%I.pgiplock_cursor c '
-                       'ON c.channel = n.channel WHERE EXISTS (SELECT 1 FROM %%s j WHERE j.channel = n.channel '
-                       'AND j.id > coalesce(c.acked, 0) AND j.published > now() - $1))', %2$L, %2$L, part)
-          USING keep INTO busy;
-        IF busy THEN
+        EXECUTE format('SELECT count(*), coalesce(sum(octet_length(l.payload)), 0) FROM (SELECT j.payload '
+                       'FROM %%I.pgiplock_channel n LEFT JOIN %%I.pgiplock_cursor c ON c.channel = n.channel '
+                       'JOIN %%s j ON j.channel = n.channel AND j.id > coalesce(c.acked, 0) '
+                       'WHERE j.published > now() - $1 LIMIT 10001) l', %2$L, %2$L, part)
+          USING keep INTO live, live_bytes;
+        IF live > 10000 OR live_bytes > 16777216 THEN
           EXECUTE format('DELETE FROM %%s j WHERE j.published <= now() - $1 OR EXISTS (SELECT 1 FROM '
                          '%%I.pgiplock_cursor c WHERE c.channel = j.channel AND j.id <= c.acked)', part, %2$L)
             USING keep;
-        ELSE
-          EXECUTE format('TRUNCATE %%s', part);
-          cut := cut + 1;
+          CONTINUE;
         END IF;
+        IF live > 0 THEN
+          -- A row of the same id there is left from before the journal was
+          -- rebuilt (its ids restarted): the newer one wins.
+          EXECUTE format('INSERT INTO %%s (slot, channel, id, payload, published) SELECT 8, j.channel, j.id, '
+                         'j.payload, j.published FROM %%s j JOIN %%I.pgiplock_channel n ON n.channel = j.channel '
+                         'LEFT JOIN %%I.pgiplock_cursor c ON c.channel = j.channel '
+                         'WHERE j.id > coalesce(c.acked, 0) AND j.published > now() - $1 ON CONFLICT (channel, id) '
+                         'DO UPDATE SET payload = EXCLUDED.payload, published = EXCLUDED.published',
+                         backlog, part, %2$L, %2$L)
+            USING keep;
+        END IF;
+        EXECUTE format('TRUNCATE %%s', part);
+        cut := cut + 1;
       EXCEPTION WHEN lock_not_available THEN
         NULL;
       END;
     END LOOP;
     PERFORM set_config('lock_timeout', '0', true);
+    EXECUTE format('DELETE FROM %%s j WHERE j.published <= now() - $1 OR EXISTS (SELECT 1 FROM '
+                   '%%I.pgiplock_cursor c WHERE c.channel = j.channel AND j.id <= c.acked)', backlog, %2$L)
+      USING keep;
     RETURN cut;
   END; $f$$q$, s, s);
 -- Last: the version says every function above is current.
@@ -2422,8 +2445,10 @@ struct pubsub_stats {
   std::uint64_t reconnects = 0;
   std::uint64_t notify_sent = 0, notify_failed = 0;  // notify() calls
   std::uint64_t probes_failed = 0;                   // echoes that did not come back
-  std::chrono::microseconds probe_round_trip{0};     // the last echo's; 0 before the first
-  double queue_usage = 0;                            // pg_notification_queue_usage() at the last probe
+  // The last echo's round trip and pg_notification_queue_usage() with it,
+  // kept across reconnects; both 0 before the first echo.
+  std::chrono::microseconds probe_round_trip{0};
+  double queue_usage = 0;
   std::vector<channel_stats> channels;
 };
 
@@ -6153,16 +6178,22 @@ class pubsub {
   void on_delivery_in_transaction(std::function<task<void>(const delivery&, connection&)> fn);
 
  private:
-  struct channel_state {
-    bool listening = false;  // LISTEN committed on the current connection
-    bool listen_started = false;
-    std::shared_ptr<async_event> listened;  // set when the LISTEN in progress settles
-    detail::delivery_count count;           // its address is handed to the member and the journal
+  // What stats() counts per channel: kept when the channel is unlistened
+  // and given back if it is listened again (counters never go back).
+  struct channel_counts {
+    detail::delivery_count count;  // its address is handed to the member and the journal
     std::uint64_t takeovers = 0, handovers = 0;
     std::chrono::microseconds last_takeover{0}, last_handover{0};
   };
+  struct channel_state : channel_counts {
+    bool listening = false;  // LISTEN committed on the current connection
+    bool listen_started = false;
+    std::shared_ptr<async_event> listened;  // set when the LISTEN in progress settles
+  };
 
   bool locked() const { return options_.single_listener && !options_.execution_lock; }
+  void add_channel(const std::string& ch);
+  void drop_channel(std::map<std::string, channel_state, std::less<>>::iterator it);
   bool active(std::string_view ch, const channel_state& st) const;
   bool connected() const { return client_ && client_->is_open(); }
   std::vector<std::string> channels_where(bool want_active) const;
@@ -6187,6 +6218,7 @@ class pubsub {
   detail::delivery_count* won(const std::string& ch, const detail::member::win& w);
   channel_stats channel_stats_of(const std::string& name, const channel_state& st) const;
   std::chrono::milliseconds probe_every() const;
+  void keep_probe_sample();  // before the probe goes with its connection
   void ensure_probe();
   static bool journal_gone(const std::exception_ptr& failure);
   task<void> settle_durable(std::vector<std::string> channels);
@@ -6202,11 +6234,14 @@ class pubsub {
   std::unique_ptr<detail::member> member_;
   std::unique_ptr<detail::journal> journal_;  // durable: beside member_, bound to the same connection
   std::unique_ptr<detail::echo_probe> probe_;  // per listening connection
+  std::chrono::microseconds last_probe_round_trip_{0};  // the last sample of a previous connection's probe
+  double last_queue_usage_ = 0;
   std::uint64_t reconnects_ = 0, notify_sent_ = 0, notify_failed_ = 0, probes_failed_ = 0;
   std::function<task<void>(const delivery&, connection&)> tx_handler_;
   std::shared_ptr<async_event> member_started_;  // set once member_ has started (or failed to)
   std::uint64_t notify_sub_ = 0, lost_sub_ = 0;
   std::map<std::string, channel_state, std::less<>> channels_;
+  std::map<std::string, channel_counts, std::less<>> unlistened_;
   channel_emitter emitter_;
   detail::notify_batcher batcher_;
   detail::claim_queue claims_;
@@ -6345,7 +6380,7 @@ PGIPLOCK_INLINE task<void> pubsub::listen(std::vector<std::string> channels) {
   for (auto& ch : channels) {  // all or nothing: every name is checked before any is remembered
     detail::validate_channel(ch, locked() ? detail::channel_use::locked : detail::channel_use::plain);
   }
-  for (auto& ch : channels) channels_.try_emplace(ch);
+  for (auto& ch : channels) add_channel(ch);
   if (!client_) co_return;  // remembered; subscribed on (re)connect
   ensure_probe();
   if (!locked()) {
@@ -6354,6 +6389,20 @@ PGIPLOCK_INLINE task<void> pubsub::listen(std::vector<std::string> channels) {
   }
   co_await ensure_member();
   if (member_) co_await member_->want(std::move(channels));  // a win LISTENs in the same statement (on_won)
+}
+
+PGIPLOCK_INLINE void pubsub::add_channel(const std::string& ch) {
+  auto [it, added] = channels_.try_emplace(ch);
+  if (!added) return;
+  if (auto kept = unlistened_.find(ch); kept != unlistened_.end()) {
+    static_cast<channel_counts&>(it->second) = kept->second;
+    unlistened_.erase(kept);
+  }
+}
+
+PGIPLOCK_INLINE void pubsub::drop_channel(std::map<std::string, channel_state, std::less<>>::iterator it) {
+  unlistened_[it->first] = static_cast<const channel_counts&>(it->second);
+  channels_.erase(it);
 }
 
 PGIPLOCK_INLINE task<void> pubsub::unlisten(std::string_view channel_view) {
@@ -6367,7 +6416,7 @@ PGIPLOCK_INLINE task<void> pubsub::unlisten(std::string_view channel_view) {
   auto it = channels_.find(ch);
   if (it == channels_.end()) co_return;
   bool was_listening = it->second.listening && !locked();
-  channels_.erase(it);
+  drop_channel(it);
   if (connected() && was_listening) co_await client_->unlisten(ch);
   std::vector<std::string> chs{ch};
   fire(on_unlisten_, chs);
@@ -6376,7 +6425,7 @@ PGIPLOCK_INLINE task<void> pubsub::unlisten(std::string_view channel_view) {
 PGIPLOCK_INLINE task<void> pubsub::unlisten_all() {
   std::vector<std::string> chs = all_channels();
   if (member_) co_await member_->release(chs);  // the locks first: they drain while they hand over
-  channels_.clear();
+  while (!channels_.empty()) drop_channel(channels_.begin());
   if (connected()) co_await client_->query(std::string(detail::sql::unlisten_all));
   fire(on_unlisten_, chs);
 }
@@ -6467,6 +6516,7 @@ PGIPLOCK_INLINE void pubsub::attach(std::shared_ptr<connection> c) {
 }
 
 PGIPLOCK_INLINE void pubsub::detach() {
+  keep_probe_sample();
   probe_.reset();
   if (!client_) return;
   client_->unsubscribe(notify_sub_);
@@ -6504,7 +6554,10 @@ PGIPLOCK_INLINE std::unique_ptr<detail::member> pubsub::make_member() {
   detail::member_options mo;
   mo.acquire_interval = options_.acquire_interval;
   mo.fast_failover = options_.fast_failover;
-  mo.handover_timeout = options_.handover_timeout;
+  // A durable holder does not drain: it stopped delivering and acknowledged
+  // before its release (settle_durable), and the successor resumes from the
+  // cursor, so waiting for its announcement would only delay the release.
+  mo.handover_timeout = options_.durable ? std::chrono::milliseconds(0) : options_.handover_timeout;
   mo.balance = options_.balance;
   mo.logger = options_.logger;
   // 0 disables the demotion: a day stands for "never" in the heartbeat.
@@ -6646,7 +6699,11 @@ PGIPLOCK_INLINE pubsub_stats pubsub::stats() const {
   out.notify_sent = notify_sent_;
   out.notify_failed = notify_failed_;
   out.probes_failed = probes_failed_;
-  if (probe_) {
+  // The last sample, also across a reconnect (the probe is per connection):
+  // a gauge that fell to 0 would read as an empty NOTIFY queue.
+  out.probe_round_trip = last_probe_round_trip_;
+  out.queue_usage = last_queue_usage_;
+  if (probe_ && probe_->last_round_trip().count() > 0) {
     out.probe_round_trip = probe_->last_round_trip();
     out.queue_usage = probe_->queue_usage();
   }
@@ -6678,9 +6735,15 @@ PGIPLOCK_INLINE channel_stats pubsub::channel_stats_of(const std::string& name, 
 // Unset: every 10 s, or every liveness_timeout when that is shorter.
 PGIPLOCK_INLINE std::chrono::milliseconds pubsub::probe_every() const {
   if (options_.probe_interval) return *options_.probe_interval;
-  std::chrono::milliseconds standard{10000};
+  std::chrono::milliseconds standard{10000}, floor{100};  // the floor a given probe_interval has
   auto live = options_.liveness_timeout;
-  return live.count() > 0 ? std::min(standard, live) : standard;
+  return live.count() > 0 ? std::max(floor, std::min(standard, live)) : standard;
+}
+
+PGIPLOCK_INLINE void pubsub::keep_probe_sample() {
+  if (!probe_ || probe_->last_round_trip().count() <= 0) return;
+  last_probe_round_trip_ = probe_->last_round_trip();
+  last_queue_usage_ = probe_->queue_usage();
 }
 
 // Once the connection listens (a pubsub that only notifies has nothing to

@@ -817,40 +817,122 @@ task<std::int64_t> journal_bytes(conn_ptr c) {
 }
 
 struct retention_report {
-  std::int64_t peak = 0, low = 0;
+  std::int64_t base = 0, peak = 0, low = 0, quiet_rows = -1, quiet_in_backlog = -1;
   double shrink_s = 0;
 };
 
-task<void> retention_flow(event_loop& loop, std::string ch, retention_report& rep) {
+// 60 messages of 100 KiB, acknowledged; between them, on a channel nobody
+// listens to, three small ones that must be kept. The journal has to give
+// the space back anyway (their rows move to the backlog partition), whatever
+// other channels left in it before (the baseline).
+task<void> retention_flow(event_loop& loop, std::string ch, std::string quiet, retention_report& rep) {
   auto admin = co_await open(loop);
   recorder a(loop, durable_opts(), ch);
   a.keep_payloads = false;
   co_await start(a);
   pubsub pub(loop, durable_opts());
   co_await pub.connect();
+  rep.base = co_await journal_bytes(admin);
   constexpr int count = 60;
-  for (int i = 0; i < count; ++i) co_await pub.notify(ch, noise(100 * 1024, static_cast<std::uint32_t>(1000 + i)));
+  for (int i = 0; i < count; ++i) {
+    if (i % 20 == 0) co_await pub.notify(quiet, "unheard " + std::to_string(i));
+    co_await pub.notify(ch, noise(100 * 1024, static_cast<std::uint32_t>(1000 + i)));
+  }
   bool acked = co_await wait_acked(loop, admin, ch, count);
   REQUIRE(acked);
   rep.peak = co_await journal_bytes(admin);
-  REQUIRE(rep.peak >= count * 100 * 1024);
+  REQUIRE(rep.peak - rep.base >= count * 100 * 1024);
   auto t0 = clock::now();
   // Small messages go on meanwhile: a listener prunes every 2 s while it
   // acknowledges something (every 30 s when idle).
   int ticks = 0;
+  auto in_backlog = "SELECT count(*) FROM " + lock_schema(*admin) + ".pgiplock_journal_8 WHERE channel = $1";
   for (;;) {
     rep.low = co_await journal_bytes(admin);
-    if (rep.low * 10 < rep.peak || ms_since(t0) > 40000) break;
+    rep.quiet_in_backlog = co_await number(admin, in_backlog, quiet);
+    bool shrunk = (rep.low - rep.base) * 10 < rep.peak - rep.base;
+    if ((shrunk && rep.quiet_in_backlog == 3) || ms_since(t0) > 40000) break;
     co_await pub.notify(ch, "tick");
     ++ticks;
     co_await loop.sleep(200ms);
   }
   rep.shrink_s = ms_since(t0) / 1000;
+  rep.quiet_rows = co_await journal_rows(admin, quiet);
   bool all = co_await wait_until(loop, [&] { return a.got.size() == static_cast<std::size_t>(count + ticks); }, 5s);
   CHECK(all);
   INFO(a.all_errors());
   CHECK(a.errors.empty());
   co_await a.ps.destroy();
+  co_await pub.close();
+  co_await admin->close();
+}
+
+// A journal an older pgiplock made ("pgiplock journal 2"): no backlog
+// partition, the old pgiplock_prune. The first durable notify() of this
+// version adds the partition and replaces the functions, in place.
+struct journal_upgrade {
+  bool had_backlog = true, has_backlog = false;
+  std::string comment_after;
+  std::int64_t delivered_before = -1;
+};
+task<void> upgrade_old_journal(event_loop& loop, std::string ch, journal_upgrade& out) {
+  auto admin = co_await open(loop);
+  {
+    pubsub pub(loop, durable_opts());
+    co_await pub.connect();
+    co_await pub.notify(ch, "before the upgrade");
+    co_await pub.close();
+  }
+  std::string s = lock_schema(*admin);
+  std::string backlog = "SELECT to_regclass($1) IS NOT NULL";
+  co_await admin->query("DROP TABLE " + s + ".pgiplock_journal_8");
+  co_await admin->query("COMMENT ON FUNCTION " + s + ".pgiplock_prune(interval) IS 'pgiplock journal 2'");
+  out.had_backlog = (co_await admin->query(backlog, s + ".pgiplock_journal_8")).get(0, 0) == "t";
+  recorder r(loop, durable_opts(), ch);
+  co_await start(r);
+  pubsub pub(loop, durable_opts());
+  co_await pub.connect();
+  co_await pub.notify(ch, "after the upgrade");
+  bool both = co_await wait_until(loop, [&] { return r.got.size() == 2; }, 5s);
+  CHECK(both);
+  out.delivered_before = static_cast<std::int64_t>(r.got.size());
+  out.has_backlog = (co_await admin->query(backlog, s + ".pgiplock_journal_8")).get(0, 0) == "t";
+  auto comment = co_await admin->query("SELECT coalesce(obj_description(to_regprocedure($1), 'pg_proc'), '<none>')",
+                                       s + ".pgiplock_prune(interval)");
+  out.comment_after = std::string(comment.get(0, 0));
+  INFO(r.all_errors());
+  CHECK(r.errors.empty());
+  co_await r.ps.destroy();
+  co_await pub.close();
+  co_await admin->close();
+}
+
+// A durable holder's release does not wait for a successor to announce
+// (there is nothing to drain: it acknowledged what it delivered), even when
+// another member exists that does not want the channel.
+struct quick_release {
+  double destroy_ms = -1;
+  std::int64_t acked = -1;
+};
+task<void> release_without_drain(event_loop& loop, std::string ch, std::string other_ch, quick_release& out) {
+  auto admin = co_await open(loop);
+  recorder a(loop, durable_opts(), ch), b(loop, durable_opts(), other_ch);
+  co_await start(a);
+  co_await start(b);
+  pubsub pub(loop, durable_opts());
+  co_await pub.connect();
+  for (int i = 0; i < 3; ++i) co_await pub.notify(ch, "m" + std::to_string(i));
+  bool got = co_await wait_until(loop, [&] { return a.got.size() == 3; }, 5s);
+  CHECK(got);
+  auto t0 = clock::now();
+  co_await a.ps.destroy();
+  out.destroy_ms = ms_since(t0);
+  out.acked = co_await number(admin, "SELECT acked FROM " + lock_schema(*admin) + ".pgiplock_cursor WHERE channel = $1",
+                              ch);
+  INFO(a.all_errors() << b.all_errors());
+  CHECK(a.errors.empty());
+  CHECK(b.errors.empty());
+  co_await b.ps.destroy();
   co_await pub.close();
   co_await admin->close();
 }
@@ -1300,16 +1382,51 @@ TEST_CASE("durable: effects written in the delivery's transaction happen exactly
                          << rep.takeover_ms << " ms");
 }
 
-TEST_CASE("durable: acknowledged slots are truncated: the journal shrinks under 10% of its peak", "[durable][retention]") {
+TEST_CASE("durable: acknowledged slots are truncated, an idle channel's messages kept: the journal shrinks under "
+          "10% of its peak",
+          "[durable][retention]") {
   cleanup guard;
-  auto ch = fresh_channel("durable_retention");
+  auto ch = fresh_channel("durable_retention"), quiet = fresh_channel("durable_unheard");
   guard.channel(ch);
+  guard.channel(quiet);
   event_loop loop;
   retention_report rep;
-  loop.run(retention_flow(loop, ch, rep));
-  WARN("journal " << rep.peak / 1024 << " KiB at its peak, " << rep.low / 1024 << " KiB " << rep.shrink_s
-                  << " s later");
-  CHECK(rep.low * 10 < rep.peak);
+  loop.run(retention_flow(loop, ch, quiet, rep));
+  WARN("journal " << rep.base / 1024 << " KiB before, " << rep.peak / 1024 << " KiB at its peak, " << rep.low / 1024
+                  << " KiB " << rep.shrink_s << " s later; the idle channel's 3 rows: " << rep.quiet_in_backlog
+                  << " in the backlog partition");
+  CHECK((rep.low - rep.base) * 10 < rep.peak - rep.base);
+  CHECK(rep.quiet_rows == 3);
+  CHECK(rep.quiet_in_backlog == 3);
+}
+
+TEST_CASE("durable: a journal from an older pgiplock gets the backlog partition and the current functions",
+          "[durable][retention][bootstrap]") {
+  cleanup guard;
+  auto ch = fresh_channel("durable_upgrade");
+  guard.channel(ch);
+  event_loop loop;
+  journal_upgrade rep;
+  loop.run(upgrade_old_journal(loop, ch, rep));
+  CHECK_FALSE(rep.had_backlog);
+  CHECK(rep.has_backlog);
+  CHECK(rep.comment_after == std::string(pgiplock::detail::sql::journal_version));
+  CHECK(rep.delivered_before == 2);
+}
+
+TEST_CASE("durable: a holder's destroy() acknowledges and returns without waiting handover_timeout for a successor",
+          "[durable][release]") {
+  cleanup guard;
+  auto ch = fresh_channel("durable_release"), other = fresh_channel("durable_release_other");
+  guard.channel(ch);
+  guard.channel(other);
+  event_loop loop;
+  quick_release rep;
+  loop.run(release_without_drain(loop, ch, other, rep));
+  WARN("destroy() of the holder: " << rep.destroy_ms << " ms (handover_timeout " << durable_opts().handover_timeout.count()
+                                    << " ms)");
+  CHECK(rep.acked == 3);
+  CHECK(rep.destroy_ms < durable_opts().handover_timeout.count() / 2);
 }
 
 TEST_CASE("durable: messages nobody listens to are kept while others are pruned, and delivered later; past "

@@ -613,6 +613,48 @@ task<cpp_to_node_result> cpp_to_node(event_loop& loop, bool bystander, std::chro
   co_return out;
 }
 
+// A Node PgPubSub listening on a channel that C++ publishes to durably
+// hears the nudges (docs/durable.md): "pgiplock#<id>:<payload>" when the
+// payload fits in a notification, "pgiplock#<id>" beyond (the payload stays
+// in the journal). PgPubSub's 'message' event gives {} for each (its
+// unpack() parses JSON and yields {} when that fails); the pg client's
+// 'notification' event has the nudge itself.
+struct node_nudges_result {
+  std::vector<std::string> messages, raw;
+  std::string transcript;
+};
+task<node_nudges_result> node_hears_nudges(event_loop& loop) {
+  node_nudges_result out;
+  std::string ch = fresh_channel("node_nudges");
+  child_process node({"node", env_or("PGIPLOCK_NODE_PEER"), "pubsub", dsn(), ch}, {});
+  auto ready = co_await node.expect(loop, "ready", 20s);
+  INFO(node.transcript());
+  REQUIRE(ready);
+  auto o = pubsub_opts();
+  o.durable = true;
+  pgiplock::pubsub pub(loop, o);
+  co_await pub.connect();
+  co_await pub.notify(ch, "hello from C++");
+  co_await pub.notify(ch, std::string(7900, 'a'));
+  co_await pub.notify(ch, std::string(7901, 'b'));
+  // Shortened: a line's first 40 characters, "...", its length.
+  auto shorten = [](const std::string& l) {
+    return l.size() > 80 ? l.substr(0, 40) + "..." + std::to_string(l.size()) : l;
+  };
+  for (int i = 0; i < 6; ++i) {
+    auto line = co_await node.expect(loop, "", 5s);
+    if (!line) break;
+    if (line->rfind("message ", 0) == 0) out.messages.push_back(shorten(*line));
+    else if (line->rfind("raw ", 0) == 0) out.raw.push_back(shorten(*line));
+    else --i;
+  }
+  node.send("exit");
+  co_await node.expect(loop, "bye", 5s);
+  out.transcript = node.transcript();
+  co_await pub.close();
+  co_return out;
+}
+
 }  // namespace
 
 // Bounds, from what the takeover waits for (figures measured on a loaded
@@ -684,4 +726,18 @@ TEST_CASE("a C++ fleet member, as a child process of the interop tests", "[.][in
   REQUIRE_FALSE(stem.empty());
   event_loop loop;
   loop.run(child_member(loop, stem));
+}
+
+TEST_CASE("a Node listener on a durable channel hears the nudges: \"pgiplock#<id>:<payload>\", \"pgiplock#<id>\" "
+          "beyond 7900 bytes",
+          "[interop][durable]") {
+  event_loop loop;
+  auto r = loop.run(node_hears_nudges(loop));
+  INFO(r.transcript);
+  REQUIRE(r.raw.size() == 3);
+  CHECK(r.raw[0] == "raw \"pgiplock#1:hello from C++\"");
+  std::string inline_nudge = "raw \"pgiplock#2:" + std::string(7900, 'a') + "\"";
+  CHECK(r.raw[1] == inline_nudge.substr(0, 40) + "..." + std::to_string(inline_nudge.size()));
+  CHECK(r.raw[2] == "raw \"pgiplock#3\"");
+  CHECK(r.messages == std::vector<std::string>(3, "message {}"));
 }

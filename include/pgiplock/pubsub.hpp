@@ -151,16 +151,22 @@ class pubsub {
   void on_delivery_in_transaction(std::function<task<void>(const delivery&, connection&)> fn);
 
  private:
-  struct channel_state {
-    bool listening = false;  // LISTEN committed on the current connection
-    bool listen_started = false;
-    std::shared_ptr<async_event> listened;  // set when the LISTEN in progress settles
-    detail::delivery_count count;           // its address is handed to the member and the journal
+  // What stats() counts per channel: kept when the channel is unlistened
+  // and given back if it is listened again (counters never go back).
+  struct channel_counts {
+    detail::delivery_count count;  // its address is handed to the member and the journal
     std::uint64_t takeovers = 0, handovers = 0;
     std::chrono::microseconds last_takeover{0}, last_handover{0};
   };
+  struct channel_state : channel_counts {
+    bool listening = false;  // LISTEN committed on the current connection
+    bool listen_started = false;
+    std::shared_ptr<async_event> listened;  // set when the LISTEN in progress settles
+  };
 
   bool locked() const { return options_.single_listener && !options_.execution_lock; }
+  void add_channel(const std::string& ch);
+  void drop_channel(std::map<std::string, channel_state, std::less<>>::iterator it);
   bool active(std::string_view ch, const channel_state& st) const;
   bool connected() const { return client_ && client_->is_open(); }
   std::vector<std::string> channels_where(bool want_active) const;
@@ -185,6 +191,7 @@ class pubsub {
   detail::delivery_count* won(const std::string& ch, const detail::member::win& w);
   channel_stats channel_stats_of(const std::string& name, const channel_state& st) const;
   std::chrono::milliseconds probe_every() const;
+  void keep_probe_sample();  // before the probe goes with its connection
   void ensure_probe();
   static bool journal_gone(const std::exception_ptr& failure);
   task<void> settle_durable(std::vector<std::string> channels);
@@ -200,11 +207,14 @@ class pubsub {
   std::unique_ptr<detail::member> member_;
   std::unique_ptr<detail::journal> journal_;  // durable: beside member_, bound to the same connection
   std::unique_ptr<detail::echo_probe> probe_;  // per listening connection
+  std::chrono::microseconds last_probe_round_trip_{0};  // the last sample of a previous connection's probe
+  double last_queue_usage_ = 0;
   std::uint64_t reconnects_ = 0, notify_sent_ = 0, notify_failed_ = 0, probes_failed_ = 0;
   std::function<task<void>(const delivery&, connection&)> tx_handler_;
   std::shared_ptr<async_event> member_started_;  // set once member_ has started (or failed to)
   std::uint64_t notify_sub_ = 0, lost_sub_ = 0;
   std::map<std::string, channel_state, std::less<>> channels_;
+  std::map<std::string, channel_counts, std::less<>> unlistened_;
   channel_emitter emitter_;
   detail::notify_batcher batcher_;
   detail::claim_queue claims_;
@@ -343,7 +353,7 @@ PGIPLOCK_INLINE task<void> pubsub::listen(std::vector<std::string> channels) {
   for (auto& ch : channels) {  // all or nothing: every name is checked before any is remembered
     detail::validate_channel(ch, locked() ? detail::channel_use::locked : detail::channel_use::plain);
   }
-  for (auto& ch : channels) channels_.try_emplace(ch);
+  for (auto& ch : channels) add_channel(ch);
   if (!client_) co_return;  // remembered; subscribed on (re)connect
   ensure_probe();
   if (!locked()) {
@@ -352,6 +362,20 @@ PGIPLOCK_INLINE task<void> pubsub::listen(std::vector<std::string> channels) {
   }
   co_await ensure_member();
   if (member_) co_await member_->want(std::move(channels));  // a win LISTENs in the same statement (on_won)
+}
+
+PGIPLOCK_INLINE void pubsub::add_channel(const std::string& ch) {
+  auto [it, added] = channels_.try_emplace(ch);
+  if (!added) return;
+  if (auto kept = unlistened_.find(ch); kept != unlistened_.end()) {
+    static_cast<channel_counts&>(it->second) = kept->second;
+    unlistened_.erase(kept);
+  }
+}
+
+PGIPLOCK_INLINE void pubsub::drop_channel(std::map<std::string, channel_state, std::less<>>::iterator it) {
+  unlistened_[it->first] = static_cast<const channel_counts&>(it->second);
+  channels_.erase(it);
 }
 
 PGIPLOCK_INLINE task<void> pubsub::unlisten(std::string_view channel_view) {
@@ -365,7 +389,7 @@ PGIPLOCK_INLINE task<void> pubsub::unlisten(std::string_view channel_view) {
   auto it = channels_.find(ch);
   if (it == channels_.end()) co_return;
   bool was_listening = it->second.listening && !locked();
-  channels_.erase(it);
+  drop_channel(it);
   if (connected() && was_listening) co_await client_->unlisten(ch);
   std::vector<std::string> chs{ch};
   fire(on_unlisten_, chs);
@@ -374,7 +398,7 @@ PGIPLOCK_INLINE task<void> pubsub::unlisten(std::string_view channel_view) {
 PGIPLOCK_INLINE task<void> pubsub::unlisten_all() {
   std::vector<std::string> chs = all_channels();
   if (member_) co_await member_->release(chs);  // the locks first: they drain while they hand over
-  channels_.clear();
+  while (!channels_.empty()) drop_channel(channels_.begin());
   if (connected()) co_await client_->query(std::string(detail::sql::unlisten_all));
   fire(on_unlisten_, chs);
 }
@@ -465,6 +489,7 @@ PGIPLOCK_INLINE void pubsub::attach(std::shared_ptr<connection> c) {
 }
 
 PGIPLOCK_INLINE void pubsub::detach() {
+  keep_probe_sample();
   probe_.reset();
   if (!client_) return;
   client_->unsubscribe(notify_sub_);
@@ -502,7 +527,10 @@ PGIPLOCK_INLINE std::unique_ptr<detail::member> pubsub::make_member() {
   detail::member_options mo;
   mo.acquire_interval = options_.acquire_interval;
   mo.fast_failover = options_.fast_failover;
-  mo.handover_timeout = options_.handover_timeout;
+  // A durable holder does not drain: it stopped delivering and acknowledged
+  // before its release (settle_durable), and the successor resumes from the
+  // cursor, so waiting for its announcement would only delay the release.
+  mo.handover_timeout = options_.durable ? std::chrono::milliseconds(0) : options_.handover_timeout;
   mo.balance = options_.balance;
   mo.logger = options_.logger;
   // 0 disables the demotion: a day stands for "never" in the heartbeat.
@@ -644,7 +672,11 @@ PGIPLOCK_INLINE pubsub_stats pubsub::stats() const {
   out.notify_sent = notify_sent_;
   out.notify_failed = notify_failed_;
   out.probes_failed = probes_failed_;
-  if (probe_) {
+  // The last sample, also across a reconnect (the probe is per connection):
+  // a gauge that fell to 0 would read as an empty NOTIFY queue.
+  out.probe_round_trip = last_probe_round_trip_;
+  out.queue_usage = last_queue_usage_;
+  if (probe_ && probe_->last_round_trip().count() > 0) {
     out.probe_round_trip = probe_->last_round_trip();
     out.queue_usage = probe_->queue_usage();
   }
@@ -676,9 +708,15 @@ PGIPLOCK_INLINE channel_stats pubsub::channel_stats_of(const std::string& name, 
 // Unset: every 10 s, or every liveness_timeout when that is shorter.
 PGIPLOCK_INLINE std::chrono::milliseconds pubsub::probe_every() const {
   if (options_.probe_interval) return *options_.probe_interval;
-  std::chrono::milliseconds standard{10000};
+  std::chrono::milliseconds standard{10000}, floor{100};  // the floor a given probe_interval has
   auto live = options_.liveness_timeout;
-  return live.count() > 0 ? std::min(standard, live) : standard;
+  return live.count() > 0 ? std::max(floor, std::min(standard, live)) : standard;
+}
+
+PGIPLOCK_INLINE void pubsub::keep_probe_sample() {
+  if (!probe_ || probe_->last_round_trip().count() <= 0) return;
+  last_probe_round_trip_ = probe_->last_round_trip();
+  last_queue_usage_ = probe_->queue_usage();
 }
 
 // Once the connection listens (a pubsub that only notifies has nothing to

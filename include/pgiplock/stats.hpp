@@ -42,8 +42,10 @@ struct pubsub_stats {
   std::uint64_t reconnects = 0;
   std::uint64_t notify_sent = 0, notify_failed = 0;  // notify() calls
   std::uint64_t probes_failed = 0;                   // echoes that did not come back
-  std::chrono::microseconds probe_round_trip{0};     // the last echo's; 0 before the first
-  double queue_usage = 0;                            // pg_notification_queue_usage() at the last probe
+  // The last echo's round trip and pg_notification_queue_usage() with it,
+  // kept across reconnects; both 0 before the first echo.
+  std::chrono::microseconds probe_round_trip{0};
+  double queue_usage = 0;
   std::vector<channel_stats> channels;
 };
 

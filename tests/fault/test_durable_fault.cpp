@@ -227,7 +227,10 @@ std::string redelivery_summary(const std::vector<run_result>& rs) {
   return o.str();
 }
 
+// The targets are the plain build's; an instrumented build is 2-3 times
+// slower on the client side, as test_fleet allows for.
 constexpr double sigkill_median_ms = sanitized ? 20 : 10;
+constexpr double sigkill_worst_ms = sanitized ? 125 : 50;
 
 void sigkill_case(handler h, const char* what) {
   event_loop loop;
@@ -267,7 +270,7 @@ void sigkill_case(handler h, const char* what) {
   // Exactly-once members run a transaction per message besides (more load on
   // two cores): their takeover is reported and bounded by the worst case only.
   if (h == handler::at_least_once) CHECK(hold.median() <= sigkill_median_ms);
-  CHECK(hold.worst() <= 50);
+  CHECK(hold.worst() <= sigkill_worst_ms);
 }
 
 }  // namespace

@@ -29,6 +29,8 @@
  *                                             flips caused by a command are NOT reported)
  *   pubsub : `app <uuid>`, `ready` (after connect() + listen(channel)),
  *            `message <JSON.stringify(payload as received/unpacked)>`,
+ *            `raw <JSON.stringify(notification.payload)>` (before unpack; printed
+ *            for every notification on the channel, delivered or not),
  *            `notified` (reply to notify/notify-json), `active` | `inactive` (reply to status),
  *            `event <name> [args]` for PgPubSub events listen/unlisten/reconnect/end/close/error.
  *
@@ -295,6 +297,11 @@ async function runPubSub(dsn, channel, intervalArg) {
         if (ch === channel) {
             out('message ' + JSON.stringify(payload === undefined ? null : payload));
         }
+    });
+    // The notification as the server sent it, before PgPubSub's unpack():
+    // what a Node application reads when it wants a nudge's id.
+    pubSub.pgClient.on('notification', n => {
+        if (n.channel === channel) { out('raw ' + JSON.stringify(n.payload)); }
     });
 
     await pubSub.connect();   // SET APPLICATION_NAME TO '<uuid v4>', reads backend pid

@@ -95,6 +95,11 @@ timeout 3.5 "$cli" status --watch >"$work/watch" 2>&1 || true
 (( $(grep -c 'pgiplock status, every 1 s, ' "$work/watch") >= 2 )) \
     || fail "status --watch did not refresh: $(cat -v "$work/watch" | head -20)"
 grep -q "^$ch " "$work/watch" || fail "status --watch does not show $ch: $(cat -v "$work/watch" | head -20)"
+# --watch --json: one JSON object per round, no screen control.
+timeout 2.5 "$cli" status --watch --json >"$work/watch.json" 2>&1 || true
+(( $(grep -c '^{"channels":' "$work/watch.json") >= 2 )) \
+    || fail "status --watch --json did not print an object per round: $(cat -v "$work/watch.json" | head -20)"
+if grep -q $'\x1b' "$work/watch.json"; then fail "status --watch --json wrote terminal control sequences"; fi
 holder "$ch"
 holder_app="$held_app" holder_pid="$held_pid"
 

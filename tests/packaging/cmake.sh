@@ -101,4 +101,18 @@ fi
 grep -q "pgiplock needs liburing >= 2.3" "$work/no-uring.log" \
     || { cat "$work/no-uring.log"; fail "the configure failure without liburing does not name liburing"; }
 note "without liburing: $(grep -m1 "pgiplock needs liburing" "$work/no-uring.log" | sed 's/^ *//')"
+# ... and an optional find_package(pgiplock QUIET) configures, seeing it absent.
+mkdir -p "$work/optional"
+cat >"$work/optional/CMakeLists.txt" <<'CMAKE'
+cmake_minimum_required(VERSION 3.20)
+project(optional_pgiplock LANGUAGES CXX)
+find_package(pgiplock QUIET)
+message(STATUS "pgiplock_FOUND=${pgiplock_FOUND}")
+CMAKE
+PKG_CONFIG_LIBDIR="$work/no-pc" PKG_CONFIG_PATH="" cmake -S "$work/optional" -B "$work/optional/build" \
+    -DCMAKE_PREFIX_PATH="$meson_prefix" >"$work/optional.log" 2>&1 \
+    || { cat "$work/optional.log"; fail "find_package(pgiplock QUIET) without liburing stopped the configure"; }
+grep -q "pgiplock_FOUND=0\|pgiplock_FOUND=FALSE" "$work/optional.log" \
+    || { cat "$work/optional.log"; fail "find_package(pgiplock QUIET) without liburing did not leave pgiplock_FOUND false"; }
+note "find_package(pgiplock QUIET) without liburing: configures, $(grep -m1 -o 'pgiplock_FOUND=[A-Z0-9]*' "$work/optional.log")"
 note "cmake: OK"

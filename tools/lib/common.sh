@@ -38,11 +38,12 @@ PGIPLOCK_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)"
 PGIPLOCK_SRC="${PGIPLOCK_SRC:-$PGIPLOCK_ROOT}"
 
 # The one place that lists what the project needs from Debian.
-# nodejs/npm, pgbouncer, cmake, patroni, etcd-server and gnuplot-nox are
-# optional test tools (the interop, PgBouncer, CMake packaging and Patroni
-# tests skip without them; tools/soak draws no timeline), see below.
-PGIPLOCK_PACKAGES="libpq-dev liburing-dev catch2 meson ninja-build postgresql nftables iproute2 g++ clang nodejs npm pgbouncer cmake pkg-config patroni etcd-server gnuplot-nox"
-PGIPLOCK_OPTIONAL_PACKAGES="nodejs npm pgbouncer cmake patroni etcd-server gnuplot-nox"
+# nodejs/npm, pgbouncer, cmake, patroni, etcd-server, prometheus (for its
+# promtool) and gnuplot-nox are optional test tools (the interop, PgBouncer,
+# CMake packaging and Patroni tests skip without them, test_stats checks the
+# metrics with its own parser only, tools/soak draws no timeline), see below.
+PGIPLOCK_PACKAGES="libpq-dev liburing-dev catch2 meson ninja-build postgresql nftables iproute2 g++ clang nodejs npm pgbouncer cmake pkg-config patroni etcd-server prometheus gnuplot-nox"
+PGIPLOCK_OPTIONAL_PACKAGES="nodejs npm pgbouncer cmake patroni etcd-server prometheus gnuplot-nox"
 
 # Internal state (double underscore = private).
 PGIPLOCK__APT_UPDATED=""      # apt-get update only once per script run
@@ -98,6 +99,7 @@ pgiplock__optional_present() {
         cmake)  command -v cmake >/dev/null 2>&1 ;;
         patroni) command -v patroni >/dev/null 2>&1 ;;
         etcd-server) command -v etcd >/dev/null 2>&1 ;;
+        prometheus) command -v promtool >/dev/null 2>&1 ;;
         gnuplot-nox) command -v gnuplot >/dev/null 2>&1 ;;
         *)      return 1 ;;
     esac

@@ -424,7 +424,7 @@ inline constexpr std::string_view journal_version_setting = "pgiplock.journal_ve
 inline constexpr int journal_slots = 8;
 // The functions carry the version of their bodies as a comment: a schema
 // made by an older pgiplock gets the current ones (CREATE OR REPLACE).
-inline constexpr std::string_view journal_version = "pgiplock journal 2";
+inline constexpr std::string_view journal_version = "pgiplock journal 3";
 inline constexpr std::string_view journal_present =
     "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL AND to_regclass($3) IS NOT NULL "
     "AND to_regprocedure($4) IS NOT NULL AND to_regprocedure($5) IS NOT NULL AND to_regprocedure($6) IS NOT NULL "
@@ -442,7 +442,9 @@ EXECUTE format('CREATE TABLE IF NOT EXISTS %I.pgiplock_cursor ('
 EXECUTE format('CREATE TABLE IF NOT EXISTS %I.pgiplock_journal (slot smallint NOT NULL, channel text NOT NULL, '
   'id bigint NOT NULL, payload text NOT NULL, published timestamptz NOT NULL DEFAULT now()) '
   'PARTITION BY LIST (slot)', s);
-FOR i IN 0..7 LOOP
+-- Slots 0..7 are the time slots; 8 holds the backlog that pruning moved out
+-- of them.
+FOR i IN 0..8 LOOP
   IF to_regclass(format('%I.pgiplock_journal_%s', s, i)) IS NULL THEN
     EXECUTE format('CREATE TABLE %1$I.pgiplock_journal_%2$s PARTITION OF %1$I.pgiplock_journal '
       'FOR VALUES IN (%2$s)', s, i);
@@ -500,14 +502,20 @@ EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_ack(ch text, upto big
         USING ERRCODE = 'PGF01';
     END IF;
   END; $f$$q$, s);
--- Retention, one caller at a time: a slot other than the current one whose
--- rows are all acknowledged (or older than keep) is truncated whole; in
--- the others the acknowledged rows go in one DELETE. A slot that a
--- publisher still writes to (a transaction open since that slot was
--- current) cannot be locked within 20 ms and waits for the next round.
+-- Retention, one caller at a time. A time slot other than the current one
+-- is emptied with TRUNCATE once none of its rows is both unacknowledged and
+-- younger than keep. Its few live rows (an idle channel's, a slow
+-- listener's) do not stop that: up to 10,000 of them and 16 MiB are first
+-- moved to the backlog partition (slot 8, never current), so one forgotten
+-- channel cannot keep every slot from being truncated. A slot with more
+-- live rows than that loses its dead ones in one DELETE; so does the
+-- backlog partition, every round. A slot that a publisher still writes to
+-- (a transaction open since that slot was current) cannot be locked within
+-- 20 ms and waits for the next round.
 EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_prune(keep interval)
   RETURNS integer LANGUAGE plpgsql AS $f$
-  DECLARE cur smallint := %1$I.pgiplock_slot(); part text; busy boolean; cut integer := 0;
+  DECLARE cur smallint := %1$I.pgiplock_slot(); part text; busy boolean; live bigint; live_bytes bigint;
+    backlog text := format('%%I.%%I', %2$L, 'pgiplock_journal_8'); cut integer := 0;
   BEGIN
     IF NOT pg_try_advisory_xact_lock(hashtext('pgiplock prune ' || %2$L)) THEN RETURN 0; END IF;
     FOR i IN 0..7 LOOP
@@ -519,23 +527,38 @@ EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_prune(keep interval)
         PERFORM set_config('lock_timeout', '20', true);
         EXECUTE format('LOCK TABLE %%s IN ACCESS EXCLUSIVE MODE', part);
         -- Per channel, an index probe from its cursor: no scan of the acknowledged rows.
-        EXECUTE format('SELECT EXISTS (SELECT 1 FROM %%I.pgiplock_channel n LEFT JOIN %%I.pgiplock_cursor c '
-                       'ON c.channel = n.channel WHERE EXISTS (SELECT 1 FROM %%s j WHERE j.channel = n.channel '
-                       'AND j.id > coalesce(c.acked, 0) AND j.published > now() - $1))', %2$L, %2$L, part)
-          USING keep INTO busy;
-        IF busy THEN
+        EXECUTE format('SELECT count(*), coalesce(sum(octet_length(l.payload)), 0) FROM (SELECT j.payload '
+                       'FROM %%I.pgiplock_channel n LEFT JOIN %%I.pgiplock_cursor c ON c.channel = n.channel '
+                       'JOIN %%s j ON j.channel = n.channel AND j.id > coalesce(c.acked, 0) '
+                       'WHERE j.published > now() - $1 LIMIT 10001) l', %2$L, %2$L, part)
+          USING keep INTO live, live_bytes;
+        IF live > 10000 OR live_bytes > 16777216 THEN
           EXECUTE format('DELETE FROM %%s j WHERE j.published <= now() - $1 OR EXISTS (SELECT 1 FROM '
                          '%%I.pgiplock_cursor c WHERE c.channel = j.channel AND j.id <= c.acked)', part, %2$L)
             USING keep;
-        ELSE
-          EXECUTE format('TRUNCATE %%s', part);
-          cut := cut + 1;
+          CONTINUE;
         END IF;
+        IF live > 0 THEN
+          -- A row of the same id there is left from before the journal was
+          -- rebuilt (its ids restarted): the newer one wins.
+          EXECUTE format('INSERT INTO %%s (slot, channel, id, payload, published) SELECT 8, j.channel, j.id, '
+                         'j.payload, j.published FROM %%s j JOIN %%I.pgiplock_channel n ON n.channel = j.channel '
+                         'LEFT JOIN %%I.pgiplock_cursor c ON c.channel = j.channel '
+                         'WHERE j.id > coalesce(c.acked, 0) AND j.published > now() - $1 ON CONFLICT (channel, id) '
+                         'DO UPDATE SET payload = EXCLUDED.payload, published = EXCLUDED.published',
+                         backlog, part, %2$L, %2$L)
+            USING keep;
+        END IF;
+        EXECUTE format('TRUNCATE %%s', part);
+        cut := cut + 1;
       EXCEPTION WHEN lock_not_available THEN
         NULL;
       END;
     END LOOP;
     PERFORM set_config('lock_timeout', '0', true);
+    EXECUTE format('DELETE FROM %%s j WHERE j.published <= now() - $1 OR EXISTS (SELECT 1 FROM '
+                   '%%I.pgiplock_cursor c WHERE c.channel = j.channel AND j.id <= c.acked)', backlog, %2$L)
+      USING keep;
     RETURN cut;
   END; $f$$q$, s, s);
 -- Last: the version says every function above is current.
