@@ -2167,7 +2167,6 @@ inline constexpr std::string_view notify_many =
 // on the channel, say a number, from passing for one.
 inline constexpr std::string_view journal_setting = "pgiplock.journal_schema";
 inline constexpr std::string_view journal_version_setting = "pgiplock.journal_version";
-inline constexpr int journal_slots = 8;
 // The functions carry the version of their bodies as a comment: a schema
 // made by an older pgiplock gets the current ones (CREATE OR REPLACE).
 inline constexpr std::string_view journal_version = "pgiplock journal 3";

@@ -562,6 +562,14 @@ task<handover_report> handover_flow(event_loop& loop, std::string ch) {
   co_return out;
 }
 
+// `pub` sends n messages tagged `tag` on ch; `a` has delivered `total` in all.
+task<void> send_and_deliver(event_loop& loop, instance& a, instance& pub, std::string ch, int n, std::string tag,
+                            std::size_t total) {
+  for (int i = 0; i < n; ++i) co_await pub.ps.notify(ch, tag + " " + std::to_string(i));
+  bool delivered = co_await wait_until(loop, [&] { return a.messages.size() == total; }, 5s);
+  REQUIRE(delivered);
+}
+
 struct reconnect_report {
   pubsub_stats before, after, later;
   std::int64_t token_before = 0, token_after = 0;
@@ -574,9 +582,7 @@ task<reconnect_report> reconnect_flow(event_loop& loop, std::string ch) {
   instance a(loop, pubsub_opts()), pub(loop, pubsub_opts());
   co_await start(a, ch);
   co_await pub.ps.connect();
-  for (int i = 0; i < 3; ++i) co_await pub.ps.notify(ch, "before " + std::to_string(i));
-  bool three = co_await wait_until(loop, [&] { return a.messages.size() == 3; }, 5s);
-  REQUIRE(three);
+  co_await send_and_deliver(loop, a, pub, ch, 3, "before", 3);
   out.before = a.ps.stats();
   out.token_before = a.ps.token(ch);
   co_await pub.ps.client()->query("SELECT pg_terminate_backend($1)", a.ps.client()->backend_pid());
@@ -584,9 +590,7 @@ task<reconnect_report> reconnect_flow(event_loop& loop, std::string ch) {
   REQUIRE(back);
   out.after = a.ps.stats();
   out.token_after = a.ps.token(ch);
-  for (int i = 0; i < 2; ++i) co_await pub.ps.notify(ch, "after " + std::to_string(i));
-  bool five = co_await wait_until(loop, [&] { return a.messages.size() == 5; }, 5s);
-  REQUIRE(five);
+  co_await send_and_deliver(loop, a, pub, ch, 2, "after", 5);
   out.later = a.ps.stats();
   co_await a.ps.destroy();
   co_await pub.ps.destroy();
@@ -604,18 +608,14 @@ task<relisten_report> relisten_flow(event_loop& loop, std::string ch) {
   instance a(loop, pubsub_opts()), pub(loop, pubsub_opts());
   co_await start(a, ch);
   co_await pub.ps.connect();
-  for (int i = 0; i < 3; ++i) co_await pub.ps.notify(ch, "before " + std::to_string(i));
-  bool three = co_await wait_until(loop, [&] { return a.messages.size() == 3; }, 5s);
-  REQUIRE(three);
+  co_await send_and_deliver(loop, a, pub, ch, 3, "before", 3);
   out.before = a.ps.stats();
   co_await a.ps.unlisten(ch);
   out.unlistened = a.ps.stats();
   co_await a.ps.listen(ch);
   bool back = co_await wait_until(loop, [&] { return a.ps.is_active(ch); }, 5s);
   REQUIRE(back);
-  co_await pub.ps.notify(ch, "again");
-  bool four = co_await wait_until(loop, [&] { return a.messages.size() == 4; }, 5s);
-  REQUIRE(four);
+  co_await send_and_deliver(loop, a, pub, ch, 1, "again", 4);
   out.again = a.ps.stats();
   co_await a.ps.destroy();
   co_await pub.ps.destroy();
