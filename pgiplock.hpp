@@ -2459,9 +2459,14 @@ namespace detail {
 
 // The wall clock, read once per batch of notifications a connection
 // dispatches (the vDSO's CLOCK_REALTIME_COARSE, no system call), so that
-// counting a delivery is an increment and a copy, not a clock read.
+// counting a delivery is an increment and a copy, not a clock read. Beside
+// it the monotonic one, which no clock step moves: a durable holder
+// compares it with its tenure's last confirmation (journal.hpp).
 inline thread_local std::int64_t dispatch_ms = 0;
+inline thread_local std::int64_t dispatch_steady_ms = 0;
 PGIPLOCK_INLINE void note_dispatch_time() noexcept;
+// CLOCK_MONOTONIC_COARSE in ms (a few ms coarse, no system call).
+PGIPLOCK_INLINE std::int64_t steady_coarse_ms() noexcept;
 
 // Per channel, on the delivery path.
 struct delivery_count {
@@ -2484,6 +2489,13 @@ PGIPLOCK_INLINE void note_dispatch_time() noexcept {
   timespec ts{};
   ::clock_gettime(CLOCK_REALTIME_COARSE, &ts);
   dispatch_ms = static_cast<std::int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
+  dispatch_steady_ms = steady_coarse_ms();
+}
+
+PGIPLOCK_INLINE std::int64_t steady_coarse_ms() noexcept {
+  timespec ts{};
+  ::clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+  return static_cast<std::int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
 }
 
 PGIPLOCK_INLINE std::string prometheus_label(std::string_view value) {
@@ -4526,6 +4538,13 @@ PGIPLOCK_INLINE void echo_probe::note_usage(double usage) {
 // under its tenure's token. A handler that wants its effects exactly once
 // runs in a transaction on a connection of its own that also moves the
 // cursor (on_delivery_in_transaction).
+//
+// A tenure is confirmed by every statement that proves it still stands
+// (the cursor taken or acknowledged under its token, the member's liveness
+// check). A holder that has not had one for half the liveness timeout was
+// paused (SIGSTOP, a frozen VM) or cut off, and a successor may be replaying
+// what its socket still holds: it delivers nothing more until a check under
+// its token comes back (phase confirming), then reads on from the journal.
 namespace pgiplock::detail {
 
 // The journal's tables and functions in the lock schema; one check when
@@ -4560,6 +4579,9 @@ class journal {
   task<void> settle(std::vector<std::string> channels);
   // A notification on a channel this member may hold.
   void on_nudge(const notification& n);
+  // The member's liveness check found every held row still its own; it was
+  // sent at `sent_ms` (steady_coarse_ms).
+  void confirmed(std::int64_t sent_ms);
   // From now on the cursor moves only with the handler's transaction.
   void set_transaction_handler(transaction_handler fn);
   // A held channel as of its last acknowledgement: published minus
@@ -4571,7 +4593,8 @@ class journal {
   [[nodiscard]] std::optional<lag> lag_of(std::string_view channel) const;
 
  private:
-  enum class phase { resuming, catching_up, live, stopped };
+  // confirming: paused deliveries until the tenure is checked again.
+  enum class phase { resuming, catching_up, live, confirming, stopped };
   struct nudge {
     std::int64_t id = 0;
     bool has_payload = false;
@@ -4588,6 +4611,7 @@ class journal {
     delivery_count* count = nullptr;
     lag behind;  // from the last acknowledgement
     bool fenced = false;  // a newer tenure took the cursor: said once
+    std::int64_t confirmed_ms = 0;  // steady_coarse_ms when the last check that proved the tenure went out
   };
   struct owned_delivery {
     std::string channel, payload;
@@ -4609,6 +4633,9 @@ class journal {
   static std::optional<nudge_text> parse(std::string_view payload);
   void wake_reader();
   void wake_acker();
+  bool unconfirmed(const stream& s) const noexcept;
+  void confirm_first(const std::string& channel, stream& s);
+  void confirm(stream& s, std::int64_t sent_ms);
   bool deliver(const std::string& channel, stream& s, std::int64_t id, std::string_view payload);
   void drain_backlog(const std::string& channel, std::uint64_t read_no, bool complete);
   void fence(const std::string& channel, std::int64_t token);
@@ -4624,7 +4651,7 @@ class journal {
     std::int64_t token = 0;
     std::int64_t position = 0;  // delivered up to here when the statement went: its snapshot saw at least this
   };
-  task<void> take_acks(const result& r, std::vector<ack_sent> sent);
+  task<void> take_acks(const result& r, std::vector<ack_sent> sent, std::int64_t sent_ms);
   task<void> restart(std::string channel, std::int64_t token);
   task<void> prune();
   task<void> transaction_loop();
@@ -4638,6 +4665,7 @@ class journal {
   std::string read_sql_, take_sql_, ack_sql_, ack_one_sql_, prune_sql_, reset_sql_;
   std::map<std::string, stream, std::less<>> streams_;
   std::uint64_t reads_ = 0;  // journal reads sent so far
+  std::int64_t unconfirmed_after_ms_ = 0;  // half the liveness timeout; 0: never (no liveness check)
   bool read_requested_ = false, ack_requested_ = false;
   bool rebuild_needed_ = false;  // a statement found the journal's tables gone
   cancel_source reader_wake_, acker_wake_, tx_wake_;
@@ -4687,6 +4715,7 @@ PGIPLOCK_INLINE journal::journal(std::shared_ptr<connection> client, journal_opt
   ack_one_sql_ = sql::in_schema(sql::ack_one, schema);
   prune_sql_ = sql::in_schema(sql::prune, schema);
   reset_sql_ = sql::in_schema(sql::cursor_reset, schema);
+  unconfirmed_after_ms_ = options_.liveness_timeout.count() / 2;
   auto& loop = client_->loop();
   reader_task_ = reader_loop();
   loop.start(reader_task_);
@@ -4747,6 +4776,7 @@ PGIPLOCK_INLINE void journal::begin_tenure(const std::string& channel, std::int6
   stream s;
   s.token = token;
   s.count = count;
+  s.confirmed_ms = steady_coarse_ms();  // won just now
   streams_[channel] = std::move(s);
   wake_reader();
 }
@@ -4782,6 +4812,38 @@ PGIPLOCK_INLINE void journal::wake_acker() {
   acker_wake_.cancel();
 }
 
+// Against the clock of the batch being delivered (note_dispatch_time): the
+// pause that matters is the one before it.
+PGIPLOCK_INLINE bool journal::unconfirmed(const stream& s) const noexcept {
+  return unconfirmed_after_ms_ > 0 && dispatch_steady_ms - s.confirmed_ms > unconfirmed_after_ms_;
+}
+
+// The acknowledgement statement checks the tenure (its token against the
+// cursor's); what arrives meanwhile waits in the backlog.
+PGIPLOCK_INLINE void journal::confirm_first(const std::string& channel, stream& s) {
+  s.state = phase::confirming;
+  s.check = true;
+  wake_acker();
+  note(log_level::debug, "durable channel " + channel + ": no confirmation of tenure " + std::to_string(s.token) +
+                             " for " + std::to_string(dispatch_steady_ms - s.confirmed_ms) +
+                             " ms (paused?): checking it before delivering more");
+}
+
+// The journal, not the nudges held meanwhile, says what comes next: a nudge
+// may have been sent before the pause and delivered by nobody yet.
+PGIPLOCK_INLINE void journal::confirm(stream& s, std::int64_t sent_ms) {
+  s.confirmed_ms = std::max(s.confirmed_ms, sent_ms);
+  if (s.state != phase::confirming) return;
+  s.state = phase::catching_up;
+  wake_reader();
+}
+
+PGIPLOCK_INLINE void journal::confirmed(std::int64_t sent_ms) {
+  for (auto& [ch, s] : streams_) {
+    if (s.state != phase::stopped) confirm(s, sent_ms);
+  }
+}
+
 // "<id>:<payload>" or "<id>", after nudge_prefix; anything else is not a
 // nudge of the journal. Views into the notification: nothing is copied.
 PGIPLOCK_INLINE std::optional<journal::nudge_text> journal::parse(std::string_view payload) {
@@ -4802,6 +4864,7 @@ PGIPLOCK_INLINE void journal::on_nudge(const notification& n) {
   auto it = streams_.find(n.channel);
   if (it == streams_.end() || it->second.state == phase::stopped) return;
   auto& s = it->second;
+  if (s.state == phase::live && unconfirmed(s)) confirm_first(it->first, s);
   auto parsed = parse(n.payload);
   if (!parsed) {
     note(log_level::debug, "ignored a notification on durable channel " + std::string(n.channel) +
@@ -4944,6 +5007,7 @@ PGIPLOCK_INLINE task<bool> journal::resume_all() {
     toks.add(std::to_string(round.tokens[i]));
   }
   result r;
+  auto sent_ms = steady_coarse_ms();
   try {
     r = co_await client_->query_prepared(take_sql_, chs.literal(), toks.literal());
   } catch (const std::exception& e) {
@@ -4963,6 +5027,7 @@ PGIPLOCK_INLINE task<bool> journal::resume_all() {
     it->second.next = pos->second + 1;
     it->second.acked = it->second.delivered = pos->second;
     it->second.state = phase::catching_up;
+    it->second.confirmed_ms = std::max(it->second.confirmed_ms, sent_ms);
   }
   co_return true;
 }
@@ -5002,6 +5067,12 @@ PGIPLOCK_INLINE task<bool> journal::read_once() {
 // that the channel has more than this page.
 PGIPLOCK_INLINE void journal::take_rows(const result& r, const read_round& round, std::uint64_t read_no) {
   note_dispatch_time();  // the deliveries below are not a connection's notifications
+  for (auto& ch : round.channels) {  // a pause while the read was out: its rows wait for the check
+    auto it = streams_.find(ch);
+    if (it != streams_.end() && it->second.state == phase::catching_up && unconfirmed(it->second)) {
+      confirm_first(it->first, it->second);
+    }
+  }
   std::set<std::string, std::less<>> more;
   for (int i = 0; i < r.rows(); ++i) {
     std::string ch(r.get(i, 0));
@@ -5067,6 +5138,7 @@ PGIPLOCK_INLINE task<void> journal::ack(std::vector<std::string> only) {
   }
   if (sent.empty()) co_return;
   result r;
+  auto sent_ms = steady_coarse_ms();
   try {
     r = co_await client_->query(ack_sql_, chs.literal(), ids.literal(), toks.literal());
     acked_since_prune_ = true;
@@ -5079,12 +5151,12 @@ PGIPLOCK_INLINE task<void> journal::ack(std::vector<std::string> only) {
     if (client_->is_open()) ack_requested_ = true;
     co_return;
   }
-  co_await take_acks(r, sent);
+  co_await take_acks(r, sent, sent_ms);
 }
 
 // A last id below what was delivered when the statement went means the
 // journal began again (a delivery since then is no sign of it).
-PGIPLOCK_INLINE task<void> journal::take_acks(const result& r, std::vector<ack_sent> sent) {
+PGIPLOCK_INLINE task<void> journal::take_acks(const result& r, std::vector<ack_sent> sent, std::int64_t sent_ms) {
   std::map<std::string, int, std::less<>> row_of;
   for (int i = 0; i < r.rows(); ++i) row_of[std::string(r.get(i, 0))] = i;
   std::vector<ack_sent> restarted;
@@ -5097,7 +5169,9 @@ PGIPLOCK_INLINE task<void> journal::take_acks(const result& r, std::vector<ack_s
       continue;
     }
     auto it = streams_.find(a.channel);
-    if (r.is_null(i, 2) || it == streams_.end() || it->second.token != a.token) continue;
+    if (it == streams_.end() || it->second.token != a.token) continue;
+    confirm(it->second, sent_ms);
+    if (r.is_null(i, 2)) continue;
     auto last = std::strtoll(std::string(r.get(i, 2)).c_str(), nullptr, 10);
     it->second.behind.backlog = std::max<std::int64_t>(0, last - it->second.acked);
     it->second.behind.oldest =
@@ -5285,6 +5359,9 @@ class member final : public lock_holder {
     // Optional: awaited before held channels are released (a durable
     // channel acknowledges what it delivered, so the successor resumes there).
     std::function<task<void>(std::vector<std::string> channels)> releasing;
+    // Optional: the liveness check found every held row still this
+    // member's; `sent_ms` (steady_coarse_ms) is when the check went out.
+    std::function<void(std::int64_t sent_ms)> confirmed;
   };
 
   member(std::shared_ptr<connection> client, member_options options, hooks h);
@@ -5910,6 +5987,7 @@ PGIPLOCK_INLINE task<void> member::heartbeat_loop() {
 PGIPLOCK_INLINE task<void> member::check_rows(std::chrono::milliseconds limit) {
   std::optional<result> r;
   std::string failure;
+  auto sent = steady_coarse_ms();
   try {
     r = co_await within(client_->loop(), client_->query_prepared(heartbeat_sql_, app_, key_), limit);
   } catch (const std::exception& e) {
@@ -5927,6 +6005,7 @@ PGIPLOCK_INLINE task<void> member::check_rows(std::chrono::milliseconds limit) {
     co_return;
   }
   if (std::strtoll(std::string(r->get(0, 0)).c_str(), nullptr, 10) >= static_cast<long long>(holding.size())) {
+    if (hooks_.confirmed) hooks_.confirmed(sent);
     co_return;
   }
   auto rows = co_await client_->query(rows_sql_, app_, lock_prefix);
@@ -6567,10 +6646,14 @@ PGIPLOCK_INLINE std::unique_ptr<detail::member> pubsub::make_member() {
                             if (journal_) journal_->end_tenure(ch);
                             on_lost(ch, why);
                           },
+                          {},
                           {}};
   if (options_.durable) {
     make_journal();
     h.releasing = [this](std::vector<std::string> chs) { return settle_durable(std::move(chs)); };
+    h.confirmed = [this](std::int64_t sent_ms) {
+      if (journal_) journal_->confirmed(sent_ms);
+    };
   }
   return std::make_unique<detail::member>(client_, std::move(mo), std::move(h));
 }

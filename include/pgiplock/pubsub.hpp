@@ -541,10 +541,14 @@ PGIPLOCK_INLINE std::unique_ptr<detail::member> pubsub::make_member() {
                             if (journal_) journal_->end_tenure(ch);
                             on_lost(ch, why);
                           },
+                          {},
                           {}};
   if (options_.durable) {
     make_journal();
     h.releasing = [this](std::vector<std::string> chs) { return settle_durable(std::move(chs)); };
+    h.confirmed = [this](std::int64_t sent_ms) {
+      if (journal_) journal_->confirmed(sent_ms);
+    };
   }
   return std::make_unique<detail::member>(client_, std::move(mo), std::move(h));
 }

@@ -57,9 +57,14 @@ namespace detail {
 
 // The wall clock, read once per batch of notifications a connection
 // dispatches (the vDSO's CLOCK_REALTIME_COARSE, no system call), so that
-// counting a delivery is an increment and a copy, not a clock read.
+// counting a delivery is an increment and a copy, not a clock read. Beside
+// it the monotonic one, which no clock step moves: a durable holder
+// compares it with its tenure's last confirmation (journal.hpp).
 inline thread_local std::int64_t dispatch_ms = 0;
+inline thread_local std::int64_t dispatch_steady_ms = 0;
 PGIPLOCK_INLINE void note_dispatch_time() noexcept;
+// CLOCK_MONOTONIC_COARSE in ms (a few ms coarse, no system call).
+PGIPLOCK_INLINE std::int64_t steady_coarse_ms() noexcept;
 
 // Per channel, on the delivery path.
 struct delivery_count {
@@ -82,6 +87,13 @@ PGIPLOCK_INLINE void note_dispatch_time() noexcept {
   timespec ts{};
   ::clock_gettime(CLOCK_REALTIME_COARSE, &ts);
   dispatch_ms = static_cast<std::int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
+  dispatch_steady_ms = steady_coarse_ms();
+}
+
+PGIPLOCK_INLINE std::int64_t steady_coarse_ms() noexcept {
+  timespec ts{};
+  ::clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+  return static_cast<std::int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
 }
 
 PGIPLOCK_INLINE std::string prometheus_label(std::string_view value) {

@@ -13,6 +13,13 @@
 // under its tenure's token. A handler that wants its effects exactly once
 // runs in a transaction on a connection of its own that also moves the
 // cursor (on_delivery_in_transaction).
+//
+// A tenure is confirmed by every statement that proves it still stands
+// (the cursor taken or acknowledged under its token, the member's liveness
+// check). A holder that has not had one for half the liveness timeout was
+// paused (SIGSTOP, a frozen VM) or cut off, and a successor may be replaying
+// what its socket still holds: it delivers nothing more until a check under
+// its token comes back (phase confirming), then reads on from the journal.
 #pragma once
 
 #include "lock_schema.hpp"
@@ -52,6 +59,9 @@ class journal {
   task<void> settle(std::vector<std::string> channels);
   // A notification on a channel this member may hold.
   void on_nudge(const notification& n);
+  // The member's liveness check found every held row still its own; it was
+  // sent at `sent_ms` (steady_coarse_ms).
+  void confirmed(std::int64_t sent_ms);
   // From now on the cursor moves only with the handler's transaction.
   void set_transaction_handler(transaction_handler fn);
   // A held channel as of its last acknowledgement: published minus
@@ -63,7 +73,8 @@ class journal {
   [[nodiscard]] std::optional<lag> lag_of(std::string_view channel) const;
 
  private:
-  enum class phase { resuming, catching_up, live, stopped };
+  // confirming: paused deliveries until the tenure is checked again.
+  enum class phase { resuming, catching_up, live, confirming, stopped };
   struct nudge {
     std::int64_t id = 0;
     bool has_payload = false;
@@ -80,6 +91,7 @@ class journal {
     delivery_count* count = nullptr;
     lag behind;  // from the last acknowledgement
     bool fenced = false;  // a newer tenure took the cursor: said once
+    std::int64_t confirmed_ms = 0;  // steady_coarse_ms when the last check that proved the tenure went out
   };
   struct owned_delivery {
     std::string channel, payload;
@@ -101,6 +113,9 @@ class journal {
   static std::optional<nudge_text> parse(std::string_view payload);
   void wake_reader();
   void wake_acker();
+  bool unconfirmed(const stream& s) const noexcept;
+  void confirm_first(const std::string& channel, stream& s);
+  void confirm(stream& s, std::int64_t sent_ms);
   bool deliver(const std::string& channel, stream& s, std::int64_t id, std::string_view payload);
   void drain_backlog(const std::string& channel, std::uint64_t read_no, bool complete);
   void fence(const std::string& channel, std::int64_t token);
@@ -116,7 +131,7 @@ class journal {
     std::int64_t token = 0;
     std::int64_t position = 0;  // delivered up to here when the statement went: its snapshot saw at least this
   };
-  task<void> take_acks(const result& r, std::vector<ack_sent> sent);
+  task<void> take_acks(const result& r, std::vector<ack_sent> sent, std::int64_t sent_ms);
   task<void> restart(std::string channel, std::int64_t token);
   task<void> prune();
   task<void> transaction_loop();
@@ -130,6 +145,7 @@ class journal {
   std::string read_sql_, take_sql_, ack_sql_, ack_one_sql_, prune_sql_, reset_sql_;
   std::map<std::string, stream, std::less<>> streams_;
   std::uint64_t reads_ = 0;  // journal reads sent so far
+  std::int64_t unconfirmed_after_ms_ = 0;  // half the liveness timeout; 0: never (no liveness check)
   bool read_requested_ = false, ack_requested_ = false;
   bool rebuild_needed_ = false;  // a statement found the journal's tables gone
   cancel_source reader_wake_, acker_wake_, tx_wake_;
@@ -179,6 +195,7 @@ PGIPLOCK_INLINE journal::journal(std::shared_ptr<connection> client, journal_opt
   ack_one_sql_ = sql::in_schema(sql::ack_one, schema);
   prune_sql_ = sql::in_schema(sql::prune, schema);
   reset_sql_ = sql::in_schema(sql::cursor_reset, schema);
+  unconfirmed_after_ms_ = options_.liveness_timeout.count() / 2;
   auto& loop = client_->loop();
   reader_task_ = reader_loop();
   loop.start(reader_task_);
@@ -239,6 +256,7 @@ PGIPLOCK_INLINE void journal::begin_tenure(const std::string& channel, std::int6
   stream s;
   s.token = token;
   s.count = count;
+  s.confirmed_ms = steady_coarse_ms();  // won just now
   streams_[channel] = std::move(s);
   wake_reader();
 }
@@ -274,6 +292,38 @@ PGIPLOCK_INLINE void journal::wake_acker() {
   acker_wake_.cancel();
 }
 
+// Against the clock of the batch being delivered (note_dispatch_time): the
+// pause that matters is the one before it.
+PGIPLOCK_INLINE bool journal::unconfirmed(const stream& s) const noexcept {
+  return unconfirmed_after_ms_ > 0 && dispatch_steady_ms - s.confirmed_ms > unconfirmed_after_ms_;
+}
+
+// The acknowledgement statement checks the tenure (its token against the
+// cursor's); what arrives meanwhile waits in the backlog.
+PGIPLOCK_INLINE void journal::confirm_first(const std::string& channel, stream& s) {
+  s.state = phase::confirming;
+  s.check = true;
+  wake_acker();
+  note(log_level::debug, "durable channel " + channel + ": no confirmation of tenure " + std::to_string(s.token) +
+                             " for " + std::to_string(dispatch_steady_ms - s.confirmed_ms) +
+                             " ms (paused?): checking it before delivering more");
+}
+
+// The journal, not the nudges held meanwhile, says what comes next: a nudge
+// may have been sent before the pause and delivered by nobody yet.
+PGIPLOCK_INLINE void journal::confirm(stream& s, std::int64_t sent_ms) {
+  s.confirmed_ms = std::max(s.confirmed_ms, sent_ms);
+  if (s.state != phase::confirming) return;
+  s.state = phase::catching_up;
+  wake_reader();
+}
+
+PGIPLOCK_INLINE void journal::confirmed(std::int64_t sent_ms) {
+  for (auto& [ch, s] : streams_) {
+    if (s.state != phase::stopped) confirm(s, sent_ms);
+  }
+}
+
 // "<id>:<payload>" or "<id>", after nudge_prefix; anything else is not a
 // nudge of the journal. Views into the notification: nothing is copied.
 PGIPLOCK_INLINE std::optional<journal::nudge_text> journal::parse(std::string_view payload) {
@@ -294,6 +344,7 @@ PGIPLOCK_INLINE void journal::on_nudge(const notification& n) {
   auto it = streams_.find(n.channel);
   if (it == streams_.end() || it->second.state == phase::stopped) return;
   auto& s = it->second;
+  if (s.state == phase::live && unconfirmed(s)) confirm_first(it->first, s);
   auto parsed = parse(n.payload);
   if (!parsed) {
     note(log_level::debug, "ignored a notification on durable channel " + std::string(n.channel) +
@@ -436,6 +487,7 @@ PGIPLOCK_INLINE task<bool> journal::resume_all() {
     toks.add(std::to_string(round.tokens[i]));
   }
   result r;
+  auto sent_ms = steady_coarse_ms();
   try {
     r = co_await client_->query_prepared(take_sql_, chs.literal(), toks.literal());
   } catch (const std::exception& e) {
@@ -455,6 +507,7 @@ PGIPLOCK_INLINE task<bool> journal::resume_all() {
     it->second.next = pos->second + 1;
     it->second.acked = it->second.delivered = pos->second;
     it->second.state = phase::catching_up;
+    it->second.confirmed_ms = std::max(it->second.confirmed_ms, sent_ms);
   }
   co_return true;
 }
@@ -494,6 +547,12 @@ PGIPLOCK_INLINE task<bool> journal::read_once() {
 // that the channel has more than this page.
 PGIPLOCK_INLINE void journal::take_rows(const result& r, const read_round& round, std::uint64_t read_no) {
   note_dispatch_time();  // the deliveries below are not a connection's notifications
+  for (auto& ch : round.channels) {  // a pause while the read was out: its rows wait for the check
+    auto it = streams_.find(ch);
+    if (it != streams_.end() && it->second.state == phase::catching_up && unconfirmed(it->second)) {
+      confirm_first(it->first, it->second);
+    }
+  }
   std::set<std::string, std::less<>> more;
   for (int i = 0; i < r.rows(); ++i) {
     std::string ch(r.get(i, 0));
@@ -559,6 +618,7 @@ PGIPLOCK_INLINE task<void> journal::ack(std::vector<std::string> only) {
   }
   if (sent.empty()) co_return;
   result r;
+  auto sent_ms = steady_coarse_ms();
   try {
     r = co_await client_->query(ack_sql_, chs.literal(), ids.literal(), toks.literal());
     acked_since_prune_ = true;
@@ -571,12 +631,12 @@ PGIPLOCK_INLINE task<void> journal::ack(std::vector<std::string> only) {
     if (client_->is_open()) ack_requested_ = true;
     co_return;
   }
-  co_await take_acks(r, sent);
+  co_await take_acks(r, sent, sent_ms);
 }
 
 // A last id below what was delivered when the statement went means the
 // journal began again (a delivery since then is no sign of it).
-PGIPLOCK_INLINE task<void> journal::take_acks(const result& r, std::vector<ack_sent> sent) {
+PGIPLOCK_INLINE task<void> journal::take_acks(const result& r, std::vector<ack_sent> sent, std::int64_t sent_ms) {
   std::map<std::string, int, std::less<>> row_of;
   for (int i = 0; i < r.rows(); ++i) row_of[std::string(r.get(i, 0))] = i;
   std::vector<ack_sent> restarted;
@@ -589,7 +649,9 @@ PGIPLOCK_INLINE task<void> journal::take_acks(const result& r, std::vector<ack_s
       continue;
     }
     auto it = streams_.find(a.channel);
-    if (r.is_null(i, 2) || it == streams_.end() || it->second.token != a.token) continue;
+    if (it == streams_.end() || it->second.token != a.token) continue;
+    confirm(it->second, sent_ms);
+    if (r.is_null(i, 2)) continue;
     auto last = std::strtoll(std::string(r.get(i, 2)).c_str(), nullptr, 10);
     it->second.behind.backlog = std::max<std::int64_t>(0, last - it->second.acked);
     it->second.behind.oldest =

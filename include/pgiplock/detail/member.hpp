@@ -64,6 +64,9 @@ class member final : public lock_holder {
     // Optional: awaited before held channels are released (a durable
     // channel acknowledges what it delivered, so the successor resumes there).
     std::function<task<void>(std::vector<std::string> channels)> releasing;
+    // Optional: the liveness check found every held row still this
+    // member's; `sent_ms` (steady_coarse_ms) is when the check went out.
+    std::function<void(std::int64_t sent_ms)> confirmed;
   };
 
   member(std::shared_ptr<connection> client, member_options options, hooks h);
@@ -689,6 +692,7 @@ PGIPLOCK_INLINE task<void> member::heartbeat_loop() {
 PGIPLOCK_INLINE task<void> member::check_rows(std::chrono::milliseconds limit) {
   std::optional<result> r;
   std::string failure;
+  auto sent = steady_coarse_ms();
   try {
     r = co_await within(client_->loop(), client_->query_prepared(heartbeat_sql_, app_, key_), limit);
   } catch (const std::exception& e) {
@@ -706,6 +710,7 @@ PGIPLOCK_INLINE task<void> member::check_rows(std::chrono::milliseconds limit) {
     co_return;
   }
   if (std::strtoll(std::string(r->get(0, 0)).c_str(), nullptr, 10) >= static_cast<long long>(holding.size())) {
+    if (hooks_.confirmed) hooks_.confirmed(sent);
     co_return;
   }
   auto rows = co_await client_->query(rows_sql_, app_, lock_prefix);
