@@ -1843,7 +1843,7 @@ inline constexpr std::string_view lock_schema_setting = "pgiplock.lock_schema";
 // one (CREATE OR REPLACE). 2: its sweep skips the rows another claim has
 // locked, so that members reconnecting at once cannot deadlock on them.
 inline constexpr std::string_view lock_version_setting = "pgiplock.lock_version";
-inline constexpr std::string_view lock_version = "pgiplock lock 2";
+inline constexpr std::string_view lock_version = "pgiplock lock 3";
 // The Node package's DDL, made idempotent (it never drops) and serialised
 // between our processes by a transaction-level advisory lock, plus what the
 // fast failover needs: the tenure sequence, the bounded waiter and the
@@ -1907,6 +1907,10 @@ END IF;
 EXECUTE format('CREATE TABLE IF NOT EXISTS %I.pgiplock_member ('
   'app text PRIMARY KEY, key bigint NOT NULL, pid integer NOT NULL, '
   'since timestamptz NOT NULL DEFAULT now())', s);
+-- Balanced members share their channels among themselves only: the
+-- single-listener members of other channels in the same schema must not
+-- shrink their shares (pgiplock lock 3).
+EXECUTE format('ALTER TABLE %I.pgiplock_member ADD COLUMN IF NOT EXISTS balanced boolean NOT NULL DEFAULT false', s);
 -- A member's watch: waits, for at most slice_ms, for the session lock of the
 -- next member in the ring (ordered by app), re-reading the ring every
 -- step_ms so a member that joins is watched within a step. Yields the app
@@ -2038,10 +2042,11 @@ END $pgiplock$)sql";
 
 // Joins the fleet: the session lock first, then the row, so a member whose
 // row is visible always holds its lock; 'join' on the fleet channel tells
-// balanced members to make room. $1 app, $2 key, $3 fleet channel.
+// balanced members to make room. $1 app, $2 key, $3 fleet channel, $4 balanced.
 inline constexpr std::string_view member_join =
     "WITH l AS MATERIALIZED (SELECT pg_try_advisory_lock($2::bigint) AS got), "
-    "i AS (INSERT INTO @schema@.pgiplock_member (app, key, pid) SELECT $1, $2, pg_backend_pid() FROM l WHERE l.got "
+    "i AS (INSERT INTO @schema@.pgiplock_member (app, key, pid, balanced) SELECT $1, $2, pg_backend_pid(), $4::boolean "
+    "FROM l WHERE l.got "
     "ON CONFLICT (app) DO NOTHING RETURNING 1) "
     "SELECT count(*), (SELECT count(pg_notify($3, 'join')) FROM i) FROM i";
 // One statement per slice, whatever the channel count (see pgiplock_watch).
@@ -2053,15 +2058,17 @@ inline constexpr std::string_view member_watch = "SELECT @schema@.pgiplock_watch
 inline constexpr std::string_view member_claim =
     "SELECT ch, tok, is_fresh, held_by, by_member "
     "FROM @schema@.pgiplock_claim($1, $2::text[], $3, $4, $5, $6, $7::integer)";
-// A balanced member's view of the fleet: how many members, and how many
-// come before it (its rank decides who holds one more when shares are uneven).
+// A balanced member's view of the fleet: how many balanced members, and how
+// many come before it (its rank decides who holds one more when shares are
+// uneven).
 inline constexpr std::string_view member_census =
-    "SELECT count(*), count(*) FILTER (WHERE app < $1) FROM @schema@.pgiplock_member";
+    "SELECT count(*), count(*) FILTER (WHERE app < $1) FROM @schema@.pgiplock_member WHERE balanced";
 // The holder's liveness check, for all its channels at once: how many rows
 // it still has (a DELETE or TRUNCATE fires no event we hear); its member row
-// is put back if someone deleted it. $1 app, $2 key.
+// is put back if someone deleted it. $1 app, $2 key, $3 balanced.
 inline constexpr std::string_view member_heartbeat =
-    "WITH m AS (INSERT INTO @schema@.pgiplock_member (app, key, pid) VALUES ($1, $2, pg_backend_pid()) "
+    "WITH m AS (INSERT INTO @schema@.pgiplock_member (app, key, pid, balanced) "
+    "VALUES ($1, $2, pg_backend_pid(), $3::boolean) "
     "ON CONFLICT (app) DO NOTHING) SELECT count(*) FROM @schema@.lock WHERE app = $1";
 inline constexpr std::string_view member_rows =
     "SELECT substr(channel, length($2) + 1) FROM @schema@.lock WHERE app = $1";
@@ -2261,6 +2268,9 @@ EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_prune(keep interval)
   RETURNS integer LANGUAGE plpgsql AS $f$
   DECLARE cur smallint := %1$I.pgiplock_slot(); part text; busy boolean; live bigint; live_bytes bigint;
     backlog text := format('%%I.%%I', %2$L, 'pgiplock_journal_8'); cut integer := 0;
+    -- A partition's acknowledged and expired rows, one by one ($1 keep).
+    purge text := 'DELETE FROM %%s j WHERE j.published <= now() - $1 OR EXISTS (SELECT 1 FROM '
+      || quote_ident(%2$L) || '.pgiplock_cursor c WHERE c.channel = j.channel AND j.id <= c.acked)';
   BEGIN
     IF NOT pg_try_advisory_xact_lock(hashtext('pgiplock prune ' || %2$L)) THEN RETURN 0; END IF;
     FOR i IN 0..7 LOOP
@@ -2278,9 +2288,7 @@ EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_prune(keep interval)
                        'WHERE j.published > now() - $1 LIMIT 10001) l', %2$L, %2$L, part)
           USING keep INTO live, live_bytes;
         IF live > 10000 OR live_bytes > 16777216 THEN
-          EXECUTE format('DELETE FROM %%s j WHERE j.published <= now() - $1 OR EXISTS (SELECT 1 FROM '
-                         '%%I.pgiplock_cursor c WHERE c.channel = j.channel AND j.id <= c.acked)', part, %2$L)
-            USING keep;
+          EXECUTE format(purge, part) USING keep;
           CONTINUE;
         END IF;
         IF live > 0 THEN
@@ -2301,9 +2309,7 @@ EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_prune(keep interval)
       END;
     END LOOP;
     PERFORM set_config('lock_timeout', '0', true);
-    EXECUTE format('DELETE FROM %%s j WHERE j.published <= now() - $1 OR EXISTS (SELECT 1 FROM '
-                   '%%I.pgiplock_cursor c WHERE c.channel = j.channel AND j.id <= c.acked)', backlog, %2$L)
-      USING keep;
+    EXECUTE format(purge, backlog) USING keep;
     RETURN cut;
   END; $f$$q$, s, s);
 -- Last: the version says every function above is current.
@@ -4633,7 +4639,7 @@ class journal {
   static std::optional<nudge_text> parse(std::string_view payload);
   void wake_reader();
   void wake_acker();
-  bool unconfirmed(const stream& s) const noexcept;
+  bool unconfirmed(const stream& s, std::int64_t now_ms) const noexcept;
   void confirm_first(const std::string& channel, stream& s);
   void confirm(stream& s, std::int64_t sent_ms);
   bool deliver(const std::string& channel, stream& s, std::int64_t id, std::string_view payload);
@@ -4643,6 +4649,7 @@ class journal {
   task<void> warm_up();
   task<bool> resume_all();
   task<bool> read_once();
+  task<void> confirm_read(const read_round& round);
   void take_rows(const result& r, const read_round& round, std::uint64_t read_no);
   task<void> acker_loop();
   task<void> ack(std::vector<std::string> only);
@@ -4812,10 +4819,10 @@ PGIPLOCK_INLINE void journal::wake_acker() {
   acker_wake_.cancel();
 }
 
-// Against the clock of the batch being delivered (note_dispatch_time): the
-// pause that matters is the one before it.
-PGIPLOCK_INLINE bool journal::unconfirmed(const stream& s) const noexcept {
-  return unconfirmed_after_ms_ > 0 && dispatch_steady_ms - s.confirmed_ms > unconfirmed_after_ms_;
+// `now_ms`: the clock of the batch being delivered (dispatch_steady_ms):
+// the pause that matters is the one before it.
+PGIPLOCK_INLINE bool journal::unconfirmed(const stream& s, std::int64_t now_ms) const noexcept {
+  return unconfirmed_after_ms_ > 0 && now_ms - s.confirmed_ms > unconfirmed_after_ms_;
 }
 
 // The acknowledgement statement checks the tenure (its token against the
@@ -4864,7 +4871,7 @@ PGIPLOCK_INLINE void journal::on_nudge(const notification& n) {
   auto it = streams_.find(n.channel);
   if (it == streams_.end() || it->second.state == phase::stopped) return;
   auto& s = it->second;
-  if (s.state == phase::live && unconfirmed(s)) confirm_first(it->first, s);
+  if (s.state == phase::live && unconfirmed(s, dispatch_steady_ms)) confirm_first(it->first, s);
   auto parsed = parse(n.payload);
   if (!parsed) {
     note(log_level::debug, "ignored a notification on durable channel " + std::string(n.channel) +
@@ -5058,18 +5065,38 @@ PGIPLOCK_INLINE task<bool> journal::read_once() {
     co_await client_->loop().sleep(options_.retry_delay);
     co_return client_->is_open();
   }
+  co_await confirm_read(round);
   take_rows(r, round, read_no);
   co_return std::any_of(streams_.begin(), streams_.end(),
                         [](const auto& s) { return s.second.state == phase::catching_up; });
 }
 
+// A read that came back long after its tenure's last confirmation (large
+// rows read slowly, or a pause while it was out) is checked once before its
+// rows are delivered; a fresh read after the check could be as slow again.
+PGIPLOCK_INLINE task<void> journal::confirm_read(const read_round& round) {
+  auto now = steady_coarse_ms();
+  std::vector<std::string> doubtful;
+  for (std::size_t i = 0; i < round.channels.size(); ++i) {
+    auto it = streams_.find(round.channels[i]);
+    if (it == streams_.end() || it->second.token != round.tokens[i] || it->second.state != phase::catching_up ||
+        !unconfirmed(it->second, now)) {
+      continue;
+    }
+    it->second.check = true;
+    doubtful.push_back(it->first);
+  }
+  if (!doubtful.empty()) co_await ack(std::move(doubtful));
+}
+
 // Rows come ordered by channel, then id; a row without its payload says
-// that the channel has more than this page.
+// that the channel has more than this page. A stream still unconfirmed
+// (its check failed) waits for the next check and reads these rows again.
 PGIPLOCK_INLINE void journal::take_rows(const result& r, const read_round& round, std::uint64_t read_no) {
   note_dispatch_time();  // the deliveries below are not a connection's notifications
-  for (auto& ch : round.channels) {  // a pause while the read was out: its rows wait for the check
+  for (auto& ch : round.channels) {
     auto it = streams_.find(ch);
-    if (it != streams_.end() && it->second.state == phase::catching_up && unconfirmed(it->second)) {
+    if (it != streams_.end() && it->second.state == phase::catching_up && unconfirmed(it->second, dispatch_steady_ms)) {
       confirm_first(it->first, it->second);
     }
   }
@@ -5517,7 +5544,7 @@ PGIPLOCK_INLINE task<void> member::start() {
   });
   co_await client_->listen(fleet_);
   if (options_.fast_failover || options_.balance) {  // watched by the ring, counted by balanced members
-    auto r = co_await client_->query(sql::in_schema(sql::member_join, schema_), app_, key_, fleet_);
+    auto r = co_await client_->query(sql::in_schema(sql::member_join, schema_), app_, key_, fleet_, options_.balance);
     registered_ = r.get(0, 0) == "1";
     if (!registered_) throw error("pgiplock: member " + app_ + " could not take its member lock");
   }
@@ -5989,7 +6016,7 @@ PGIPLOCK_INLINE task<void> member::check_rows(std::chrono::milliseconds limit) {
   std::string failure;
   auto sent = steady_coarse_ms();
   try {
-    r = co_await within(client_->loop(), client_->query_prepared(heartbeat_sql_, app_, key_), limit);
+    r = co_await within(client_->loop(), client_->query_prepared(heartbeat_sql_, app_, key_, options_.balance), limit);
   } catch (const std::exception& e) {
     failure = e.what();
   }

@@ -113,7 +113,7 @@ class journal {
   static std::optional<nudge_text> parse(std::string_view payload);
   void wake_reader();
   void wake_acker();
-  bool unconfirmed(const stream& s) const noexcept;
+  bool unconfirmed(const stream& s, std::int64_t now_ms) const noexcept;
   void confirm_first(const std::string& channel, stream& s);
   void confirm(stream& s, std::int64_t sent_ms);
   bool deliver(const std::string& channel, stream& s, std::int64_t id, std::string_view payload);
@@ -123,6 +123,7 @@ class journal {
   task<void> warm_up();
   task<bool> resume_all();
   task<bool> read_once();
+  task<void> confirm_read(const read_round& round);
   void take_rows(const result& r, const read_round& round, std::uint64_t read_no);
   task<void> acker_loop();
   task<void> ack(std::vector<std::string> only);
@@ -292,10 +293,10 @@ PGIPLOCK_INLINE void journal::wake_acker() {
   acker_wake_.cancel();
 }
 
-// Against the clock of the batch being delivered (note_dispatch_time): the
-// pause that matters is the one before it.
-PGIPLOCK_INLINE bool journal::unconfirmed(const stream& s) const noexcept {
-  return unconfirmed_after_ms_ > 0 && dispatch_steady_ms - s.confirmed_ms > unconfirmed_after_ms_;
+// `now_ms`: the clock of the batch being delivered (dispatch_steady_ms):
+// the pause that matters is the one before it.
+PGIPLOCK_INLINE bool journal::unconfirmed(const stream& s, std::int64_t now_ms) const noexcept {
+  return unconfirmed_after_ms_ > 0 && now_ms - s.confirmed_ms > unconfirmed_after_ms_;
 }
 
 // The acknowledgement statement checks the tenure (its token against the
@@ -344,7 +345,7 @@ PGIPLOCK_INLINE void journal::on_nudge(const notification& n) {
   auto it = streams_.find(n.channel);
   if (it == streams_.end() || it->second.state == phase::stopped) return;
   auto& s = it->second;
-  if (s.state == phase::live && unconfirmed(s)) confirm_first(it->first, s);
+  if (s.state == phase::live && unconfirmed(s, dispatch_steady_ms)) confirm_first(it->first, s);
   auto parsed = parse(n.payload);
   if (!parsed) {
     note(log_level::debug, "ignored a notification on durable channel " + std::string(n.channel) +
@@ -538,18 +539,38 @@ PGIPLOCK_INLINE task<bool> journal::read_once() {
     co_await client_->loop().sleep(options_.retry_delay);
     co_return client_->is_open();
   }
+  co_await confirm_read(round);
   take_rows(r, round, read_no);
   co_return std::any_of(streams_.begin(), streams_.end(),
                         [](const auto& s) { return s.second.state == phase::catching_up; });
 }
 
+// A read that came back long after its tenure's last confirmation (large
+// rows read slowly, or a pause while it was out) is checked once before its
+// rows are delivered; a fresh read after the check could be as slow again.
+PGIPLOCK_INLINE task<void> journal::confirm_read(const read_round& round) {
+  auto now = steady_coarse_ms();
+  std::vector<std::string> doubtful;
+  for (std::size_t i = 0; i < round.channels.size(); ++i) {
+    auto it = streams_.find(round.channels[i]);
+    if (it == streams_.end() || it->second.token != round.tokens[i] || it->second.state != phase::catching_up ||
+        !unconfirmed(it->second, now)) {
+      continue;
+    }
+    it->second.check = true;
+    doubtful.push_back(it->first);
+  }
+  if (!doubtful.empty()) co_await ack(std::move(doubtful));
+}
+
 // Rows come ordered by channel, then id; a row without its payload says
-// that the channel has more than this page.
+// that the channel has more than this page. A stream still unconfirmed
+// (its check failed) waits for the next check and reads these rows again.
 PGIPLOCK_INLINE void journal::take_rows(const result& r, const read_round& round, std::uint64_t read_no) {
   note_dispatch_time();  // the deliveries below are not a connection's notifications
-  for (auto& ch : round.channels) {  // a pause while the read was out: its rows wait for the check
+  for (auto& ch : round.channels) {
     auto it = streams_.find(ch);
-    if (it != streams_.end() && it->second.state == phase::catching_up && unconfirmed(it->second)) {
+    if (it != streams_.end() && it->second.state == phase::catching_up && unconfirmed(it->second, dispatch_steady_ms)) {
       confirm_first(it->first, it->second);
     }
   }

@@ -222,7 +222,7 @@ PGIPLOCK_INLINE task<void> member::start() {
   });
   co_await client_->listen(fleet_);
   if (options_.fast_failover || options_.balance) {  // watched by the ring, counted by balanced members
-    auto r = co_await client_->query(sql::in_schema(sql::member_join, schema_), app_, key_, fleet_);
+    auto r = co_await client_->query(sql::in_schema(sql::member_join, schema_), app_, key_, fleet_, options_.balance);
     registered_ = r.get(0, 0) == "1";
     if (!registered_) throw error("pgiplock: member " + app_ + " could not take its member lock");
   }
@@ -694,7 +694,7 @@ PGIPLOCK_INLINE task<void> member::check_rows(std::chrono::milliseconds limit) {
   std::string failure;
   auto sent = steady_coarse_ms();
   try {
-    r = co_await within(client_->loop(), client_->query_prepared(heartbeat_sql_, app_, key_), limit);
+    r = co_await within(client_->loop(), client_->query_prepared(heartbeat_sql_, app_, key_, options_.balance), limit);
   } catch (const std::exception& e) {
     failure = e.what();
   }
