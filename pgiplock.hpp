@@ -1538,6 +1538,9 @@ inline constexpr std::size_t max_schema = max_identifier - claim_schema_suffix.s
 // "pgiplock-": ip_lock treats rows of such apps as its own (it takes one over
 // when the channel's advisory lock is free, which a member never holds).
 inline constexpr std::string_view member_prefix = "pgiplock:";
+// A balanced member's (pubsub_options::balance): the census of the shares
+// counts these only, as the server sees them, with no column to migrate.
+inline constexpr std::string_view balanced_member_prefix = "pgiplock:b:";
 // The fleet channel's prefix (see detail/member.hpp): reserved, like lock channels.
 inline constexpr std::string_view fleet_prefix = "__pgiplock__";
 
@@ -1843,7 +1846,7 @@ inline constexpr std::string_view lock_schema_setting = "pgiplock.lock_schema";
 // one (CREATE OR REPLACE). 2: its sweep skips the rows another claim has
 // locked, so that members reconnecting at once cannot deadlock on them.
 inline constexpr std::string_view lock_version_setting = "pgiplock.lock_version";
-inline constexpr std::string_view lock_version = "pgiplock lock 3";
+inline constexpr std::string_view lock_version = "pgiplock lock 2";
 // The Node package's DDL, made idempotent (it never drops) and serialised
 // between our processes by a transaction-level advisory lock, plus what the
 // fast failover needs: the tenure sequence, the bounded waiter and the
@@ -1907,10 +1910,6 @@ END IF;
 EXECUTE format('CREATE TABLE IF NOT EXISTS %I.pgiplock_member ('
   'app text PRIMARY KEY, key bigint NOT NULL, pid integer NOT NULL, '
   'since timestamptz NOT NULL DEFAULT now())', s);
--- Balanced members share their channels among themselves only: the
--- single-listener members of other channels in the same schema must not
--- shrink their shares (pgiplock lock 3).
-EXECUTE format('ALTER TABLE %I.pgiplock_member ADD COLUMN IF NOT EXISTS balanced boolean NOT NULL DEFAULT false', s);
 -- A member's watch: waits, for at most slice_ms, for the session lock of the
 -- next member in the ring (ordered by app), re-reading the ring every
 -- step_ms so a member that joins is watched within a step. Yields the app
@@ -2042,11 +2041,10 @@ END $pgiplock$)sql";
 
 // Joins the fleet: the session lock first, then the row, so a member whose
 // row is visible always holds its lock; 'join' on the fleet channel tells
-// balanced members to make room. $1 app, $2 key, $3 fleet channel, $4 balanced.
+// balanced members to make room. $1 app, $2 key, $3 fleet channel.
 inline constexpr std::string_view member_join =
     "WITH l AS MATERIALIZED (SELECT pg_try_advisory_lock($2::bigint) AS got), "
-    "i AS (INSERT INTO @schema@.pgiplock_member (app, key, pid, balanced) SELECT $1, $2, pg_backend_pid(), $4::boolean "
-    "FROM l WHERE l.got "
+    "i AS (INSERT INTO @schema@.pgiplock_member (app, key, pid) SELECT $1, $2, pg_backend_pid() FROM l WHERE l.got "
     "ON CONFLICT (app) DO NOTHING RETURNING 1) "
     "SELECT count(*), (SELECT count(pg_notify($3, 'join')) FROM i) FROM i";
 // One statement per slice, whatever the channel count (see pgiplock_watch).
@@ -2058,17 +2056,18 @@ inline constexpr std::string_view member_watch = "SELECT @schema@.pgiplock_watch
 inline constexpr std::string_view member_claim =
     "SELECT ch, tok, is_fresh, held_by, by_member "
     "FROM @schema@.pgiplock_claim($1, $2::text[], $3, $4, $5, $6, $7::integer)";
-// A balanced member's view of the fleet: how many balanced members, and how
+// A balanced member's view of the fleet: how many balanced members (their
+// apps start with $2, names.hpp balanced_member_prefix: the single-listener
+// members of other channels in the same schema do not share these), and how
 // many come before it (its rank decides who holds one more when shares are
-// uneven).
+// uneven). $1 app, $2 balanced_member_prefix.
 inline constexpr std::string_view member_census =
-    "SELECT count(*), count(*) FILTER (WHERE app < $1) FROM @schema@.pgiplock_member WHERE balanced";
+    "SELECT count(*), count(*) FILTER (WHERE app < $1) FROM @schema@.pgiplock_member WHERE starts_with(app, $2)";
 // The holder's liveness check, for all its channels at once: how many rows
 // it still has (a DELETE or TRUNCATE fires no event we hear); its member row
-// is put back if someone deleted it. $1 app, $2 key, $3 balanced.
+// is put back if someone deleted it. $1 app, $2 key.
 inline constexpr std::string_view member_heartbeat =
-    "WITH m AS (INSERT INTO @schema@.pgiplock_member (app, key, pid, balanced) "
-    "VALUES ($1, $2, pg_backend_pid(), $3::boolean) "
+    "WITH m AS (INSERT INTO @schema@.pgiplock_member (app, key, pid) VALUES ($1, $2, pg_backend_pid()) "
     "ON CONFLICT (app) DO NOTHING) SELECT count(*) FROM @schema@.lock WHERE app = $1";
 inline constexpr std::string_view member_rows =
     "SELECT substr(channel, length($2) + 1) FROM @schema@.lock WHERE app = $1";
@@ -5544,7 +5543,7 @@ PGIPLOCK_INLINE task<void> member::start() {
   });
   co_await client_->listen(fleet_);
   if (options_.fast_failover || options_.balance) {  // watched by the ring, counted by balanced members
-    auto r = co_await client_->query(sql::in_schema(sql::member_join, schema_), app_, key_, fleet_, options_.balance);
+    auto r = co_await client_->query(sql::in_schema(sql::member_join, schema_), app_, key_, fleet_);
     registered_ = r.get(0, 0) == "1";
     if (!registered_) throw error("pgiplock: member " + app_ + " could not take its member lock");
   }
@@ -5715,7 +5714,8 @@ PGIPLOCK_INLINE task<void> member::claim_once() {
 // first (count mod members) of them in app order holding one more.
 PGIPLOCK_INLINE task<std::optional<std::size_t>> member::fair_share() {
   try {
-    auto r = co_await client_->query_prepared(sql::in_schema(sql::member_census, schema_), app_);
+    auto r = co_await client_->query_prepared(sql::in_schema(sql::member_census, schema_), app_,
+                                              balanced_member_prefix);
     auto members = static_cast<std::size_t>(std::strtoull(std::string(r.get(0, 0)).c_str(), nullptr, 10));
     auto rank = static_cast<std::size_t>(std::strtoull(std::string(r.get(0, 1)).c_str(), nullptr, 10));
     if (members == 0) co_return std::nullopt;
@@ -6016,7 +6016,7 @@ PGIPLOCK_INLINE task<void> member::check_rows(std::chrono::milliseconds limit) {
   std::string failure;
   auto sent = steady_coarse_ms();
   try {
-    r = co_await within(client_->loop(), client_->query_prepared(heartbeat_sql_, app_, key_, options_.balance), limit);
+    r = co_await within(client_->loop(), client_->query_prepared(heartbeat_sql_, app_, key_), limit);
   } catch (const std::exception& e) {
     failure = e.what();
   }
@@ -6633,7 +6633,10 @@ PGIPLOCK_INLINE void pubsub::detach() {
 // is the member's identity in the fleet.
 PGIPLOCK_INLINE connect_options pubsub::main_options() const {
   auto o = detail::derived_options(options_.logger, options_.liveness_timeout, true);
-  if (locked()) o.application_name = std::string(detail::member_prefix) + detail::random_uuid();
+  if (locked()) {
+    auto prefix = options_.balance ? detail::balanced_member_prefix : detail::member_prefix;
+    o.application_name = std::string(prefix) + detail::random_uuid();
+  }
   return o;
 }
 

@@ -123,7 +123,6 @@ task<std::pair<int, std::string>> fifty_bootstraps(event_loop& loop) {
 struct upgraded {
   std::string comment_before, comment_after;
   bool old_body = false, skips_locked_rows = false;
-  bool balanced_column = false;  // pgiplock lock 3's pgiplock_member.balanced, added in place
 };
 task<upgraded> upgrade_old_claim(event_loop& loop) {
   upgraded out;
@@ -143,7 +142,6 @@ task<upgraded> upgrade_old_claim(event_loop& loop) {
                         "by_member boolean) LANGUAGE sql AS 'SELECT NULL::text, NULL::bigint, NULL::boolean, "
                         "NULL::text, NULL::boolean WHERE false'");
   co_await admin->query("COMMENT ON FUNCTION " + sig + " IS NULL");
-  co_await admin->query("ALTER TABLE " + s + ".pgiplock_member DROP COLUMN balanced");
   std::string describe = "SELECT coalesce(obj_description($1::regprocedure, 'pg_proc'), '<none>'), "
                          "(SELECT prosrc LIKE '%SKIP LOCKED%' FROM pg_proc WHERE oid = $1::regprocedure)";
   auto before = co_await admin->query(describe, sig);
@@ -158,10 +156,6 @@ task<upgraded> upgrade_old_claim(event_loop& loop) {
   auto after = co_await admin->query(describe, sig);
   out.comment_after = std::string(after.get(0, 0));
   out.skips_locked_rows = after.get(0, 1) == "t";
-  auto column = co_await admin->query("SELECT count(*) FROM pg_attribute WHERE attrelid = $1::regclass "
-                                      "AND attname = 'balanced' AND NOT attisdropped",
-                                      s + ".pgiplock_member");
-  out.balanced_column = column.get(0, 0) == "1";
   co_await c->close();
   co_await c2->close();
   co_await admin->close();
@@ -406,7 +400,7 @@ TEST_CASE("50 fresh connections bootstrap an empty schema concurrently", "[ip_lo
   CHECK(ok == 50);
 }
 
-TEST_CASE("a lock schema from an older pgiplock: init() upgrades its pgiplock_claim and pgiplock_member in place",
+TEST_CASE("a lock schema from an older pgiplock: init() upgrades its pgiplock_claim in place",
           "[ip_lock][bootstrap]") {
   schema_guard g("upgrade");
   event_loop loop;
@@ -415,7 +409,6 @@ TEST_CASE("a lock schema from an older pgiplock: init() upgrades its pgiplock_cl
   CHECK(r.old_body);
   CHECK(r.comment_after == std::string(pgiplock::detail::sql::lock_version));
   CHECK(r.skips_locked_rows);
-  CHECK(r.balanced_column);
 }
 
 TEST_CASE("destroy_all() releases every held lock of the process", "[ip_lock]") {

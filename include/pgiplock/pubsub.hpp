@@ -501,7 +501,10 @@ PGIPLOCK_INLINE void pubsub::detach() {
 // is the member's identity in the fleet.
 PGIPLOCK_INLINE connect_options pubsub::main_options() const {
   auto o = detail::derived_options(options_.logger, options_.liveness_timeout, true);
-  if (locked()) o.application_name = std::string(detail::member_prefix) + detail::random_uuid();
+  if (locked()) {
+    auto prefix = options_.balance ? detail::balanced_member_prefix : detail::member_prefix;
+    o.application_name = std::string(prefix) + detail::random_uuid();
+  }
   return o;
 }
 

@@ -222,7 +222,7 @@ PGIPLOCK_INLINE task<void> member::start() {
   });
   co_await client_->listen(fleet_);
   if (options_.fast_failover || options_.balance) {  // watched by the ring, counted by balanced members
-    auto r = co_await client_->query(sql::in_schema(sql::member_join, schema_), app_, key_, fleet_, options_.balance);
+    auto r = co_await client_->query(sql::in_schema(sql::member_join, schema_), app_, key_, fleet_);
     registered_ = r.get(0, 0) == "1";
     if (!registered_) throw error("pgiplock: member " + app_ + " could not take its member lock");
   }
@@ -393,7 +393,8 @@ PGIPLOCK_INLINE task<void> member::claim_once() {
 // first (count mod members) of them in app order holding one more.
 PGIPLOCK_INLINE task<std::optional<std::size_t>> member::fair_share() {
   try {
-    auto r = co_await client_->query_prepared(sql::in_schema(sql::member_census, schema_), app_);
+    auto r = co_await client_->query_prepared(sql::in_schema(sql::member_census, schema_), app_,
+                                              balanced_member_prefix);
     auto members = static_cast<std::size_t>(std::strtoull(std::string(r.get(0, 0)).c_str(), nullptr, 10));
     auto rank = static_cast<std::size_t>(std::strtoull(std::string(r.get(0, 1)).c_str(), nullptr, 10));
     if (members == 0) co_return std::nullopt;
@@ -694,7 +695,7 @@ PGIPLOCK_INLINE task<void> member::check_rows(std::chrono::milliseconds limit) {
   std::string failure;
   auto sent = steady_coarse_ms();
   try {
-    r = co_await within(client_->loop(), client_->query_prepared(heartbeat_sql_, app_, key_, options_.balance), limit);
+    r = co_await within(client_->loop(), client_->query_prepared(heartbeat_sql_, app_, key_), limit);
   } catch (const std::exception& e) {
     failure = e.what();
   }

@@ -34,6 +34,9 @@ inline constexpr std::size_t max_schema = max_identifier - claim_schema_suffix.s
 // "pgiplock-": ip_lock treats rows of such apps as its own (it takes one over
 // when the channel's advisory lock is free, which a member never holds).
 inline constexpr std::string_view member_prefix = "pgiplock:";
+// A balanced member's (pubsub_options::balance): the census of the shares
+// counts these only, as the server sees them, with no column to migrate.
+inline constexpr std::string_view balanced_member_prefix = "pgiplock:b:";
 // The fleet channel's prefix (see detail/member.hpp): reserved, like lock channels.
 inline constexpr std::string_view fleet_prefix = "__pgiplock__";
 

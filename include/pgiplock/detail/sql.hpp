@@ -97,7 +97,7 @@ inline constexpr std::string_view lock_schema_setting = "pgiplock.lock_schema";
 // one (CREATE OR REPLACE). 2: its sweep skips the rows another claim has
 // locked, so that members reconnecting at once cannot deadlock on them.
 inline constexpr std::string_view lock_version_setting = "pgiplock.lock_version";
-inline constexpr std::string_view lock_version = "pgiplock lock 3";
+inline constexpr std::string_view lock_version = "pgiplock lock 2";
 // The Node package's DDL, made idempotent (it never drops) and serialised
 // between our processes by a transaction-level advisory lock, plus what the
 // fast failover needs: the tenure sequence, the bounded waiter and the
@@ -161,10 +161,6 @@ END IF;
 EXECUTE format('CREATE TABLE IF NOT EXISTS %I.pgiplock_member ('
   'app text PRIMARY KEY, key bigint NOT NULL, pid integer NOT NULL, '
   'since timestamptz NOT NULL DEFAULT now())', s);
--- Balanced members share their channels among themselves only: the
--- single-listener members of other channels in the same schema must not
--- shrink their shares (pgiplock lock 3).
-EXECUTE format('ALTER TABLE %I.pgiplock_member ADD COLUMN IF NOT EXISTS balanced boolean NOT NULL DEFAULT false', s);
 -- A member's watch: waits, for at most slice_ms, for the session lock of the
 -- next member in the ring (ordered by app), re-reading the ring every
 -- step_ms so a member that joins is watched within a step. Yields the app
@@ -296,11 +292,10 @@ END $pgiplock$)sql";
 
 // Joins the fleet: the session lock first, then the row, so a member whose
 // row is visible always holds its lock; 'join' on the fleet channel tells
-// balanced members to make room. $1 app, $2 key, $3 fleet channel, $4 balanced.
+// balanced members to make room. $1 app, $2 key, $3 fleet channel.
 inline constexpr std::string_view member_join =
     "WITH l AS MATERIALIZED (SELECT pg_try_advisory_lock($2::bigint) AS got), "
-    "i AS (INSERT INTO @schema@.pgiplock_member (app, key, pid, balanced) SELECT $1, $2, pg_backend_pid(), $4::boolean "
-    "FROM l WHERE l.got "
+    "i AS (INSERT INTO @schema@.pgiplock_member (app, key, pid) SELECT $1, $2, pg_backend_pid() FROM l WHERE l.got "
     "ON CONFLICT (app) DO NOTHING RETURNING 1) "
     "SELECT count(*), (SELECT count(pg_notify($3, 'join')) FROM i) FROM i";
 // One statement per slice, whatever the channel count (see pgiplock_watch).
@@ -312,17 +307,18 @@ inline constexpr std::string_view member_watch = "SELECT @schema@.pgiplock_watch
 inline constexpr std::string_view member_claim =
     "SELECT ch, tok, is_fresh, held_by, by_member "
     "FROM @schema@.pgiplock_claim($1, $2::text[], $3, $4, $5, $6, $7::integer)";
-// A balanced member's view of the fleet: how many balanced members, and how
+// A balanced member's view of the fleet: how many balanced members (their
+// apps start with $2, names.hpp balanced_member_prefix: the single-listener
+// members of other channels in the same schema do not share these), and how
 // many come before it (its rank decides who holds one more when shares are
-// uneven).
+// uneven). $1 app, $2 balanced_member_prefix.
 inline constexpr std::string_view member_census =
-    "SELECT count(*), count(*) FILTER (WHERE app < $1) FROM @schema@.pgiplock_member WHERE balanced";
+    "SELECT count(*), count(*) FILTER (WHERE app < $1) FROM @schema@.pgiplock_member WHERE starts_with(app, $2)";
 // The holder's liveness check, for all its channels at once: how many rows
 // it still has (a DELETE or TRUNCATE fires no event we hear); its member row
-// is put back if someone deleted it. $1 app, $2 key, $3 balanced.
+// is put back if someone deleted it. $1 app, $2 key.
 inline constexpr std::string_view member_heartbeat =
-    "WITH m AS (INSERT INTO @schema@.pgiplock_member (app, key, pid, balanced) "
-    "VALUES ($1, $2, pg_backend_pid(), $3::boolean) "
+    "WITH m AS (INSERT INTO @schema@.pgiplock_member (app, key, pid) VALUES ($1, $2, pg_backend_pid()) "
     "ON CONFLICT (app) DO NOTHING) SELECT count(*) FROM @schema@.lock WHERE app = $1";
 inline constexpr std::string_view member_rows =
     "SELECT substr(channel, length($2) + 1) FROM @schema@.lock WHERE app = $1";
