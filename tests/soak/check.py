@@ -248,13 +248,13 @@ def main():
                 continue
             heard = node_listen.get((member, inc, ch))
             if t1 < start:
-                return "handover to it"
+                return "handover to it (before its LISTEN)"
             if t0 > end:
-                return "after its tenure (its row held silently, or it ended)"
+                return "after its tenure, before the next holder"
             if heard is None or heard > end:
                 return "held without LISTEN (won by its timer)"
             if t1 < heard:
-                return "handover to it"
+                return "handover to it (before its LISTEN)"
             return "while it held and LISTENed"
         return None
 
