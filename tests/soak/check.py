@@ -97,7 +97,7 @@ def main():
     interval_ns = INTERVAL_NS
     node_members = set()            # members soak.py started as kind "node"
     node_info = None                # the C node_member line's words
-    node_listen = {}                # (member, inc, channel) -> t of its first N ... listen line
+    node_listen = {}                # (member, inc, channel) -> [t of each N ... listen line]
     exit_at = {}                    # (member, inc) -> (t, status)
 
     def close_tenure(key, t):
@@ -161,8 +161,8 @@ def main():
                     deliveries[ch].append((t, member, inc, seq, int(p[7]), int(p[8])))
                 elif ev == "E":
                     errors[member] += 1
-                elif ev == "N" and len(p) > 5:
-                    node_listen.setdefault((member, inc, p[5]), int(p[4]))
+                elif ev == "N" and len(p) > 6 and p[6] == "listen":
+                    node_listen.setdefault((member, inc, p[5]), []).append(int(p[4]))
     t_end = marks.get("end", max([d[-1][0] for d in deliveries.values() if d] + [0]))
     for key in list(open_tenure):
         close_tenure(key, t_end)
@@ -246,11 +246,15 @@ def main():
             hi = min(after[0] if after else t_end, gone + interval_ns + GRACE_EXTRA_NS)
             if not (t0 <= hi and lo <= t1):
                 continue
-            heard = node_listen.get((member, inc, ch))
+            # its LISTEN for this tenure (PgPubSub's listen() LISTENs again each time it wins)
+            heard = min([t for t in node_listen.get((member, inc, ch), []) if start <= t], default=None)
             if t1 < start:
                 return "handover to it (before its LISTEN)"
             if t0 > end:
-                return "after its tenure, before the next holder"
+                # its process alive: the row is still its (nobody took it), the
+                # two-release-events defect; else it ended and nobody took over yet
+                return ("after its tenure, its process alive (its row kept)" if gone > t1 else
+                        "after it ended, before the next holder")
             if heard is None or heard > end:
                 return "held without LISTEN (won by its timer)"
             if t1 < heard:
@@ -441,13 +445,13 @@ def main():
     if node_members:
         for member in sorted(node_members):
             mine = [(ch, te) for ch in tenures_of for te in tenures_of[ch] if te[2] == member]
-            # never LISTENed while it held: an N line of its process after the tenure's end, or none
-            silent = sum(1 for ch, te in mine if node_listen.get((member, te[3], ch), te[1] + 1) > te[1])
+            silent = sum(1 for ch, te in mine if not any(
+                d[1] == member and d[2] == te[3] and te[0] <= d[0] <= te[1] for d in deliveries.get(ch, [])))
             incs = sorted(inc for (m, inc) in exit_at if m == member)
             by_itself = sum(1 for inc in incs if exit_at[(member, inc)][1] > 0)
             delivered = sum(1 for ch in deliveries for d in deliveries[ch] if d[1] == member)
             print("Node member %s (%s, plain fleet, no token): %d starts, %d ended by themselves (status > 0), "
-                  "%d tenures (%d never LISTENed), %d deliveries" % (
+                  "%d tenures (%d delivered nothing), %d deliveries" % (
                       member, node_info[1] if node_info and len(node_info) > 1 else "@imqueue/pg-pubsub",
                       sum(1 for st in starts if st[1] == member), by_itself, len(mine), silent, delivered))
         lost = sum(v for k, v in node_stats.items() if k.startswith("lost: "))

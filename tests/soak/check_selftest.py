@@ -93,7 +93,7 @@ CASES = [
      "handover to it"),
     ("node loss while it LISTENed", node_history(node_from=11, drop=[15]), 0, "while it held and LISTENed"),
     ("node keeps its row silently", node_history(node_from=11, node_until=12, extra=["M n0 1 L %d P 0" % (S * 5 // 4)]),
-     0, "after its tenure, before the next holder"),
+     0, "after its tenure, its process alive (its row kept)"),
     ("C++ loss before the node tenure", node_history(node_from=11, drop=[5]), 1, "outside every fault window"),
     ("C++ loss after it took the channel back", node_history(node_from=11, node_until=15, extra=[
         "M a 1 H %d P 2" % (S * 3 // 2)] + ["M a 1 D %d P %d 0 2" % (seq * S // 10 + 1000, seq)

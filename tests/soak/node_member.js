@@ -19,11 +19,12 @@
  * (CLOCK_MONOTONIC on Linux: the clock of test::now_ns() and of the driver):
  *   R <t> <backend pid>          connected (PgPubSub's processId), listen()
  *                                called for every channel
- *   H <t> <channel> 0            PgPubSub counts the channel active: its
- *                                lock's acquired flag went true (by listen(),
- *                                by a release event, or by its retry timer)
- *   L <t> <channel> 0            the flag went false (a failed re-acquire,
- *                                or the SIGTERM handler's release)
+ *   H <t> <channel> 0            it holds the channel's lock row: the
+ *                                acquired flag of one of its lock objects
+ *                                for the channel went true (by listen(), by
+ *                                a release event, or by a retry timer)
+ *   L <t> <channel> 0            no longer (a failed re-acquire, or the
+ *                                SIGTERM handler's release)
  *   D <t> <channel> <payload> 0 0
  *                                PgPubSub emitted 'message'
  *   E <t> <what>                 an error
@@ -34,6 +35,20 @@
  *                                never LISTENs (the 1.10.0 defect README.md
  *                                describes), so an H without an N in the
  *                                same process is a silent hold.
+ *   N <t> <channel> shadow       its second lock object for the channel
+ *                                holds the row (below)
+ *
+ * Two lock objects per channel: PgPubSub.onNotification calls lock() on
+ * every notification's channel before it skips lock channels, so the first
+ * release event it hears for a channel makes a lock for the channel
+ * "__PgIpLock__:<channel>", which PgIpLock maps to the same lock channel
+ * and the same row. That second object has its own release handler (each
+ * later release event calls listen(channel) twice: the second acquire
+ * collides with the row the first one just took, and the channel's flag
+ * goes false while the row stays its: the "two release events" defect of
+ * README.md) and its own retry timer (when that one wins the row, PgPubSub
+ * counts the channel "__PgIpLock__:<channel>" active, not the channel, and
+ * nothing LISTENs). Either object holding the row is a tenure here.
  * The flags are polled every millisecond and also checked before an N or a
  * D line is printed, so a D never comes before its tenure's H.
  *
@@ -150,11 +165,17 @@ async function main() {
     });
     pubSub.pgClient.setMaxListeners(0);  // one 'notification' listener per lock
     const active = new Map(channels.map(c => [c, false]));
+    const shadow = new Map(channels.map(c => [c, false]));
     const sync = (ch) => {
-        const is = pubSub.isActive(ch);
+        const byShadow = pubSub.isActive('__PgIpLock__:' + ch);
+        const is = pubSub.isActive(ch) || byShadow;
         if (is !== active.get(ch)) {
             active.set(ch, is);
             out(`${is ? 'H' : 'L'} ${now()} ${ch} 0`);
+        }
+        if (byShadow !== shadow.get(ch)) {
+            shadow.set(ch, byShadow);
+            if (byShadow) { out(`N ${now()} ${ch} shadow`); }
         }
     };
     setInterval(() => { for (const ch of channels) { sync(ch); } }, 1);

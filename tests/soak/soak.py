@@ -310,7 +310,8 @@ class Soak:
         tag = "s%d" % os.getpid()
         self.channels = {k: ["soak_%s_%s_%d" % (tag, PREFIX[k], i) for i in range(a.channels)] for k in KINDS}
         self.members = {k: [Member(self, k, i, self.channels[k]) for i in range(a.members)] for k in KINDS}
-        self.node_bin, self.node_modules, self.node_skip = "", "", self.find_node()
+        self.node_bin, self.node_modules = "", ""  # find_node() sets them
+        self.node_skip = self.find_node()
         self.node_member = None
         if not self.node_skip:
             # Last in the plain fleet's list: the partition (always member 0)
