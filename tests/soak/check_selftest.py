@@ -33,6 +33,32 @@ def history(extra_publishes=(), extra_deliveries=(), holds=None, faults=(), drop
     return "\n".join(lines) + "\n"
 
 
+def node_history(listen=True, a_until=10, node_from=10, node_until=20, drop=(), extra=(), faults=(), a_token=1,
+                 listen_at=S + 1000):
+    """One plain channel P of 20 messages, one every 100 ms: the C++ member a
+    (token a_token) holds it until 0.95 s and delivers seqs 1..a_until; the
+    Node member n0 (kind node, token 0) holds it from 1 s on, LISTENs (an N
+    line) at listen_at when `listen`, and delivers seqs node_from..node_until."""
+    lines = ["C plain P", "C balanced ", "C durable ", "C liveness_ms 3000", "C interval_ms 5000", "C seed 1",
+             "C node_member n0 @imqueue/pg-pubsub@1.10.0", "T 0 begin", "X 0 a 1 start 10 plain",
+             "X 0 n0 1 start 12 node", "M a 1 H 0 P %d" % a_token, "M a 1 L %d P %d" % (S - S // 20, a_token),
+             "M n0 1 H %d P 0" % S]
+    if listen:
+        lines.append("M n0 1 N %d P listen" % listen_at)
+    for seq in range(1, 21):
+        t = seq * S // 10
+        lines.append("P %d %d P %d ok" % (t, t + 1000, seq))
+        if seq in drop:
+            continue
+        if seq <= a_until:
+            lines.append("M a 1 D %d P %d 0 %d" % (t + 500_000, seq, a_token))
+        if listen and node_from <= seq <= node_until:
+            lines.append("M n0 1 D %d P %d 0 0" % (t + 600_000, seq))
+    lines += list(extra) + list(faults)
+    lines += ["T %d faults_end" % (3 * S), "T %d end" % (3 * S)]
+    return "\n".join(lines) + "\n"
+
+
 def check(text):
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "history.txt"), "w") as f:
@@ -58,6 +84,37 @@ CASES = [
      "violations: 0"),
     ("plain loss in a SIGTERM", history(drop=[("P", 7)], faults=["F %d %d term a P done" % (S // 2, S // 2 + 1)]),
      1, "outside every fault window"),
+    # The Node member: no token, its tenures told by time (check.py's module comment).
+    ("node takes over", node_history(node_from=11), 0, "violations: 0"),
+    ("node row printed", node_history(node_from=11), 0, "Node member n0 (@imqueue/pg-pubsub@1.10.0"),
+    ("C++ member without a token", node_history(node_from=11, a_token=0), 1, "took the channel with no token"),
+    ("node holds without LISTEN", node_history(listen=False), 0, "held without LISTEN (won by its timer)"),
+    ("node loss before its LISTEN", node_history(node_from=12, drop=[11], listen_at=S + S * 3 // 20), 0,
+     "handover to it"),
+    ("node loss while it LISTENed", node_history(node_from=11, drop=[15]), 0, "while it held and LISTENed"),
+    ("node keeps its row silently", node_history(node_from=11, node_until=12, extra=["M n0 1 L %d P 0" % (S * 5 // 4)]),
+     0, "after its tenure, its process alive (its row kept)"),
+    ("C++ loss before the node tenure", node_history(node_from=11, drop=[5]), 1, "outside every fault window"),
+    ("C++ loss after it took the channel back", node_history(node_from=11, node_until=15, extra=[
+        "M a 1 H %d P 2" % (S * 3 // 2)] + ["M a 1 D %d P %d 0 2" % (seq * S // 10 + 1000, seq)
+                                            for seq in (16, 17, 19, 20)]),
+     1, "message 18 (confirmed) lost outside every fault window"),
+    ("node and C++ twice, no fault", node_history(a_until=12, node_from=11), 1, "delivered 2 times"),
+    ("node twice, another row deleted", node_history(a_until=12, node_from=11, faults=[
+        "F %d %d delete_row Q Q done" % (S + S // 20, S + S // 20 + 1000)]), 1, "delivered 2 times"),
+    ("node twice, the old holder's row deleted", node_history(a_until=12, node_from=11, faults=[
+        "F %d %d delete_row P P done" % (S - S // 20, S - S // 20 + 1000)]), 0,
+     "the old holder until its heartbeat (row deleted)"),
+    ("node row deleted under it", node_history(
+        node_from=11, extra=["M a 1 H %d P 2" % (S + S // 2), "M a 1 D %d P 17 0 2" % (17 * S // 10 + 1000)],
+        faults=["F %d %d delete_row P P done" % (S + S // 20, S + S // 20 + 1000)]), 0, "its row deleted under it"),
+    ("C++ draining into node (SIGTERM)", node_history(a_until=13, node_from=11, faults=[
+        "F %d %d term a P done" % (S - S // 10, S + S // 2)]), 0, "the old C++ holder draining into it (SIGTERM)"),
+    ("node and C++ interleaved, no fault", node_history(node_from=11, extra=[
+        "M a 1 H %d P 2" % (S + S // 4)] + ["M a 1 D %d P %d 0 2" % (seq * S // 10 + 1000, seq) for seq in (21, 22)]
+        + ["P %d %d P %d ok" % (seq * S // 10, seq * S // 10 + 1000, seq) for seq in (21, 22)]
+        + ["M n0 1 D %d P 23 0 0" % (23 * S // 10), "P %d %d P 23 ok" % (23 * S // 10 - 1000, 23 * S // 10 - 500)]),
+     1, "delivered at once"),
 ]
 
 

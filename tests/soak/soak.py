@@ -2,8 +2,10 @@
 """The randomized fault soak's driver (tools/soak runs it; so does the fault suite).
 
 Starts members of three kinds (plain single-listener, balanced, durable; C++
-processes, tests/fault/soak_member.cpp), a publisher at a steady rate, and a
-nemesis that injects, at times drawn from the seed, one of: SIGKILL,
+processes, tests/fault/soak_member.cpp), where node and the pinned package
+are installed (--node-modules) one Node @imqueue/pg-pubsub@1.10.0 standby in
+the plain fleet (tests/soak/node_member.js), a publisher at a steady rate,
+and a nemesis that injects, at times drawn from the seed, one of: SIGKILL,
 SIGTERM, SIGSTOP for longer than the liveness timeout then SIGCONT,
 pg_terminate_backend of a holder or of a waiter, a silent partition of one
 member (netns + nftables), a lock row deleted, the server restarted with
@@ -20,6 +22,7 @@ needs root, ip and nft and a server that accepts 10.213.0.0/16
 (tools/lib/common.sh's throwaway server does).
 """
 import argparse
+import json
 import os
 import random
 import shutil
@@ -39,6 +42,18 @@ PREFIX = {"plain": "p", "balanced": "b", "durable": "d"}
 # channels of the member it watches, the takeover the soak is after. The
 # durable members keep the default schema, where the publisher's journal is.
 SCHEMA = {"plain": "pgip_lock_plain", "balanced": "pgip_lock_balanced", "durable": "pgip_lock"}
+# The Node member is one more member of the plain fleet: the same channels
+# and the same lock schema (the package reads PG_PUBSUB_SCHEMA_NAME when it
+# is loaded), so C++ and Node compete for the same rows, as in a mixed
+# deployment. Its kind in the history is "node" (check.py tells it by that).
+SCHEMA["node"] = SCHEMA["plain"]
+PREFIX["node"] = "n"
+HERE = os.path.dirname(os.path.abspath(__file__))
+NODE_PACKAGE = ("@imqueue/pg-pubsub", "1.10.0")
+# A Node member that ended by itself (1.10.0 does not survive a lost
+# connection: see node_member.js) is started again after this long, as a
+# supervisor (systemd's Restart=, a pod's restartPolicy) would.
+NODE_RESTART_S = 1.0
 FAULTS = ("kill", "term", "stop", "terminate_holder", "terminate_waiter", "partition", "delete_row", "restart")
 # Relative weights: the server restart is the heaviest, and hits everyone.
 WEIGHTS = (3, 2, 2, 2, 2, 2, 2, 1)
@@ -187,28 +202,52 @@ class Member:
         self.proc = None
         self.net = None
         self.holds = set()      # channels it says it holds (H without L since)
-        self.stopped = False
+        self.ready = False      # its R line came
+        self.stopped = False    # the nemesis has it (stopped, or killed and not yet restarted)
+        self.start_lock = threading.Lock()
         self.partitioned = False
         self.lock = threading.Lock()
 
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self):
+    def command(self):
         s = self.soak
+        if self.kind == "node":
+            return [s.node_bin, os.path.join(HERE, "node_member.js"), s.dsn, "--channels", ",".join(self.channels),
+                    "--interval", str(s.a.interval)]
         args = [s.member_bin, s.dsn if not self.net else s.net_dsn(self.net), "--channels", ",".join(self.channels),
-                "--liveness", str(s.liveness_ms), "--interval", "5000", "--retry", "100"]
+                "--liveness", str(s.liveness_ms), "--interval", str(s.a.interval), "--retry", "100"]
         if self.kind == "durable":
             args.append("--durable")
         if self.kind == "balanced":
             args.append("--balance")
         if self.net:
             args = self.net.prefix() + args
+        return args
+
+    def start(self):
+        with self.start_lock:
+            if not self.soak.closing.is_set():
+                self.start_locked()
+
+    def revive(self):
+        """Starts it again if it is not running (the quiet tail, the Node member's supervisor)."""
+        with self.start_lock:
+            if not self.alive() and not self.soak.closing.is_set():
+                self.start_locked()
+
+    def start_locked(self):
+        s = self.soak
+        args = self.command()
         self.incarnation += 1
         self.holds = set()
+        self.ready = False
         self.stopped = False
         err = open(os.path.join(s.out, "%s.%d.stderr" % (self.name, self.incarnation)), "w")
         env = dict(os.environ, PG_PUBSUB_SCHEMA_NAME=SCHEMA[self.kind])
+        if self.kind == "node":
+            env["NODE_PATH"] = s.node_modules
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1, env=env)
         err.close()
         s.history.write("X %d %s %d start %d %s" % (now(), self.name, self.incarnation, self.proc.pid, self.kind))
@@ -229,8 +268,15 @@ class Member:
                         (self.holds.add if f[0] == "H" else self.holds.discard)(f[2])
             elif f[0] == "D" and self.kind == "durable":
                 self.soak.delivered(f[2], f[3])
+            elif f[0] == "R" and incarnation == self.incarnation:
+                self.ready = True
         rc = proc.wait()
         h.write("X %d %s %d exit %d" % (now(), self.name, incarnation, rc))
+        # The Node member's supervisor: it ended by itself (not by the
+        # nemesis, which restarts what it kills, nor at the end).
+        if self.kind == "node" and incarnation == self.incarnation and not self.stopped:
+            if not self.soak.closing.wait(NODE_RESTART_S) and incarnation == self.incarnation and not self.stopped:
+                self.revive()
 
     def signal(self, sig):
         if self.alive():
@@ -264,7 +310,17 @@ class Soak:
         tag = "s%d" % os.getpid()
         self.channels = {k: ["soak_%s_%s_%d" % (tag, PREFIX[k], i) for i in range(a.channels)] for k in KINDS}
         self.members = {k: [Member(self, k, i, self.channels[k]) for i in range(a.members)] for k in KINDS}
+        self.node_bin, self.node_modules = "", ""  # find_node() sets them
+        self.node_skip = self.find_node()
+        self.node_member = None
+        if not self.node_skip:
+            # Last in the plain fleet's list: the partition (always member 0)
+            # never takes it, the faults aimed at a channel's holder or at a
+            # member of the plain kind can.
+            self.node_member = Member(self, "node", 0, self.channels["plain"])
+            self.members["plain"].append(self.node_member)
         self.all_members = [m for k in KINDS for m in self.members[k]]
+        self.closing = threading.Event()  # set when the run ends: no more restarts
         self.published_ok = {}   # durable channel -> set of seqs confirmed
         self.delivered_set = {}  # durable channel -> set of seqs delivered
         self.durable_lock = threading.Lock()
@@ -272,6 +328,27 @@ class Soak:
         self.publisher = None
         self.nemesis_threads = []
         self.stop_nemesis = threading.Event()
+
+    def find_node(self):
+        """Why there is no Node member, or "" when there is one."""
+        a = self.a
+        if a.node_skip:
+            return a.node_skip
+        if not a.node_modules:
+            return "no --node-modules (tools/soak and tests/soak/run.sh install the package with npm)"
+        self.node_bin = shutil.which("node") or ""
+        if not self.node_bin:
+            return "node is not installed"
+        pkg = os.path.join(a.node_modules, NODE_PACKAGE[0], "package.json")
+        try:
+            with open(pkg) as f:
+                version = json.load(f).get("version", "")
+        except (OSError, ValueError) as e:
+            return "%s is not in %s (%s)" % (NODE_PACKAGE[0], a.node_modules, e)
+        if version != NODE_PACKAGE[1]:
+            return "%s is %s in %s, not the pinned %s" % (NODE_PACKAGE[0], version, a.node_modules, NODE_PACKAGE[1])
+        self.node_modules = os.path.abspath(a.node_modules)
+        return ""
 
     # ---- the durable tally, for the drain at the end
     def delivered(self, ch, payload):
@@ -465,6 +542,11 @@ class Soak:
         for k in KINDS:
             self.history.write("C %s %s" % (k, ",".join(self.channels[k])))
         self.history.write("C liveness_ms %d" % self.liveness_ms)
+        self.history.write("C interval_ms %d" % a.interval)
+        if self.node_member:
+            self.history.write("C node_member %s %s@%s" % (self.node_member.name, *NODE_PACKAGE))
+        else:
+            self.history.write("C node_member none %s" % self.node_skip)
         self.history.write("C seed %d" % a.seed)
         if a.partition:
             for k in KINDS:
@@ -489,17 +571,28 @@ class Soak:
               (a.seed, a.seconds, a.members, a.channels, ", ".join(KINDS), self.liveness_ms))
         for kind, why in self.skipped.items():
             print("soak: fault kind %s skipped: %s" % (kind, why))
+        if self.node_member:
+            print("soak: Node member %s: %s@%s in the plain fleet (NODE_PATH %s)" % (
+                self.node_member.name, NODE_PACKAGE[0], NODE_PACKAGE[1], self.node_modules))
+        else:
+            print("soak: no Node member: %s" % self.node_skip)
         print("soak: schedule (seconds from the start of the publisher):")
         for ev in sched:
             print("  " + self.describe(ev) + (" (skipped)" if ev["fault"] in self.skipped else ""))
         sys.stdout.flush()
         try:
             for m in self.all_members:
-                m.start()
+                if m is not self.node_member:
+                    m.start()
             ok = self.wait_for("every channel held", lambda: all(
                 any(ch in m.holds for m in self.members[k]) for k in KINDS for ch in self.channels[k]), 60)
             if not ok:
                 log("not every channel has a holder after 60 s; going on")
+            if self.node_member:
+                # A standby: it joins a fleet whose channels are held.
+                self.node_member.start()
+                if not self.wait_for("the Node member to be ready", lambda: self.node_member.ready, 30):
+                    log("the Node member is not ready after 30 s; going on (see %s.*.stderr)" % self.node_member.name)
             self.durable_channels = set(self.channels["durable"])
             pub = [self.member_bin, self.dsn, "--publish", "--plain",
                    ",".join(self.channels["plain"] + self.channels["balanced"]),
@@ -527,8 +620,7 @@ class Soak:
             self.history.write("T %d faults_end" % now())
             # A quiet tail: every member up, the publisher still sending.
             for m in self.all_members:
-                if not m.alive():
-                    m.start()
+                m.revive()
             time.sleep(a.tail)
             self.publisher.send_signal(signal.SIGTERM)
             self.publisher.wait(timeout=30)
@@ -539,13 +631,15 @@ class Soak:
             self.history.write("T %d end" % now())
         finally:
             self.stop_nemesis.set()
+            self.closing.set()
             if self.publisher and self.publisher.poll() is None:
                 self.publisher.kill()
             for m in self.all_members:
-                m.signal(signal.SIGCONT)
-                if m.net and m.partitioned:
-                    m.net.heal()
-                m.signal(signal.SIGTERM)
+                with m.start_lock:  # no revive() after this: closing is set
+                    m.signal(signal.SIGCONT)
+                    if m.net and m.partitioned:
+                        m.net.heal()
+                    m.signal(signal.SIGTERM)
             for m in self.all_members:
                 if m.proc:
                     try:
@@ -572,7 +666,11 @@ def main():
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--tail", type=float, default=8.0, help="seconds without faults at the end")
     p.add_argument("--drain", type=float, default=30.0)
+    p.add_argument("--interval", type=int, default=5000, help="acquire_interval (Node: acquireInterval), ms")
     p.add_argument("--no-partition", dest="partition", action="store_false")
+    p.add_argument("--node-modules", default="", help="node_modules holding @imqueue/pg-pubsub@1.10.0 and pg: "
+                   "adds the Node member (tests/interop/node_install.sh)")
+    p.add_argument("--node-skip", default="", help="no Node member, for this reason (said once)")
     p.add_argument("--member-bin", required=True)
     p.add_argument("--out", required=True)
     a = p.parse_args()
