@@ -432,7 +432,7 @@ class Soak:
             if m is None:
                 note = "no-target"
             else:
-                target, affected = m.name, ",".join(self.channels[m.kind])
+                target, affected = m.name, ",".join(m.channels)
                 if kind == "stop":
                     m.stopped = True
                     m.signal(signal.SIGSTOP)
@@ -474,7 +474,7 @@ class Soak:
             elif m.partitioned:
                 note = "no-target"
             else:
-                target, affected = m.name, ",".join(self.channels[m.kind])
+                target, affected = m.name, ",".join(m.channels)
                 m.partitioned = True
                 m.net.partition()
                 self.wait(ev["duration"])
