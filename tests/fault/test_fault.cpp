@@ -19,7 +19,7 @@ struct run_result {
   int changes = 0;
 };
 
-enum class fault { sigkill, sigterm, terminate_backend, delete_row, truncate_table };
+enum class fault { sigkill, sigterm, terminate_backend, delete_row, delete_row_woken, truncate_table };
 
 task<run_result> one_run(event_loop& loop, fault f) {
   run_result out;
@@ -53,13 +53,23 @@ task<run_result> one_run(event_loop& loop, fault f) {
       co_await pub.client()->query("DELETE FROM " + lock_schema(*pub.client()) + ".lock WHERE channel = $1",
                                    "__PgIpLock__:" + fl.channel);
       break;
+    case fault::delete_row_woken:
+      // The standbys hear 'free' with the DELETE, as they do whenever any
+      // member releases anything, so one claims the free row at once,
+      // while the holder's heartbeat has not yet seen it gone.
+      co_await pub.client()->query("WITH d AS (DELETE FROM " + lock_schema(*pub.client()) +
+                                       ".lock WHERE channel = $1 RETURNING 1) "
+                                       "SELECT count(pg_notify($2, 'free')) FROM d",
+                                   "__PgIpLock__:" + fl.channel,
+                                   pgiplock::detail::fleet_channel(pgiplock::ip_lock::schema_name()));
+      break;
     case fault::truncate_table:
       co_await pub.client()->query("TRUNCATE " + lock_schema(*pub.client()) + ".lock");
       break;
   }
   bool moved = co_await wait_until(loop, [&] { return fl.first_delivery_after(t0, victim).has_value(); }, 10s);
   long long resumed_by_victim = 0;
-  if (!moved && (f == fault::delete_row || f == fault::truncate_table)) {
+  if (!moved && (f == fault::delete_row || f == fault::delete_row_woken || f == fault::truncate_table)) {
     // The holder may legitimately win its own lock back after demoting.
     for (auto& d : fl.deliveries) {
       if (d.t > t0 + 1000000LL) resumed_by_victim = d.t;
@@ -184,6 +194,22 @@ TEST_CASE("the lock row deleted or the table truncated under a live holder: neve
   }
   WARN(describe("row deleted / table truncated, holder's on_error", told));
   WARN(describe("row deleted / table truncated, delivery by another member", resumed));
+}
+
+TEST_CASE("the lock row deleted and a standby woken at once: it claims the row, the holder stops at its "
+          "announcement; nothing twice, nothing lost", "[fault]") {
+  event_loop loop;
+  auto rs = loop.run(runs(loop, fault::delete_row_woken, 3));
+  stats resumed;
+  for (auto& r : rs) {
+    CHECK(r.duplicated == 0);
+    CHECK(r.lost == 0);  // the successor's LISTEN and its announcement commit together: the exact cut
+    CHECK(r.changes == 1);
+    CHECK(r.takeover_ms >= 0);
+    CHECK(r.takeover_ms <= 50);  // the claim, not the holder's heartbeat (every 500 ms)
+    resumed.values.push_back(r.takeover_ms);
+  }
+  WARN(describe("row deleted with 'free', delivery by the claimer", resumed));
 }
 
 namespace {

@@ -137,6 +137,8 @@ class member final : public lock_holder {
                                     std::string channels, std::string fleet, std::string unlock, std::int64_t key,
                                     bool registered);
   void demote(const std::vector<std::string>& channels, const std::string& why);
+  void superseded(const std::string& channel);
+  task<void> settle_superseded();
   task<void> demote_and_free(std::vector<std::string> channels, std::string why);
   void on_fleet_event(const notification& n);
   task<void> watch_loop();
@@ -162,6 +164,7 @@ class member final : public lock_holder {
   cancel_source claim_wake_;
   std::shared_ptr<async_event> next_claim_done_;  // set when the next claim round has run
   std::optional<std::string> gone_;  // a member the watcher found dead: the next claim sweeps it
+  std::vector<std::string> superseded_;  // cut by another member's claim: the next round settles them
   std::size_t won_in_round_ = 0;
   event_loop::clock::time_point round_started_{};
   delivery_count uncounted_;  // where deliveries count when the hook gives no place
@@ -340,6 +343,7 @@ PGIPLOCK_INLINE task<void> member::claim_loop() {
     claim_requested_ = false;
     auto done = std::exchange(next_claim_done_, std::make_shared<async_event>(client_->loop()));
     claiming_ = true;
+    if (client_->is_open() && !left_) co_await settle_superseded();
     if (client_->is_open() && !left_) co_await claim_once();
     claiming_ = false;
     done->set();
@@ -487,6 +491,11 @@ PGIPLOCK_INLINE member::claim_result member::take_claim(const result& r) {
     } else if (r.get(i, 4) != "t" && !t.lock_listened) {
       t.lock_listened = true;
       out.listen_locks.push_back(std::string(lock_prefix) + ch);
+    } else if (r.get(i, 4) == "t" && t.lock_listened) {
+      // A member holds it now (it took a dead Node peer's row): its release
+      // says 'free', and the Node trigger's event must not wake us early.
+      t.lock_listened = false;
+      out.unlisten_locks.push_back(std::string(lock_prefix) + ch);
     }
   }
   return out;
@@ -621,6 +630,10 @@ PGIPLOCK_INLINE void member::on_fleet_event(const notification& n) {
     it->second.cut_seen = true;
     return;
   }
+  if (it->second.state == lock_state::holding) {
+    superseded(it->first);
+    return;
+  }
   // The successor's LISTEN has committed: everything after this in the
   // stream is its to deliver. Cut here, before the next notification.
   if (it->second.state != lock_state::draining) return;
@@ -628,6 +641,42 @@ PGIPLOCK_INLINE void member::on_fleet_event(const notification& n) {
   bool still = std::any_of(tenures_.begin(), tenures_.end(),
                            [](const auto& t) { return t.second.state == lock_state::draining; });
   if (!still && drained_) drained_->set();
+}
+
+// Another member claimed a free row of a channel we hold: ours was deleted
+// under us (a DELETE by hand, a TRUNCATE) and our heartbeat has not seen it
+// yet. Its LISTEN committed with this announcement, so this is the cut of a
+// handover, exactly as in a drain: we stop before the next notification and
+// nothing is delivered twice. The next claim round settles the rest.
+PGIPLOCK_INLINE void member::superseded(const std::string& channel) {
+  note(log_level::warn, "channel " + channel + " claimed by another member: its lock row was deleted");
+  demote({channel}, "another member claimed it: its lock row was deleted");
+  superseded_.push_back(channel);
+  schedule_claim();
+}
+
+// Runs at the start of a claim round, so no claim of ours is in flight: the
+// superseded channels we did not win back meanwhile are UNLISTENed, and a
+// row still ours is released ('free' then tells everyone). Such a row can
+// only be an announcement that committed before our own win and reached us
+// after it; holding it without delivering would leave the channel unheard.
+PGIPLOCK_INLINE task<void> member::settle_superseded() {
+  text_array rows;
+  std::vector<std::string> data, none;
+  for (auto& ch : std::exchange(superseded_, {})) {
+    auto it = tenures_.find(ch);
+    if (it != tenures_.end() && it->second.state != lock_state::standby) continue;  // won back meanwhile
+    rows.add(ch);
+    data.push_back(ch);
+  }
+  if (data.empty()) co_return;
+  try {
+    co_await client_->query(release_sql_, app_, rows.literal(), lock_prefix, fleet_, false,
+                            std::string(member_prefix) + "%");
+  } catch (const std::exception& e) {
+    note(log_level::warn, std::string("release failed: ") + e.what());
+  }
+  co_await listen_many(std::move(none), std::move(data));
 }
 
 // The ring: wait for the next member's lock, one bounded slice per
