@@ -14,7 +14,7 @@
 //                                       id (0) and their token is the
 //                                       tenure's (pubsub::token(), or the
 //                                       last on_listen's while draining)
-//   E <t> <what>                        on_error
+//   E <t> <what>                        on_error, and on_reconnect
 // SIGTERM is the graceful shutdown (handle_signals).
 //
 // The publisher: soak_member DSN --publish --plain A,B --durable C,D --period MS
@@ -140,6 +140,12 @@ int member(int argc, char** argv) {
     std::fflush(stdout);  // before the handler returns: a durable message is acknowledged after it
   });
   ps.on_error([](const std::exception& e) { std::printf("E %lld %s\n", now_ns(), one_line(e.what()).c_str()); });
+  // When a lost link came back (an E line too, so the checker counts it as
+  // any other event of the member's; the history shows how long it took).
+  ps.on_reconnect([&](std::size_t attempts) {
+    std::printf("E %lld reconnected after %zu attempt(s), backend %d\n", now_ns(), attempts,
+                ps.client() ? ps.client()->backend_pid() : 0);
+  });
   loop.spawn(member_start(loop, ps, channels));
   loop.spawn(watch(loop, ps, channels, tenure));
   loop.run();

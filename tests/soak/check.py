@@ -37,7 +37,9 @@ PgPubSub in the plain fleet, tests/soak/node_member.js), where there is one:
     members that have tokens, exactly as without it. Its tenures are told
     apart by time instead: a Node tenure is one H line of one incarnation,
     and its deliveries belong to the last H before them (node_member.js
-    prints the H before the first D);
+    prints the H before the first D; it polls its lock rows too, so a row
+    it holds while the package's flags say otherwise is a tenure, marked by
+    an "N ... row" line);
   - no message delivered twice still holds for it: a message delivered by
     it and by a C++ member, or two tenures delivering at once where one is
     its (the seqs one tenure delivered reach in between the seqs of the
@@ -98,6 +100,7 @@ def main():
     node_members = set()            # members soak.py started as kind "node"
     node_info = None                # the C node_member line's words
     node_listen = {}                # (member, inc, channel) -> [t of each N ... listen line]
+    node_row = {}                   # (member, inc, channel) -> [t of each N ... row line: a silent hold]
     exit_at = {}                    # (member, inc) -> (t, status)
 
     def close_tenure(key, t):
@@ -163,6 +166,8 @@ def main():
                     errors[member] += 1
                 elif ev == "N" and len(p) > 6 and p[6] == "listen":
                     node_listen.setdefault((member, inc, p[5]), []).append(int(p[4]))
+                elif ev == "N" and len(p) > 6 and p[6] == "row":
+                    node_row.setdefault((member, inc, p[5]), []).append(int(p[4]))
     t_end = marks.get("end", max([d[-1][0] for d in deliveries.values() if d] + [0]))
     for key in list(open_tenure):
         close_tenure(key, t_end)
@@ -248,6 +253,10 @@ def main():
                 continue
             # its LISTEN for this tenure (PgPubSub's listen() LISTENs again each time it wins)
             heard = min([t for t in node_listen.get((member, inc, ch), []) if start <= t], default=None)
+            # its row named it while its flags did not (node_member.js polls the rows)
+            silent = min([t for t in node_row.get((member, inc, ch), []) if start <= t <= end], default=None)
+            if silent is not None and t1 >= silent:
+                return "held silently: its row, not its flags (two release events)"
             if t1 < start:
                 return "handover to it (before its LISTEN)"
             if t0 > end:

@@ -91,6 +91,8 @@ CASES = [
     ("node holds without LISTEN", node_history(listen=False), 0, "held without LISTEN (won by its timer)"),
     ("node loss before its LISTEN", node_history(node_from=12, drop=[11], listen_at=S + S * 3 // 20), 0,
      "handover to it"),
+    ("node holds its row silently", node_history(node_from=21, listen_at=S - 1000, extra=["M n0 1 N %d P row" % S]),
+     0, "held silently: its row, not its flags"),
     ("node loss while it LISTENed", node_history(node_from=11, drop=[15]), 0, "while it held and LISTENed"),
     ("node keeps its row silently", node_history(node_from=11, node_until=12, extra=["M n0 1 L %d P 0" % (S * 5 // 4)]),
      0, "after its tenure, its process alive (its row kept)"),

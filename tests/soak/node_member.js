@@ -22,7 +22,8 @@
  *   H <t> <channel> 0            it holds the channel's lock row: the
  *                                acquired flag of one of its lock objects
  *                                for the channel went true (by listen(), by
- *                                a release event, or by a retry timer)
+ *                                a release event, or by a retry timer), or
+ *                                the row names its app (polled, below)
  *   L <t> <channel> 0            no longer (a failed re-acquire, or the
  *                                SIGTERM handler's release)
  *   D <t> <channel> <payload> 0 0
@@ -37,6 +38,14 @@
  *                                same process is a silent hold.
  *   N <t> <channel> shadow       its second lock object for the channel
  *                                holds the row (below)
+ *   N <t> <channel> row          the row names its app while neither lock
+ *                                object's flag says so: a silent hold
+ *
+ * The rows are polled (every ROW_POLL_MS, on a connection of its own)
+ * because the package's flags can say "not mine" while the row stays its:
+ * the "two release events" defect below. Such a hold keeps the channel
+ * from every other member as long as the process lives, and the checker
+ * must see it as this member's tenure.
  *
  * Two lock objects per channel: PgPubSub.onNotification calls lock() on
  * every notification's channel before it skips lock channels, so the first
@@ -90,6 +99,9 @@ function oneLine(err) {
 }
 
 const { parseDsn } = require('../interop/conninfo');
+const { Client } = require('pg');
+
+const ROW_POLL_MS = 20;
 
 function fail(what) {
     out(`E ${now()} ${what}`);
@@ -126,9 +138,17 @@ async function main() {
     pubSub.pgClient.setMaxListeners(0);  // one 'notification' listener per lock
     const active = new Map(channels.map(c => [c, false]));
     const shadow = new Map(channels.map(c => [c, false]));
+    const silent = new Map(channels.map(c => [c, false]));
+    const rows = pollRows(dsn, () => pubSub.pgClient.appName);
     const sync = (ch) => {
         const byShadow = pubSub.isActive('__PgIpLock__:' + ch);
-        const is = pubSub.isActive(ch) || byShadow;
+        const byFlag = pubSub.isActive(ch) || byShadow;
+        const byRow = !byFlag && rows.has(ch);
+        const is = byFlag || byRow;
+        if (byRow !== silent.get(ch)) {
+            silent.set(ch, byRow);
+            if (byRow) { out(`N ${now()} ${ch} row`); }
+        }
         if (is !== active.get(ch)) {
             active.set(ch, is);
             out(`${is ? 'H' : 'L'} ${now()} ${ch} 0`);
@@ -158,6 +178,39 @@ async function main() {
     await pubSub.connect();
     for (const ch of channels) { await pubSub.listen(ch); }
     out(`R ${now()} ${pubSub.processId}`);
+}
+
+// The channels whose lock row names `app()`, refreshed every ROW_POLL_MS.
+// Its connection is not the package's: a fault that ends it (a terminated
+// backend, a server restart) only pauses the poll, which connects again.
+function pollRows(dsn, app) {
+    const held = new Set();
+    const schema = process.env.PG_PUBSUB_SCHEMA_NAME || 'pgip_lock';
+    const sql = `SELECT substr(channel, length('__PgIpLock__:') + 1) AS ch FROM "${schema.replace(/"/g, '""')}".lock ` +
+        'WHERE app = $1';
+    let client = null;
+    const tick = async () => {
+        try {
+            if (!client) {
+                client = new Client({ ...parseDsn(dsn), application_name: 'pgiplock_soak_node_poll' });
+                client.on('error', () => {});
+                await client.connect();
+            }
+            const name = app();
+            if (name) {
+                const r = await client.query(sql, [name]);
+                held.clear();
+                for (const row of r.rows) { held.add(row.ch); }
+            }
+        } catch (err) {
+            const c = client;
+            client = null;
+            if (c) { c.end().catch(() => {}); }
+        }
+        setTimeout(tick, ROW_POLL_MS);
+    };
+    tick();
+    return held;
 }
 
 main().catch(err => fail('start: ' + oneLine(err)));
