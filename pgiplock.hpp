@@ -1836,7 +1836,8 @@ inline constexpr std::string_view lock_schema_present =
     "AND to_regprocedure($2) IS NOT NULL AND to_regprocedure($3) IS NOT NULL "
     "AND to_regprocedure($4) IS NOT NULL AND to_regclass($5) IS NOT NULL AND to_regprocedure($6) IS NOT NULL "
     "AND to_regclass($7) IS NOT NULL AND to_regprocedure($8) IS NOT NULL AND to_regprocedure($9) IS NOT NULL "
-    "AND to_regprocedure($10) IS NOT NULL AND obj_description(to_regprocedure($9), 'pg_proc') = $11";
+    "AND to_regprocedure($10) IS NOT NULL AND obj_description(to_regprocedure($9), 'pg_proc') = $11 "
+    "AND to_regclass($12) IS NOT NULL";
 // The DO block below reads the schema name from here (it cannot take a
 // parameter); a separate setting per block, as both may run at once.
 inline constexpr std::string_view set_bootstrap_schema = "SELECT set_config($1, $2, false)";
@@ -1845,8 +1846,9 @@ inline constexpr std::string_view lock_schema_setting = "pgiplock.lock_schema";
 // journal's functions: a schema made by an older pgiplock gets the current
 // one (CREATE OR REPLACE). 2: its sweep skips the rows another claim has
 // locked, so that members reconnecting at once cannot deadlock on them.
+// 3: it records each won tenure in pgiplock_holder.
 inline constexpr std::string_view lock_version_setting = "pgiplock.lock_version";
-inline constexpr std::string_view lock_version = "pgiplock lock 2";
+inline constexpr std::string_view lock_version = "pgiplock lock 3";
 // The Node package's DDL, made idempotent (it never drops) and serialised
 // between our processes by a transaction-level advisory lock, plus what the
 // fast failover needs: the tenure sequence, the bounded waiter and the
@@ -1881,6 +1883,13 @@ IF to_regprocedure(format('%I.deadlock_check(text,text)', s)) IS NULL THEN
   END; $f$$q$, s);
 END IF;
 EXECUTE format('CREATE SEQUENCE IF NOT EXISTS %I.pgiplock_tenure', s);
+-- Each channel's current tenure as its winner recorded it (fencing token,
+-- start), for pgiplock status: the Node-format lock table has no room for
+-- them. A row whose app is not the lock row's any more is history. One row
+-- write per won channel; releases and sweeps delete theirs.
+EXECUTE format('CREATE TABLE IF NOT EXISTS %I.pgiplock_holder ('
+  'channel text PRIMARY KEY, app text NOT NULL, token bigint NOT NULL, '
+  'since timestamptz NOT NULL DEFAULT now())', s);
 -- Waits for a holder's advisory lock for at most timeout_ms; the timeout is
 -- caught here, so it never reaches the server log as an ERROR.
 IF to_regprocedure(format('%I.pgiplock_wait_free(bigint,integer)', s)) IS NULL THEN
@@ -1967,6 +1976,7 @@ IF obj_description(to_regprocedure(format('%I.pgiplock_claim(text,text[],text,te
   DECLARE
     dead text[];
     won text[];
+    toks bigint[];
     released boolean[];
     freed bigint;
     asked text[] := want;
@@ -2003,6 +2013,10 @@ IF obj_description(to_regprocedure(format('%I.pgiplock_claim(text,text[],text,te
     IF cardinality(won) > 0 THEN
       EXECUTE (SELECT string_agg(format('LISTEN %%I', w), '; ') FROM unnest(won) AS w);
       PERFORM pg_notify(fleet, 'listening:' || x.w) FROM unnest(won, released) AS x(w, f) WHERE x.f;
+      toks := ARRAY(SELECT nextval(%2$L) FROM unnest(won));
+      INSERT INTO %1$I.pgiplock_holder (channel, app, token) SELECT prefix || x.w, me, x.t
+        FROM unnest(won, toks) AS x(w, t)
+      ON CONFLICT (channel) DO UPDATE SET app = EXCLUDED.app, token = EXCLUDED.token, since = now();
     END IF;
     IF sweep AND cardinality(dead) > 0 THEN
       -- Members that reconnect at once (a failover) sweep the same dead
@@ -2013,10 +2027,12 @@ IF obj_description(to_regprocedure(format('%I.pgiplock_claim(text,text[],text,te
       DELETE FROM %1$I.lock l WHERE l.channel IN (
         SELECT d.channel FROM %1$I.lock d WHERE d.app = ANY (dead) FOR UPDATE SKIP LOCKED);
       GET DIAGNOSTICS freed = ROW_COUNT;
+      DELETE FROM %1$I.pgiplock_holder h WHERE h.channel IN (
+        SELECT d.channel FROM %1$I.pgiplock_holder d WHERE d.app = ANY (dead) FOR UPDATE SKIP LOCKED);
       -- Only when others may want them: a 'free' wakes every member.
       IF freed > 0 THEN PERFORM pg_notify(fleet, 'free'); END IF;
     END IF;
-    RETURN QUERY SELECT x.w, nextval(%2$L), x.f, me, true FROM unnest(won, released) AS x(w, f);
+    RETURN QUERY SELECT x.w, x.t, x.f, me, true FROM unnest(won, toks, released) AS x(w, t, f);
     IF cardinality(won) = cardinality(asked) THEN RETURN; END IF;  -- a takeover won them all: nobody else to name
     RETURN QUERY SELECT substr(l.channel, length(prefix) + 1), NULL::bigint, false, l.app::text,
       EXISTS (SELECT 1 FROM %1$I.pgiplock_member m WHERE m.app = l.app)
@@ -2060,9 +2076,16 @@ inline constexpr std::string_view member_claim =
 // apps start with $2, names.hpp balanced_member_prefix: the single-listener
 // members of other channels in the same schema do not share these), and how
 // many come before it (its rank decides who holds one more when shares are
-// uneven). $1 app, $2 balanced_member_prefix.
+// uneven). Only live ones count, those holding their member lock: after a
+// server restart every row stays until swept or rejoined, and a share left
+// for a member still reconnecting is a channel nobody holds. $1 app, $2
+// balanced_member_prefix.
 inline constexpr std::string_view member_census =
-    "SELECT count(*), count(*) FILTER (WHERE app < $1) FROM @schema@.pgiplock_member WHERE starts_with(app, $2)";
+    "SELECT count(*), count(*) FILTER (WHERE m.app < $1) FROM @schema@.pgiplock_member m "
+    "WHERE starts_with(m.app, $2) AND (m.app = $1 OR EXISTS (SELECT 1 FROM pg_catalog.pg_locks l "
+    "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+    "AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = current_database()) "
+    "AND l.classid = ((m.key >> 32) & 4294967295)::oid AND l.objid = (m.key & 4294967295)::oid))";
 // The holder's liveness check, for all its channels at once: how many rows
 // it still has (a DELETE or TRUNCATE fires no event we hear); its member row
 // is put back if someone deleted it. $1 app, $2 key.
@@ -2081,6 +2104,8 @@ inline constexpr std::string_view member_release =
     "WITH d AS (DELETE FROM @schema@.lock WHERE app = $1 "
     "AND channel IN (SELECT $3 || c FROM unnest($2::text[]) AS c) RETURNING 1), "
     "n AS MATERIALIZED (SELECT count(*) AS gone FROM d), "
+    "h AS (DELETE FROM @schema@.pgiplock_holder WHERE app = $1 "
+    "AND channel IN (SELECT $3 || c FROM unnest($2::text[]) AS c)), "
     "m AS (DELETE FROM @schema@.pgiplock_member WHERE app = $1 AND $5::boolean) "
     "SELECT n.gone, (SELECT count(pg_notify($4, 'free')) FROM n WHERE n.gone > 0), "
     "(SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE application_name LIKE $6 "
@@ -2102,6 +2127,7 @@ inline constexpr std::string_view listen_many = "SELECT @schema@.pgiplock_listen
 // and gets 0. A won tenure draws its fencing token, and LISTENs $4 in the
 // same transaction when given. $1 lock channel, $2 our app, $3 advisory
 // key, $4 data channel or '', $5 the tenure sequence, $6 our app prefix || '%'.
+// The token and the tenure's start go to pgiplock_holder (for status).
 // Yields: advisory got, won, token, fresh row (the predecessor released it).
 inline constexpr std::string_view acquire =
     "WITH me AS MATERIALIZED (SELECT pg_try_advisory_lock($3::bigint) AS got), "
@@ -2109,9 +2135,11 @@ inline constexpr std::string_view acquire =
     "ON CONFLICT (channel) DO UPDATE SET app = EXCLUDED.app "
     "WHERE l.app = EXCLUDED.app OR l.app LIKE $6 OR NOT EXISTS ("
     "SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.application_name = l.app) "
-    "RETURNING (xmax = 0) AS fresh) "
-    "SELECT (SELECT got FROM me), EXISTS (SELECT 1 FROM taken), "
-    "CASE WHEN EXISTS (SELECT 1 FROM taken) THEN nextval($5::regclass) END, "
+    "RETURNING (xmax = 0) AS fresh), "
+    "tok AS MATERIALIZED (SELECT nextval($5::regclass) AS t FROM (SELECT 1 FROM taken LIMIT 1) w), "
+    "h AS (INSERT INTO @schema@.pgiplock_holder (channel, app, token) SELECT $1, $2, t FROM tok "
+    "ON CONFLICT (channel) DO UPDATE SET app = EXCLUDED.app, token = EXCLUDED.token, since = now()) "
+    "SELECT (SELECT got FROM me), EXISTS (SELECT 1 FROM taken), (SELECT t FROM tok), "
     "coalesce((SELECT bool_or(fresh) FROM taken), false), "
     "CASE WHEN EXISTS (SELECT 1 FROM taken) AND $4 <> '' THEN @schema@.pgiplock_listen($4, $1) END";
 // The holder's liveness check: a DELETE or TRUNCATE under a live holder
@@ -2125,7 +2153,9 @@ inline constexpr std::string_view advisory_unlock = "SELECT pg_advisory_unlock($
 inline constexpr std::string_view presence_lock = "SELECT pg_advisory_lock_shared($1::integer, $2::integer)";
 inline constexpr std::string_view presence_unlock = "SELECT pg_advisory_unlock_shared($1::integer, $2::integer)";
 // A release without the advisory lock (a Node-style holder): just the row.
-inline constexpr std::string_view release_row = "DELETE FROM @schema@.lock WHERE channel = $1 AND app = $2";
+inline constexpr std::string_view release_row =
+    "WITH h AS (DELETE FROM @schema@.pgiplock_holder WHERE channel = $1 AND app = $2) "
+    "DELETE FROM @schema@.lock WHERE channel = $1 AND app = $2";
 // One statement. The advisory unlock takes effect at once, the release
 // NOTIFY only at commit, so a standby woken by either finds the lock free
 // (and, if it races the commit, its INSERT waits for it). The unlock reads
@@ -2140,6 +2170,7 @@ inline constexpr std::string_view release_row_and_unlock =
     "AND granted AND classid = $4::oid AND objid = $5::oid AND objsubid = 2 AND pid <> pg_backend_pid() "
     "AND database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())), "
     "d AS (DELETE FROM @schema@.lock WHERE channel = $1 AND app = $2 RETURNING 1), "
+    "h AS (DELETE FROM @schema@.pgiplock_holder WHERE channel = $1 AND app = $2), "
     "u AS MATERIALIZED (SELECT pg_advisory_unlock($3::bigint) AS ok FROM w, (SELECT count(*) FROM d) gone) "
     "SELECT (SELECT n FROM w), (SELECT ok FROM u)";
 // A standby's fast path: wait server-side, for at most $2 ms (a waiting
@@ -3478,7 +3509,8 @@ inline task<void> ensure_lock_schema(std::shared_ptr<connection> client, std::st
                                         s + ".pgiplock_tenure", s + ".pgiplock_listen(text,text)",
                                         s + ".pgiplock_member", s + ".pgiplock_watch(text,integer,integer)",
                                         s + ".pgiplock_claim(text,text[],text,text,text,boolean,integer)",
-                                        s + ".pgiplock_listen_many(text[],text[])", sql::lock_version);
+                                        s + ".pgiplock_listen_many(text[],text[])", sql::lock_version,
+                                        s + ".pgiplock_holder");
   if (present.get(0, 0) == "t") co_return;
   co_await client->query(std::string(sql::set_bootstrap_schema), sql::lock_version_setting, sql::lock_version);
   co_await run_bootstrap(client, sql::lock_schema_setting, std::move(schema), sql::lock_schema_ddl, "the lock schema");

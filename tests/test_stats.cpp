@@ -450,9 +450,29 @@ void require_matches(const exposition& e, const pubsub_stats& s) {
   }
 }
 
+// What the server records of a channel's tenure (<schema>.pgiplock_holder,
+// which pgiplock status shows): the winner's app and token; none when the
+// channel was released.
+struct recorded_tenure {
+  std::string app;
+  std::int64_t token = 0;
+};
+
+task<recorded_tenure> recorded(std::shared_ptr<pgiplock::connection> c, std::string ch) {
+  auto r = co_await c->query("SELECT app, token FROM " + lock_schema(*c) + ".pgiplock_holder WHERE channel = $1",
+                             "__PgIpLock__:" + ch);
+  recorded_tenure out;
+  if (r.rows() == 1) {
+    out.app = r.get(0, 0);
+    out.token = std::strtoll(std::string(r.get(0, 1)).c_str(), nullptr, 10);
+  }
+  co_return out;
+}
+
 // ==== 1. deliveries and roles ====
 
 struct roles_report {
+  recorded_tenure recorded;
   pubsub_stats holder, standby, plain, publisher;
   std::int64_t holder_token = 0;
   std::string holder_app;
@@ -484,6 +504,7 @@ task<roles_report> roles_flow(event_loop& loop, std::string ch) {
   out.publisher = pub.ps.stats();
   out.holder_token = a.ps.token(ch);
   out.holder_app = std::string(a.ps.client()->app_name());
+  out.recorded = co_await recorded(pub.ps.client(), ch);
   for (auto* i : {&a, &b, &c, &pub}) co_await i->ps.destroy();
   co_return out;
 }
@@ -774,6 +795,8 @@ task<stuck_report> stuck_handler_flow(event_loop& loop, std::string ch) {
 
 struct lock_report {
   channel_stats a_holding, b_waiting, b_after_handover, a_after_release, c_after_takeover;
+  recorded_tenure a_recorded, b_recorded, c_recorded, after_release;
+  std::string a_app, b_app, c_app;
   std::int64_t a_token = 0, b_token = 0, c_token = 0;
   wall_clock::time_point acquire_began, acquire_ended;
   double takeover_ms = 0;
@@ -797,12 +820,16 @@ task<lock_report> lock_flow(event_loop& loop, std::string ch) {
   out.a_holding = a.stats();
   out.b_waiting = b.stats();
   out.a_token = a.token();
+  out.a_recorded = co_await recorded(admin, ch);
+  out.a_app = std::string(ca->app_name());
   // A graceful release: b wins by the release event.
   co_await a.release();
   bool b_holds = co_await wait_until(loop, [&] { return b.is_acquired(); }, 3s);
   REQUIRE(b_holds);
   out.b_after_handover = b.stats();
   out.b_token = b.token();
+  out.b_recorded = co_await recorded(admin, ch);
+  out.b_app = std::string(cb->app_name());
   out.a_after_release = a.stats();
   co_await a.destroy();  // out of the race for the takeover below
   // A crash: b's session ends; c, waiting, takes over.
@@ -816,7 +843,10 @@ task<lock_report> lock_flow(event_loop& loop, std::string ch) {
   REQUIRE(c_holds);
   out.c_after_takeover = c.stats();
   out.c_token = c.token();
+  out.c_recorded = co_await recorded(admin, ch);
+  out.c_app = std::string(cc->app_name());
   co_await c.destroy();
+  out.after_release = co_await recorded(admin, ch);
   co_await b.destroy();
   co_await ca->close();
   co_await cc->close();
@@ -1084,6 +1114,8 @@ TEST_CASE("stats after deliveries: per channel counts, last delivery, roles hold
   CHECK(h.role == channel_role::holder);
   CHECK(h.token == r.holder_token);
   CHECK(h.token > 0);
+  CHECK(r.recorded.app == r.holder_app);  // the member's claim recorded its tenure server-side
+  CHECK(r.recorded.token == r.holder_token);
   CHECK(ms_apart(h.tenure_since, r.listen_began) >= -1);
   CHECK(ms_apart(r.listen_ended, h.tenure_since) >= -1);
   CHECK(h.delivered == 5);
@@ -1317,6 +1349,16 @@ TEST_CASE("ip_lock::stats(): holder and standby, a handover and a takeover", "[s
   CHECK(r.c_after_takeover.handovers == 0);
   CHECK(r.c_after_takeover.last_takeover.count() > 0);
   CHECK(ms(r.c_after_takeover.last_takeover) <= r.takeover_ms + 2);
+
+  // The server's record (pgiplock status): each tenure's winner and token,
+  // gone with a graceful release.
+  CHECK(r.a_recorded.app == r.a_app);
+  CHECK(r.a_recorded.token == r.a_token);
+  CHECK(r.b_recorded.app == r.b_app);
+  CHECK(r.b_recorded.token == r.b_token);
+  CHECK(r.c_recorded.app == r.c_app);
+  CHECK(r.c_recorded.token == r.c_token);
+  CHECK(r.after_release.app.empty());
 }
 
 TEST_CASE("the strict exposition check refuses what it must", "[stats][prometheus]") {

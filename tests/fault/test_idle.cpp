@@ -42,13 +42,13 @@ struct logged_role {
     if (!dropped) drop();
   }
 
-  // What a member needs on an existing lock schema: the rows (channels and
-  // members), the tenure sequence (a win draws a token); the functions are
+  // What a member needs on an existing lock schema: the rows (channels,
+  // members and their tenures), the tenure sequence (a win draws a token); the functions are
   // executable by PUBLIC.
   std::string grant_lock_schema(const pgiplock::connection& c) const {
     std::string s = lock_schema(c);
     return exec_blocking(dsn(), "GRANT USAGE ON SCHEMA " + s + " TO " + name + "; GRANT SELECT, INSERT, UPDATE, "
-                                "DELETE ON " + s + ".lock, " + s + ".pgiplock_member TO " + name +
+                                "DELETE ON " + s + ".lock, " + s + ".pgiplock_member, " + s + ".pgiplock_holder TO " + name +
                                 "; GRANT USAGE, UPDATE ON SEQUENCE " + s + ".pgiplock_tenure TO " + name);
   }
 

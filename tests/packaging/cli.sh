@@ -22,14 +22,16 @@ start() {
     children+=("$!")
     eval "${name}_pid=$!"
 }
-# holder CHANNEL: sets held_app and held_pid, CHANNEL's live holder in `status --json`.
+# holder CHANNEL: sets held_app, held_pid and held_token, CHANNEL's live
+# holder and its tenure's fencing token in `status --json`.
 holder() {
     local found
     expect 0 status --json
-    found="$(grep -oE "\{\"channel\":\"$1\",\"alive\":true,\"pid\":[0-9]+,\"app\":\"$app_re\"" "$work/out")" \
-        || { cat "$work/out"; fail "no live holder of $1"; }
+    found="$(grep -oE "\{\"channel\":\"$1\",\"alive\":true,\"pid\":[0-9]+,\"app\":\"$app_re\",[^}]*,\"token\":[0-9]+" "$work/out")" \
+        || { cat "$work/out"; fail "no live holder of $1 with a token"; }
     held_pid="$(sed -E 's/.*"pid":([0-9]+),.*/\1/' <<<"$found")"
     held_app="$(grep -oE "$app_re" <<<"$found")"
+    held_token="$(sed -E 's/.*"token":([0-9]+)$/\1/' <<<"$found")"
 }
 # member APP STATE PID CHANNELS: APP is listed so in both forms of `status`.
 member() {
@@ -82,10 +84,10 @@ wait_for "$work/second.err" "^pgiplock: standby for \"$ch\""
 
 expect 0 status
 note "$(cat "$work/out")"
-stdout_has '^CHANNEL +STATE +PID +APPLICATION +SESSION SINCE$'
-stdout_has "^$ch +alive +[1-9][0-9]* +pgiplock:[0-9a-f-]{36} +[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:]{8}Z \\([0-9]+s ago\\)$"
+stdout_has '^CHANNEL +STATE +PID +APPLICATION +TOKEN +HELD SINCE +SESSION SINCE$'
+stdout_has "^$ch +alive +[1-9][0-9]* +$app_re +[1-9][0-9]* +$since_re +$since_re$"
 expect 0 status --json
-stdout_has "\\{\"channel\":\"$ch\",\"alive\":true,\"pid\":[1-9][0-9]*,\"app\":\"pgiplock:[0-9a-f-]{36}\",\"since\":\"[0-9T:Z-]{20}\"\\}"
+stdout_has "\\{\"channel\":\"$ch\",\"alive\":true,\"pid\":[1-9][0-9]*,\"app\":\"$app_re\",\"since\":\"[0-9T:Z-]{20}\",\"token\":[1-9][0-9]*,\"held_since\":\"[0-9T:Z-]{20}\"\\}"
 # The server's NOTIFY queue, in the JSON and the text.
 stdout_has '"queue_usage":(0|1|0\.[0-9]+)\}$'
 expect 0 status
@@ -101,7 +103,7 @@ timeout 2.5 "$cli" status --watch --json >"$work/watch.json" 2>&1 || true
     || fail "status --watch --json did not print an object per round: $(cat -v "$work/watch.json" | head -20)"
 if grep -q $'\x1b' "$work/watch.json"; then fail "status --watch --json wrote terminal control sequences"; fi
 holder "$ch"
-holder_app="$held_app" holder_pid="$held_pid"
+holder_app="$held_app" holder_pid="$held_pid" holder_token="$held_token"
 
 # --- the fleet members: one per single-listener process --------------------
 # The holder with its channel; the standby, alive, with none (its app is
@@ -140,16 +142,18 @@ not_member "$holder_app"
 
 # --- a holder that dies without releasing is shown stale -------------------
 holder "$ch"
-new_app="$held_app" new_pid="$held_pid"
+new_app="$held_app" new_pid="$held_pid" new_token="$held_token"
 [[ "$new_app" != "$holder_app" ]] || fail "the holder did not change on SIGTERM"
+(( new_token > holder_token )) || fail "the new tenure's token $new_token is not above the old one's, $holder_token"
 member "$new_app" alive "$new_pid" 1
 stop "$second_pid" KILL 137
 for ((i = 0; i < 100; i++)); do
     expect 0 status
-    grep -qE "^$ch +stale +- +$new_app +-$" "$work/out" && grep -qE "^$new_app +dead " "$work/out" && break
+    grep -qE "^$ch +stale +- +$new_app +$new_token +$since_re +-$" "$work/out" && grep -qE "^$new_app +dead " "$work/out" && break
     sleep 0.05
 done
-grep -qE "^$ch +stale +- +$new_app +-$" "$work/out" || { cat "$work/out"; fail "the killed holder is not shown stale"; }
+grep -qE "^$ch +stale +- +$new_app +$new_token +$since_re +-$" "$work/out" \
+    || { cat "$work/out"; fail "the killed holder is not shown stale, with its tenure's token"; }
 note "$(cat "$work/out")"
 # No other member is left to sweep it: its row stays, dead, with the pid it
 # had and the channel it still holds.
@@ -161,6 +165,7 @@ start third listen --single "$ch"
 wait_for "$work/third.err" "^pgiplock: listening on \"$ch\"$"
 holder "$ch"
 third_app="$held_app"
+(( held_token > new_token )) || fail "the takeover's token $held_token is not above the dead holder's, $new_token"
 member "$third_app" alive "$held_pid" 1
 not_member "$new_app"
 stop "$third_pid" INT 130

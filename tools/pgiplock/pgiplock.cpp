@@ -366,6 +366,9 @@ task<int> run_notify(event_loop& loop, command_line cl) {
 
 struct lock_row {
   std::string channel, app, pid, since, age;
+  // The tenure as its winner recorded it (<schema>.pgiplock_holder): empty
+  // for a holder that records none (a Node peer, a pgiplock before 3).
+  std::string token, held_since, held_age;
   bool alive = false;
 };
 
@@ -452,9 +455,10 @@ void print_text(const status_report& s) {
               << (s.lock_table ? " is empty)" : " does not exist yet)") << '\n';
   } else {
     std::vector<std::vector<std::string>> cells;
-    cells.push_back({"CHANNEL", "STATE", "PID", "APPLICATION", "SESSION SINCE"});
+    cells.push_back({"CHANNEL", "STATE", "PID", "APPLICATION", "TOKEN", "HELD SINCE", "SESSION SINCE"});
     for (const auto& r : s.channels) {
       cells.push_back({r.channel, r.alive ? "alive" : "stale", r.pid.empty() ? "-" : r.pid, r.app,
+                       r.token.empty() ? "-" : r.token, since_cell(r.held_since, r.held_age),
                        since_cell(r.since, r.age)});
     }
     print_columns(cells);
@@ -486,7 +490,9 @@ void print_json(const status_report& s) {
     std::cout << (i ? ",\n " : "") << "{\"channel\":" << json_string(r.channel) << ",\"alive\":"
               << (r.alive ? "true" : "false") << ",\"pid\":" << (r.pid.empty() ? "null" : r.pid)
               << ",\"app\":" << json_string(r.app)
-              << ",\"since\":" << (r.since.empty() ? "null" : json_string(r.since)) << '}';
+              << ",\"since\":" << (r.since.empty() ? "null" : json_string(r.since))
+              << ",\"token\":" << (r.token.empty() ? "null" : r.token)
+              << ",\"held_since\":" << (r.held_since.empty() ? "null" : json_string(r.held_since)) << '}';
   }
   std::cout << "],\n \"members\":[";
   for (std::size_t i = 0; i < s.members.size(); ++i) {
@@ -514,13 +520,22 @@ task<bool> table_exists(std::shared_ptr<pgiplock::connection> conn, std::string 
 // A holder is alive while a session with its application_name exists: the
 // same test acquire() makes. backend_start is NULL for sessions of other
 // roles unless we may read all statistics (pg_read_all_stats).
-task<std::vector<lock_row>> read_channels(std::shared_ptr<pgiplock::connection> conn, std::string schema) {
+// The tenure's token and start come from pgiplock_holder when its app is
+// still the lock row's (else it is an earlier tenure's record).
+task<std::vector<lock_row>> read_channels(std::shared_ptr<pgiplock::connection> conn, std::string schema,
+                                          bool holder_table) {
   std::string prefix(lock_prefix), pattern = prefix + "%";
+  std::string tenure = holder_table
+      ? "h.token, to_char(h.since AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), "
+        "extract(epoch FROM now() - h.since)::bigint "
+      : "NULL::bigint, NULL::text, NULL::bigint ";
+  std::string join = holder_table ? "LEFT JOIN " + schema + ".pgiplock_holder h ON h.channel = l.channel AND h.app = l.app "
+                                  : std::string();
   auto r = co_await conn->query(
       "SELECT substr(l.channel, length($1) + 1), l.app, a.pid, "
       "       to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), "
-      "       extract(epoch FROM now() - a.backend_start)::bigint, a.app IS NOT NULL "
-      "FROM " + schema + ".lock l "
+      "       extract(epoch FROM now() - a.backend_start)::bigint, a.app IS NOT NULL, " + tenure +
+      "FROM " + schema + ".lock l " + join +
       "LEFT JOIN LATERAL (SELECT s.pid, s.backend_start, s.application_name AS app "
       "                   FROM pg_catalog.pg_stat_activity s WHERE s.application_name = l.app "
       "                   ORDER BY s.backend_start LIMIT 1) a ON true "
@@ -535,6 +550,11 @@ task<std::vector<lock_row>> read_channels(std::shared_ptr<pgiplock::connection> 
     row.since = r.get(i, 3);
     row.age = r.get(i, 4);
     row.alive = r.get(i, 5) == "t";
+    if (!r.is_null(i, 6)) {
+      row.token = r.get(i, 6);
+      row.held_since = r.get(i, 7);
+      row.held_age = r.get(i, 8);
+    }
     rows.push_back(std::move(row));
   }
   co_return rows;
@@ -608,7 +628,9 @@ task<status_report> read_status(std::shared_ptr<pgiplock::connection> conn) {
   s.schema = pgiplock::ip_lock::schema_name();
   const std::string schema = conn->quote_identifier(s.schema);
   s.lock_table = co_await table_exists(conn, schema + ".lock");
-  if (s.lock_table) s.channels = co_await read_channels(conn, schema);
+  if (s.lock_table) {
+    s.channels = co_await read_channels(conn, schema, co_await table_exists(conn, schema + ".pgiplock_holder"));
+  }
   if (co_await table_exists(conn, schema + ".pgiplock_member")) {
     s.members = co_await read_members(conn, schema, s.lock_table);
   }

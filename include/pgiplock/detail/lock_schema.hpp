@@ -67,7 +67,8 @@ inline task<void> ensure_lock_schema(std::shared_ptr<connection> client, std::st
                                         s + ".pgiplock_tenure", s + ".pgiplock_listen(text,text)",
                                         s + ".pgiplock_member", s + ".pgiplock_watch(text,integer,integer)",
                                         s + ".pgiplock_claim(text,text[],text,text,text,boolean,integer)",
-                                        s + ".pgiplock_listen_many(text[],text[])", sql::lock_version);
+                                        s + ".pgiplock_listen_many(text[],text[])", sql::lock_version,
+                                        s + ".pgiplock_holder");
   if (present.get(0, 0) == "t") co_return;
   co_await client->query(std::string(sql::set_bootstrap_schema), sql::lock_version_setting, sql::lock_version);
   co_await run_bootstrap(client, sql::lock_schema_setting, std::move(schema), sql::lock_schema_ddl, "the lock schema");
