@@ -450,9 +450,9 @@ void require_matches(const exposition& e, const pubsub_stats& s) {
   }
 }
 
-// What the server records of a channel's tenure (<schema>.pgiplock_holder,
-// which pgiplock status shows): the winner's app and token; none when the
-// channel was released.
+// What the server records of a channel's latest tenure
+// (<schema>.pgiplock_holder, which pgiplock status shows): the winner's app
+// and token.
 struct recorded_tenure {
   std::string app;
   std::int64_t token = 0;
@@ -1350,15 +1350,17 @@ TEST_CASE("ip_lock::stats(): holder and standby, a handover and a takeover", "[s
   CHECK(r.c_after_takeover.last_takeover.count() > 0);
   CHECK(ms(r.c_after_takeover.last_takeover) <= r.takeover_ms + 2);
 
-  // The server's record (pgiplock status): each tenure's winner and token,
-  // gone with a graceful release.
+  // The server's record (pgiplock status): each tenure's winner and token.
+  // A release leaves it as history (status shows it only beside a lock row
+  // of the same app); a later win overwrites it.
   CHECK(r.a_recorded.app == r.a_app);
   CHECK(r.a_recorded.token == r.a_token);
   CHECK(r.b_recorded.app == r.b_app);
   CHECK(r.b_recorded.token == r.b_token);
   CHECK(r.c_recorded.app == r.c_app);
   CHECK(r.c_recorded.token == r.c_token);
-  CHECK(r.after_release.app.empty());
+  CHECK(r.after_release.app == r.c_app);
+  CHECK(r.after_release.token == r.c_token);
 }
 
 TEST_CASE("the strict exposition check refuses what it must", "[stats][prometheus]") {

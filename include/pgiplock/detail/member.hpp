@@ -129,6 +129,7 @@ class member final : public lock_holder {
                          std::optional<std::size_t> quota, std::shared_ptr<int> left,
                          std::shared_ptr<async_event> done);
   claim_result take_claim(const result& r);
+  task<void> record(std::vector<std::string> won);
   // `keep`: still wanted afterwards (a balanced member's excess).
   task<void> release_impl(std::vector<std::string> channels, bool leaving, bool keep = false);
   task<void> wait_for_successors(long others);
@@ -155,7 +156,7 @@ class member final : public lock_holder {
   std::int64_t key_ = 0;
   std::string schema_;  // quoted
   std::string fleet_;
-  std::string claim_sql_, heartbeat_sql_, rows_sql_, release_sql_, watch_sql_, listen_many_sql_;
+  std::string claim_sql_, record_sql_, heartbeat_sql_, rows_sql_, release_sql_, watch_sql_, listen_many_sql_;
   std::map<std::string, tenure, std::less<>> tenures_;
   bool registered_ = false;  // holds the member lock and row
   bool left_ = false;
@@ -190,6 +191,7 @@ PGIPLOCK_INLINE member::member(std::shared_ptr<connection> client, member_option
   fleet_ = fleet_channel(schema);
   schema_ = client_->quote_identifier(schema);
   claim_sql_ = sql::in_schema(sql::member_claim, schema_);
+  record_sql_ = sql::in_schema(sql::member_record, schema_);
   heartbeat_sql_ = sql::in_schema(sql::member_heartbeat, schema_);
   rows_sql_ = sql::in_schema(sql::member_rows, schema_);
   release_sql_ = sql::in_schema(sql::member_release, schema_);
@@ -459,10 +461,29 @@ PGIPLOCK_INLINE task<void> member::claim_chunk(std::vector<std::string> channels
     t.since = std::chrono::system_clock::now();
     t.count = hooks_.won(ch, win{t.token, t.fresh, took});
   }
+  if (!got.won.empty()) co_await record(got.won);
   if (!got.listen_locks.empty() || !got.unlisten_locks.empty()) {
     co_await listen_many(std::move(got.listen_locks), std::move(got.unlisten_locks));
   }
   if (!got.orphans.empty()) co_await release_impl(std::move(got.orphans), false);
+}
+
+// The won tenures, for pgiplock status (sql::member_record): after the claim
+// has committed, not in it; the claims still in flight went out before it.
+// A failure (a schema without the table) costs only the record.
+PGIPLOCK_INLINE task<void> member::record(std::vector<std::string> won) {
+  text_array chs, toks;
+  for (auto& ch : won) {
+    auto it = tenures_.find(ch);
+    if (it == tenures_.end() || it->second.state != lock_state::holding) continue;
+    chs.add(ch);
+    toks.add(std::to_string(it->second.token));
+  }
+  try {
+    co_await client_->query_prepared(record_sql_, app_, chs.literal(), lock_prefix, toks.literal());
+  } catch (const std::exception& e) {
+    note(log_level::debug, std::string("recording tenures failed: ") + e.what());
+  }
 }
 
 // Reads a claim's rows into the tenures: won channels (a token each), and
