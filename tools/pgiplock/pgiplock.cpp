@@ -368,7 +368,7 @@ task<int> run_notify(event_loop& loop, command_line cl) {
 struct lock_row {
   std::string channel, app, pid, since, age;
   // The tenure as its winner recorded it (<schema>.pgiplock_holder): empty
-  // for a holder that records none (a Node peer, a pgiplock before 3).
+  // for a holder that records none (a Node peer, a pgiplock before the table).
   std::string token, held_since, held_age;
   bool alive = false;
 };
