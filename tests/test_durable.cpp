@@ -874,6 +874,7 @@ struct journal_upgrade {
   bool had_backlog = true, has_backlog = false;
   std::string comment_after;
   std::int64_t delivered_before = -1;
+  std::string payloads;
 };
 task<void> upgrade_old_journal(event_loop& loop, std::string ch, journal_upgrade& out) {
   auto admin = co_await open(loop);
@@ -886,6 +887,9 @@ task<void> upgrade_old_journal(event_loop& loop, std::string ch, journal_upgrade
   std::string s = lock_schema(*admin);
   std::string backlog = "SELECT to_regclass($1) IS NOT NULL";
   co_await admin->query("DROP TABLE " + s + ".pgiplock_journal_8");
+  // Journal 3's row: one message, its payload in a column of that name.
+  co_await admin->query("ALTER TABLE " + s + ".pgiplock_journal RENAME COLUMN body TO payload");
+  co_await admin->query("ALTER TABLE " + s + ".pgiplock_journal DROP COLUMN first_id, DROP COLUMN bodies");
   co_await admin->query("COMMENT ON FUNCTION " + s + ".pgiplock_prune(interval) IS 'pgiplock journal 2'");
   out.had_backlog = (co_await admin->query(backlog, s + ".pgiplock_journal_8")).get(0, 0) == "t";
   recorder r(loop, durable_opts(), ch);
@@ -896,6 +900,7 @@ task<void> upgrade_old_journal(event_loop& loop, std::string ch, journal_upgrade
   bool both = co_await wait_until(loop, [&] { return r.got.size() == 2; }, 5s);
   CHECK(both);
   out.delivered_before = static_cast<std::int64_t>(r.got.size());
+  if (both) out.payloads = r.got[0].payload + " | " + r.got[1].payload;
   out.has_backlog = (co_await admin->query(backlog, s + ".pgiplock_journal_8")).get(0, 0) == "t";
   auto comment = co_await admin->query("SELECT coalesce(obj_description(to_regprocedure($1), 'pg_proc'), '<none>')",
                                        s + ".pgiplock_prune(interval)");
@@ -904,6 +909,42 @@ task<void> upgrade_old_journal(event_loop& loop, std::string ch, journal_upgrade
   CHECK(r.errors.empty());
   co_await r.ps.destroy();
   co_await pub.close();
+  co_await admin->close();
+}
+
+// One publishing statement's messages of a channel share a journal row; a
+// takeover resumes inside one, pages through it, and goes on across a
+// large message's own row.
+struct shared_rows_report {
+  std::int64_t rows = -1, shared = -1;
+  std::vector<got_msg> got;
+  std::string errors;
+};
+task<void> replay_shared_rows(event_loop& loop, std::string ch, shared_rows_report& out) {
+  auto admin = co_await open(loop);
+  std::string s = lock_schema(*admin);
+  {
+    pubsub pub(loop, durable_opts());  // makes the journal
+    co_await pub.connect();
+    co_await pub.close();
+  }
+  co_await admin->query("SELECT " + s + ".pgiplock_publish_many(array_fill($1::text, ARRAY[1000]), "
+                        "ARRAY(SELECT 'm' || i FROM generate_series(1, 1000) AS i))", ch);
+  co_await admin->query("SELECT " + s + ".pgiplock_publish($1, repeat('L', 9000))", ch);
+  co_await admin->query("SELECT " + s + ".pgiplock_publish_many(ARRAY[$1, $1, $1], ARRAY['m1002', 'm1003', 'm1004'])",
+                        ch);
+  out.rows = co_await journal_rows(admin, ch);
+  out.shared = co_await number(admin, "SELECT count(*) FROM " + s + ".pgiplock_journal WHERE channel = $1 AND bodies "
+                                      "IS NOT NULL", ch);
+  // A holder that acknowledged 400 of the first row's 1,000.
+  co_await admin->query("INSERT INTO " + s + ".pgiplock_cursor (channel, acked) VALUES ($1, 400)", ch);
+  recorder r(loop, durable_opts(), ch);
+  co_await start(r);
+  co_await wait_until(loop, [&] { return r.got.size() >= 604; }, 10s);
+  co_await wait_until(loop, [&] { return r.got.size() > 604; }, 300ms);  // nothing more comes
+  out.got = r.got;
+  out.errors = r.all_errors();
+  co_await r.ps.destroy();
   co_await admin->close();
 }
 
@@ -1412,6 +1453,28 @@ TEST_CASE("durable: a journal from an older pgiplock gets the backlog partition 
   CHECK(rep.has_backlog);
   CHECK(rep.comment_after == std::string(pgiplock::detail::sql::journal_version));
   CHECK(rep.delivered_before == 2);
+  CHECK(rep.payloads == "before the upgrade | after the upgrade");
+}
+
+TEST_CASE("durable: a takeover resumes inside a shared row, pages through it and past a large message's own row",
+          "[durable][shared]") {
+  cleanup guard;
+  auto ch = fresh_channel("durable_shared");
+  guard.channel(ch);
+  event_loop loop;
+  shared_rows_report rep;
+  loop.run(replay_shared_rows(loop, ch, rep));
+  INFO(rep.errors);
+  CHECK(rep.rows == 3);
+  CHECK(rep.shared == 2);
+  REQUIRE(rep.got.size() == 604);
+  for (std::size_t i = 0; i < rep.got.size(); ++i) {
+    auto id = static_cast<std::int64_t>(401 + i);
+    INFO("delivery " << i);
+    CHECK(rep.got[i].id == id);
+    CHECK(rep.got[i].payload == (id == 1001 ? std::string(9000, 'L') : "m" + std::to_string(id)));
+  }
+  CHECK(rep.errors.empty());
 }
 
 TEST_CASE("durable: a holder's destroy() acknowledges and returns without waiting handover_timeout for a successor",
