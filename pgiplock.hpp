@@ -1772,6 +1772,7 @@ inline constexpr std::string_view connection_exception_class = "08";
 inline constexpr std::string_view deadlock_detected = "40P01";
 inline constexpr std::string_view fenced = "PGF01";  // pgiplock_ack: the tenure was replaced
 inline constexpr std::string_view undefined_table = "42P01";
+inline constexpr std::string_view undefined_column = "42703";
 inline constexpr std::string_view undefined_function = "42883";
 inline constexpr std::string_view operator_intervention_prefix = "57P0";
 // What a concurrent bootstrap by another process can raise (a Node peer
@@ -1788,8 +1789,11 @@ inline constexpr std::string_view bootstrap_races[] = {
 inline bool is_bootstrap_race(std::string_view code) {
   return std::find(std::begin(bootstrap_races), std::end(bootstrap_races), code) != std::end(bootstrap_races);
 }
-// The journal's tables or functions are gone (dropped under us).
-inline bool journal_missing(std::string_view code) { return code == undefined_table || code == undefined_function; }
+// The journal's tables or functions are gone (dropped under us), or an
+// older pgiplock put back its functions (they name journal 3's column).
+inline bool journal_missing(std::string_view code) {
+  return code == undefined_table || code == undefined_function || code == undefined_column;
+}
 inline bool ends_session(std::string_view code) {
   return code.substr(0, 2) == connection_exception_class || code.substr(0, 4) == operator_intervention_prefix;
 }
@@ -4837,7 +4841,8 @@ PGIPLOCK_INLINE void journal::failed(const std::string& what, const std::excepti
   auto* s = dynamic_cast<const sql_error*>(&e);
   if (s && sqlstate::journal_missing(s->sqlstate())) {
     if (!std::exchange(rebuild_needed_, true)) {
-      complain("the durable journal's tables are gone (dropped?): re-creating them; what they held is lost");
+      complain("the durable journal's tables or functions are gone or from another pgiplock version (dropped? an "
+               "older member started?): re-creating what is missing; rows of dropped tables are lost");
     }
     wake_reader();
     return;
@@ -6713,7 +6718,8 @@ PGIPLOCK_INLINE task<void> pubsub::notify(std::string_view channel_view, std::st
       ++notify_failed_;
       std::rethrow_exception(b->failure);
     }
-    report(error("pgiplock: the durable journal's tables are gone (dropped?): re-creating them"));
+    report(error("pgiplock: the durable journal's tables or functions are gone or from another pgiplock version "
+                 "(dropped? an older member started?): re-creating what is missing"));
     co_await detail::ensure_journal(client_);
   }
   ++notify_sent_;

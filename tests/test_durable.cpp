@@ -900,7 +900,16 @@ task<void> upgrade_old_journal(event_loop& loop, std::string ch, journal_upgrade
   bool both = co_await wait_until(loop, [&] { return r.got.size() == 2; }, 5s);
   CHECK(both);
   out.delivered_before = static_cast<std::int64_t>(r.got.size());
-  if (both) out.payloads = r.got[0].payload + " | " + r.got[1].payload;
+  // An older member starts: its functions replace this version's and name
+  // journal 3's column. This version's next publish puts them back.
+  co_await admin->query("CREATE OR REPLACE FUNCTION " + s + ".pgiplock_publish_many(chs text[], payloads text[]) "
+                        "RETURNS SETOF bigint LANGUAGE plpgsql AS $f$ BEGIN INSERT INTO " + s +
+                        ".pgiplock_journal (slot, channel, id, payload) VALUES (0, chs[1], 0, payloads[1]); END $f$");
+  co_await admin->query("COMMENT ON FUNCTION " + s + ".pgiplock_prune(interval) IS 'pgiplock journal 3'");
+  co_await pub.notify(ch, "after an older member");
+  bool third = co_await wait_until(loop, [&] { return r.got.size() == 3; }, 5s);
+  CHECK(third);
+  if (third) out.payloads = r.got[0].payload + " | " + r.got[1].payload + " | " + r.got[2].payload;
   out.has_backlog = (co_await admin->query(backlog, s + ".pgiplock_journal_8")).get(0, 0) == "t";
   auto comment = co_await admin->query("SELECT coalesce(obj_description(to_regprocedure($1), 'pg_proc'), '<none>')",
                                        s + ".pgiplock_prune(interval)");
@@ -1453,7 +1462,7 @@ TEST_CASE("durable: a journal from an older pgiplock gets the backlog partition 
   CHECK(rep.has_backlog);
   CHECK(rep.comment_after == std::string(pgiplock::detail::sql::journal_version));
   CHECK(rep.delivered_before == 2);
-  CHECK(rep.payloads == "before the upgrade | after the upgrade");
+  CHECK(rep.payloads == "before the upgrade | after the upgrade | after an older member");
 }
 
 TEST_CASE("durable: a takeover resumes inside a shared row, pages through it and past a large message's own row",

@@ -426,7 +426,8 @@ PGIPLOCK_INLINE task<void> pubsub::notify(std::string_view channel_view, std::st
       ++notify_failed_;
       std::rethrow_exception(b->failure);
     }
-    report(error("pgiplock: the durable journal's tables are gone (dropped?): re-creating them"));
+    report(error("pgiplock: the durable journal's tables or functions are gone or from another pgiplock version "
+                 "(dropped? an older member started?): re-creating what is missing"));
     co_await detail::ensure_journal(client_);
   }
   ++notify_sent_;

@@ -227,7 +227,8 @@ PGIPLOCK_INLINE void journal::failed(const std::string& what, const std::excepti
   auto* s = dynamic_cast<const sql_error*>(&e);
   if (s && sqlstate::journal_missing(s->sqlstate())) {
     if (!std::exchange(rebuild_needed_, true)) {
-      complain("the durable journal's tables are gone (dropped?): re-creating them; what they held is lost");
+      complain("the durable journal's tables or functions are gone or from another pgiplock version (dropped? an "
+               "older member started?): re-creating what is missing; rows of dropped tables are lost");
     }
     wake_reader();
     return;

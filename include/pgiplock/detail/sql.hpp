@@ -23,6 +23,7 @@ inline constexpr std::string_view connection_exception_class = "08";
 inline constexpr std::string_view deadlock_detected = "40P01";
 inline constexpr std::string_view fenced = "PGF01";  // pgiplock_ack: the tenure was replaced
 inline constexpr std::string_view undefined_table = "42P01";
+inline constexpr std::string_view undefined_column = "42703";
 inline constexpr std::string_view undefined_function = "42883";
 inline constexpr std::string_view operator_intervention_prefix = "57P0";
 // What a concurrent bootstrap by another process can raise (a Node peer
@@ -39,8 +40,11 @@ inline constexpr std::string_view bootstrap_races[] = {
 inline bool is_bootstrap_race(std::string_view code) {
   return std::find(std::begin(bootstrap_races), std::end(bootstrap_races), code) != std::end(bootstrap_races);
 }
-// The journal's tables or functions are gone (dropped under us).
-inline bool journal_missing(std::string_view code) { return code == undefined_table || code == undefined_function; }
+// The journal's tables or functions are gone (dropped under us), or an
+// older pgiplock put back its functions (they name journal 3's column).
+inline bool journal_missing(std::string_view code) {
+  return code == undefined_table || code == undefined_function || code == undefined_column;
+}
 inline bool ends_session(std::string_view code) {
   return code.substr(0, 2) == connection_exception_class || code.substr(0, 4) == operator_intervention_prefix;
 }
