@@ -929,7 +929,7 @@ struct shared_rows_report {
   std::vector<got_msg> got;
   std::string errors;
 };
-task<void> replay_shared_rows(event_loop& loop, std::string ch, shared_rows_report& out) {
+task<void> replay_shared_rows(event_loop& loop, std::string ch, std::string other, shared_rows_report& out) {
   auto admin = co_await open(loop);
   std::string s = lock_schema(*admin);
   {
@@ -942,6 +942,9 @@ task<void> replay_shared_rows(event_loop& loop, std::string ch, shared_rows_repo
   co_await admin->query("SELECT " + s + ".pgiplock_publish($1, repeat('L', 9000))", ch);
   co_await admin->query("SELECT " + s + ".pgiplock_publish_many(ARRAY[$1, $1, $1], ARRAY['m1002', 'm1003', 'm1004'])",
                         ch);
+  // Two channels in one call: the general path, a shared row per channel.
+  co_await admin->query("SELECT " + s + ".pgiplock_publish_many(ARRAY[$1, $2, $1], ARRAY['m1005', 'other', 'm1006'])",
+                        ch, other);
   out.rows = co_await journal_rows(admin, ch);
   out.shared = co_await number(admin, "SELECT count(*) FROM " + s + ".pgiplock_journal WHERE channel = $1 AND bodies "
                                       "IS NOT NULL", ch);
@@ -949,8 +952,8 @@ task<void> replay_shared_rows(event_loop& loop, std::string ch, shared_rows_repo
   co_await admin->query("INSERT INTO " + s + ".pgiplock_cursor (channel, acked) VALUES ($1, 400)", ch);
   recorder r(loop, durable_opts(), ch);
   co_await start(r);
-  co_await wait_until(loop, [&] { return r.got.size() >= 604; }, 10s);
-  co_await wait_until(loop, [&] { return r.got.size() > 604; }, 300ms);  // nothing more comes
+  co_await wait_until(loop, [&] { return r.got.size() >= 606; }, 10s);
+  co_await wait_until(loop, [&] { return r.got.size() > 606; }, 300ms);  // nothing more comes
   out.got = r.got;
   out.errors = r.all_errors();
   co_await r.ps.destroy();
@@ -1468,15 +1471,16 @@ TEST_CASE("durable: a journal from an older pgiplock gets the backlog partition 
 TEST_CASE("durable: a takeover resumes inside a shared row, pages through it and past a large message's own row",
           "[durable][shared]") {
   cleanup guard;
-  auto ch = fresh_channel("durable_shared");
+  auto ch = fresh_channel("durable_shared"), other = fresh_channel("durable_shared_other");
   guard.channel(ch);
+  guard.channel(other);
   event_loop loop;
   shared_rows_report rep;
-  loop.run(replay_shared_rows(loop, ch, rep));
+  loop.run(replay_shared_rows(loop, ch, other, rep));
   INFO(rep.errors);
-  CHECK(rep.rows == 3);
-  CHECK(rep.shared == 2);
-  REQUIRE(rep.got.size() == 604);
+  CHECK(rep.rows == 4);
+  CHECK(rep.shared == 3);
+  REQUIRE(rep.got.size() == 606);
   for (std::size_t i = 0; i < rep.got.size(); ++i) {
     auto id = static_cast<std::int64_t>(401 + i);
     INFO("delivery " << i);
