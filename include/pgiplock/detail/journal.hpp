@@ -178,7 +178,7 @@ PGIPLOCK_INLINE task<void> ensure_journal(std::shared_ptr<connection> client) {
 }
 #endif  // PGIPLOCK_DEFINITIONS
 
-inline constexpr int journal_page = 256;  // rows per channel per read
+inline constexpr int journal_page = 256;  // messages per channel per read (and per shared row: sql.hpp)
 inline constexpr long long journal_page_bytes = 16ll << 20;  // and payload bytes, past the first row
 inline constexpr std::chrono::milliseconds prune_every{2000};
 inline constexpr std::chrono::milliseconds prune_idle_every{30000};  // what passes the retention, unacknowledged
@@ -711,6 +711,13 @@ PGIPLOCK_INLINE task<void> journal::prune() {
     co_await client_->query_prepared(prune_sql_, keep);
     acked_since_prune_ = false;
   } catch (const std::exception& e) {
+    // Functions an older pgiplock put back: a holder that only listens calls
+    // no other, so this is where it notices and re-creates them.
+    auto* s = dynamic_cast<const sql_error*>(&e);
+    if (s && sqlstate::journal_missing(s->sqlstate())) {
+      failed("pruning the journal", e);
+      co_return;
+    }
     // Said once: without it the journal only grows (a missing TRUNCATE grant).
     if (client_->is_open() && !std::exchange(prune_failed_, true)) {
       note(log_level::warn, std::string("pruning the journal failed (it keeps growing until this is fixed): ") +
