@@ -875,6 +875,8 @@ struct journal_upgrade {
   std::string comment_after;
   std::int64_t delivered_before = -1;
   std::string payloads;
+  bool listener_recreated = false;
+  std::vector<std::string> listener_errors;  // after the old prune was put back
 };
 task<void> upgrade_old_journal(event_loop& loop, std::string ch, journal_upgrade& out) {
   auto admin = co_await open(loop);
@@ -911,13 +913,26 @@ task<void> upgrade_old_journal(event_loop& loop, std::string ch, journal_upgrade
   CHECK(third);
   if (third) out.payloads = r.got[0].payload + " | " + r.got[1].payload + " | " + r.got[2].payload;
   out.has_backlog = (co_await admin->query(backlog, s + ".pgiplock_journal_8")).get(0, 0) == "t";
-  auto comment = co_await admin->query("SELECT coalesce(obj_description(to_regprocedure($1), 'pg_proc'), '<none>')",
-                                       s + ".pgiplock_prune(interval)");
-  out.comment_after = std::string(comment.get(0, 0));
+  std::string version = "SELECT coalesce(obj_description(to_regprocedure($1), 'pg_proc'), '<none>')";
+  out.comment_after = std::string((co_await admin->query(version, s + ".pgiplock_prune(interval)")).get(0, 0));
+  // Again, with nobody of this version publishing: the holder, which only
+  // listens, calls the old prune (it acknowledged, so within 2 s) and
+  // re-creates the functions itself, and says so once on on_error.
   INFO(r.all_errors());
   CHECK(r.errors.empty());
-  co_await r.ps.destroy();
   co_await pub.close();
+  co_await admin->query("CREATE OR REPLACE FUNCTION " + s + ".pgiplock_prune(keep interval) RETURNS integer "
+                        "LANGUAGE plpgsql AS $f$ BEGIN RETURN (SELECT count(payload) FROM " + s +
+                        ".pgiplock_journal); END $f$");
+  co_await admin->query("COMMENT ON FUNCTION " + s + ".pgiplock_prune(interval) IS 'pgiplock journal 3'");
+  auto t0 = clock::now();
+  while (!out.listener_recreated && ms_since(t0) < 10000) {
+    co_await loop.sleep(50ms);
+    auto now = co_await admin->query(version, s + ".pgiplock_prune(interval)");
+    out.listener_recreated = now.get(0, 0) == std::string_view(pgiplock::detail::sql::journal_version);
+  }
+  out.listener_errors = r.errors;
+  co_await r.ps.destroy();
   co_await admin->close();
 }
 
@@ -1466,6 +1481,10 @@ TEST_CASE("durable: a journal from an older pgiplock gets the backlog partition 
   CHECK(rep.comment_after == std::string(pgiplock::detail::sql::journal_version));
   CHECK(rep.delivered_before == 2);
   CHECK(rep.payloads == "before the upgrade | after the upgrade | after an older member");
+  CHECK(rep.listener_recreated);
+  for (auto& e : rep.listener_errors) UNSCOPED_INFO("on_error: " << e);
+  REQUIRE(rep.listener_errors.size() == 1);
+  CHECK_THAT(rep.listener_errors[0], Catch::Contains("from another pgiplock version"));
 }
 
 TEST_CASE("durable: a takeover resumes inside a shared row, pages through it and past a large message's own row",

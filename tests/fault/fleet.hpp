@@ -293,4 +293,23 @@ inline std::string describe(const std::string& what, const stats& s) {
   return o.str();
 }
 
+// A timing target is measured again when an attempt misses it, up to
+// timing_attempts in all, and holds if one attempt meets it. These figures are
+// milliseconds on a 2-core machine that CI shares with other jobs: one burst
+// of load from elsewhere moved a 10 ms median to 14 and a 2,000-channel
+// median from 35 to 94 ms (reproduced with one busy loop beside the suite).
+// What a fault must never do (lose, duplicate, reorder) is checked on every
+// attempt, and every attempt's figures are printed; only the clock gets
+// another chance. A library that is slow fails all attempts.
+inline constexpr int timing_attempts = 3;
+
+// True when the attempt's timing checks are to be asserted now: it met them,
+// or no attempt is left. Otherwise says so and asks for another attempt.
+inline bool timing_final(int attempt, bool met, const std::string& what) {
+  if (met || attempt >= timing_attempts) return true;
+  WARN(what << ": attempt " << attempt << " of " << timing_attempts
+            << " missed its timing target (figures above); measuring again");
+  return false;
+}
+
 }  // namespace test

@@ -104,6 +104,7 @@ class journal {
 
   void note(log_level level, const std::string& message) const;
   void complain(const std::string& message) const;
+  static bool names_missing_journal(const std::exception& e);
   void failed(const std::string& what, const std::exception& e);
   task<bool> rebuild();
   struct nudge_text {
@@ -220,12 +221,17 @@ PGIPLOCK_INLINE void journal::note(log_level level, const std::string& message) 
 
 PGIPLOCK_INLINE void journal::complain(const std::string& message) const { hooks_.report(error("pgiplock: " + message)); }
 
+// Its tables or functions are gone, or an older pgiplock's are in place.
+PGIPLOCK_INLINE bool journal::names_missing_journal(const std::exception& e) {
+  auto* s = dynamic_cast<const sql_error*>(&e);
+  return s && sqlstate::journal_missing(s->sqlstate());
+}
+
 // A failed statement of the journal: said (once per kind while it lasts),
 // and a journal whose tables are gone is rebuilt by the reader.
 PGIPLOCK_INLINE void journal::failed(const std::string& what, const std::exception& e) {
   if (!client_->is_open()) return;
-  auto* s = dynamic_cast<const sql_error*>(&e);
-  if (s && sqlstate::journal_missing(s->sqlstate())) {
+  if (names_missing_journal(e)) {
     if (!std::exchange(rebuild_needed_, true)) {
       complain("the durable journal's tables or functions are gone or from another pgiplock version (dropped? an "
                "older member started?): re-creating what is missing; rows of dropped tables are lost");
@@ -713,8 +719,7 @@ PGIPLOCK_INLINE task<void> journal::prune() {
   } catch (const std::exception& e) {
     // Functions an older pgiplock put back: a holder that only listens calls
     // no other, so this is where it notices and re-creates them.
-    auto* s = dynamic_cast<const sql_error*>(&e);
-    if (s && sqlstate::journal_missing(s->sqlstate())) {
+    if (names_missing_journal(e)) {
       failed("pruning the journal", e);
       co_return;
     }
