@@ -455,13 +455,14 @@ inline constexpr std::string_view notify_many =
 // journal): the prefix (names.hpp nudge_prefix) keeps a plain notification
 // on the channel, say a number, from passing for one.
 // A publishing statement's messages of one channel share journal rows of up
-// to 256, a read's page (ids first_id..id, their payloads in `bodies`), when
-// there are several and each fits in a nudge: a row and an index entry per
-// message were most of a durable publish's cost (docs/benchmarks.md). The
-// cap bounds what a read unpacks beyond its page (an array is read whole):
-// one row of 200,000 took 117 s to replay page by page, rows of 256 1.7 s. A lone or large message has
-// a row of its own (first_id NULL, its payload in `body`), so a read past a
-// page of large ones never loads them.
+// to `per_row` (256, a read's page: journal.hpp journal_page) messages (ids
+// first_id..id, their payloads in `bodies`), when there are several and each
+// fits in a nudge: a row and an index entry per message were most of a
+// durable publish's cost (docs/benchmarks.md). The cap bounds what a read
+// unpacks beyond its page (an array is read whole): one row of 200,000 took
+// 117 s to replay page by page, rows of 256 1.7 s. A lone or large message
+// has a row of its own (first_id NULL, its payload in `body`), so a read past
+// a page of large ones never loads them.
 inline constexpr std::string_view journal_setting = "pgiplock.journal_schema";
 inline constexpr std::string_view journal_version_setting = "pgiplock.journal_version";
 // The functions carry the version of their bodies as a comment: a schema
@@ -518,6 +519,7 @@ EXECUTE format($q$CREATE OR REPLACE FUNCTION %I.pgiplock_slot() RETURNS smallint
 EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_publish_many(chs text[], payloads text[])
   RETURNS SETOF bigint LANGUAGE plpgsql AS $f$
   DECLARE ids bigint[]; nudges text[]; names text[]; k integer := cardinality(chs); last bigint;
+    per_row CONSTANT integer := 256;
   BEGIN
     IF k IS DISTINCT FROM cardinality(payloads) THEN
       RAISE EXCEPTION 'pgiplock_publish_many: %% channels but %% payloads', cardinality(chs), cardinality(payloads);
@@ -531,9 +533,9 @@ EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_publish_many(chs text
         ON CONFLICT (channel) DO UPDATE SET last_id = x.last_id + EXCLUDED.last_id RETURNING x.last_id INTO last;
       IF k > 1 AND NOT EXISTS (SELECT 1 FROM unnest(payloads) AS p WHERE octet_length(p) > 7900) THEN
         INSERT INTO %1$I.pgiplock_journal (slot, channel, id, body, first_id, bodies)
-          SELECT %1$I.pgiplock_slot(), chs[1], last - k + least(g + 256, k), '', last - k + g + 1,
-                 payloads[g + 1 : g + 256]
-          FROM generate_series(0, k - 1, 256) AS g;
+          SELECT %1$I.pgiplock_slot(), chs[1], last - k + least(g + per_row, k), '', last - k + g + 1,
+                 payloads[g + 1 : g + per_row]
+          FROM generate_series(0, k - 1, per_row) AS g;
       ELSE
         INSERT INTO %1$I.pgiplock_journal (slot, channel, id, body)
           SELECT %1$I.pgiplock_slot(), chs[1], last - k + u.o, u.p FROM unnest(payloads) WITH ORDINALITY AS u(p, o);
@@ -561,7 +563,7 @@ EXECUTE format($q$CREATE OR REPLACE FUNCTION %1$I.pgiplock_publish_many(chs text
     shared AS (INSERT INTO %1$I.pgiplock_journal (slot, channel, id, body, first_id, bodies)
                SELECT %1$I.pgiplock_slot(), numbered.c, max(numbered.id), '', min(numbered.id),
                       array_agg(numbered.p ORDER BY numbered.id)
-               FROM numbered WHERE numbered.shared GROUP BY numbered.c, (numbered.id - 1) / 256)
+               FROM numbered WHERE numbered.shared GROUP BY numbered.c, (numbered.id - 1) / per_row)
     SELECT array_agg(numbered.id ORDER BY numbered.o), array_agg(numbered.c ORDER BY numbered.o),
            array_agg(CASE WHEN octet_length(numbered.p) <= 7900 THEN 'pgiplock#' || numbered.id || ':' || numbered.p
                           ELSE 'pgiplock#' || numbered.id END ORDER BY numbered.o)
